@@ -1,0 +1,216 @@
+"""Checkpoints: weights in safetensors, everything else in JSON or weights-only torch files.
+
+A checkpoint is a directory `RUN_DIR/checkpoints/step_NNNNNNNN/`:
+
+    model.safetensors   parameters (tied weights stored once)
+    checkpoint.json     format, step, model config, train config, sha256 of each file, metrics
+    tokenizer.json      the tokenizer, so the directory is self-contained
+    trainer.pt          optimizer, RNG and data-sampler state (tensors and plain containers only;
+                        loaded with torch.load(weights_only=True), so loading runs no pickled code)
+
+The directory is built under a temporary name and renamed into place, then the
+run's `latest` file is replaced atomically: a crash at any moment leaves either
+the previous checkpoint or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as _load_safetensors_model
+from safetensors.torch import save_model as _save_safetensors_model
+
+from gptlab.config import GPTConfig, TrainConfig
+from gptlab.errors import CheckpointError, ConfigError
+from gptlab.model import GPT
+from gptlab.tokenizer import Tokenizer
+
+FORMAT = "gptlab-checkpoint"
+CKPT_SUBDIR = "checkpoints"
+LATEST_FILE = "latest"
+MODEL_FILE = "model.safetensors"
+META_FILE = "checkpoint.json"
+TOKENIZER_FILE = "tokenizer.json"
+TRAINER_FILE = "trainer.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Checkpoint:
+    """What `load_checkpoint` returns; `trainer_state` is None unless asked for."""
+
+    path: Path
+    step: int
+    model: GPT
+    model_config: GPTConfig
+    train_config: TrainConfig | None
+    tokenizer: Tokenizer
+    meta: dict[str, Any]
+    trainer_state: dict[str, Any] | None = None
+
+
+def step_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first."""
+    root = Path(run_dir) / CKPT_SUBDIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    model_config: GPTConfig,
+    tokenizer: Tokenizer,
+    train_config: TrainConfig | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Write a checkpoint for `step` atomically and return its directory; prune to the newest `keep_last`."""
+    root = Path(run_dir) / CKPT_SUBDIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
+    try:
+        _save_safetensors_model(model, str(tmp / MODEL_FILE))
+        (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict()))
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_FILE)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        meta = {
+            "format": FORMAT,
+            "version": 1,
+            "step": step,
+            "model_config": model_config.to_dict(),
+            "train_config": train_config.to_dict() if train_config is not None else None,
+            "files": files,
+            "metrics": metrics or {},
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        for p in tmp.iterdir():  # make the contents durable before the rename publishes them
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # re-saving a step (e.g. after a resume) replaces the old copy
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomic(Path(run_dir) / LATEST_FILE, f"{CKPT_SUBDIR}/{final.name}\n".encode())
+    if keep_last is not None:
+        for old in step_dirs(run_dir)[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """Resolve a checkpoint directory, or a run directory to its latest checkpoint (None if it has none yet)."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    latest = path / LATEST_FILE
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if (target / META_FILE).is_file():
+            return target
+    dirs = step_dirs(path)
+    return dirs[-1] if dirs else None
+
+
+def read_checkpoint_meta(ckpt: Path) -> dict[str, Any]:
+    """checkpoint.json of a checkpoint directory (cheap: loads no weights)."""
+    try:
+        meta = json.loads((ckpt / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{ckpt / META_FILE}: unreadable ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt / META_FILE}: not a gptlab checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    return meta
+
+
+def _verify(ckpt: Path, meta: dict[str, Any], names: list[str]) -> None:
+    for name in names:
+        path = ckpt / name
+        expected = meta.get("files", {}).get(name)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing from checkpoint")
+        if expected is not None and _sha256(path) != expected:
+            raise CheckpointError(f"{path}: corrupted (sha256 does not match the one recorded at save time)")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", with_trainer_state: bool = False) -> Checkpoint:
+    """Load a checkpoint (or a run directory's latest). Verifies checksums; never executes pickled code."""
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(f"{path}: run directory has no checkpoint yet")
+    meta = read_checkpoint_meta(ckpt)
+    names = [MODEL_FILE, TOKENIZER_FILE] + ([TRAINER_FILE] if with_trainer_state else [])
+    _verify(ckpt, meta, names)
+    try:
+        model_config = GPTConfig.from_dict(meta["model_config"])
+        train_config = TrainConfig.from_dict(meta["train_config"]) if meta.get("train_config") else None
+    except (KeyError, TypeError, ConfigError) as err:
+        raise CheckpointError(f"{ckpt / META_FILE}: invalid config ({err})") from None
+    model = GPT(model_config)
+    try:
+        missing, unexpected = _load_safetensors_model(model, str(ckpt / MODEL_FILE), strict=False, device=str(device))
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise CheckpointError(f"{ckpt / MODEL_FILE}: cannot load weights ({err})") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt / MODEL_FILE}: weights do not match the config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model.to(device)
+    tokenizer = Tokenizer.load(ckpt / TOKENIZER_FILE)
+    trainer_state = None
+    if with_trainer_state:
+        try:
+            trainer_state = torch.load(ckpt / TRAINER_FILE, map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+            raise CheckpointError(f"{ckpt / TRAINER_FILE}: cannot load ({err})") from None
+    return Checkpoint(
+        path=ckpt,
+        step=int(meta["step"]),
+        model=model,
+        model_config=model_config,
+        train_config=train_config,
+        tokenizer=tokenizer,
+        meta=meta,
+        trainer_state=trainer_state,
+    )

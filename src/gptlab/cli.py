@@ -1,0 +1,316 @@
+"""The `gptlab` command line. Thin: parse arguments, build configs, call the library.
+
+Subcommand handlers import their modules lazily, so `gptlab --help` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _read_stdin_if(value: str | None) -> str:
+    if value is None or value == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            from gptlab.errors import InputError
+
+            raise InputError("no text given: pass --prompt/--text or pipe text on stdin")
+        return sys.stdin.read()
+    return value
+
+
+def _explicit(args: argparse.Namespace, names: Sequence[str]) -> dict:
+    """Options the user actually set (argparse defaults are None), keyed by config field name."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_encoding", "norm_placement", "activation")
+TRAIN_FIELDS = (
+    "batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
+    "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "seed", "device", "dtype",
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from gptlab.data import load_corpus, read_documents
+    from gptlab.tokenizer import Tokenizer
+
+    docs = read_documents(args.input, args.encoding) if args.input else load_corpus(args.corpus)
+    tok = Tokenizer.train(docs, vocab_size=args.vocab_size, progress=not args.quiet)
+    tok.save(args.out)
+    print(f"trained {tok.name}: {tok.vocab_size} tokens -> {args.out}")
+    return 0
+
+
+def cmd_tokenizer_encode(args: argparse.Namespace) -> int:
+    from gptlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    ids = tok.encode(_read_stdin_if(args.text), allowed_special="all" if args.allow_special else None)
+    print(" ".join(map(str, ids)))
+    return 0
+
+
+def cmd_tokenizer_decode(args: argparse.Namespace) -> int:
+    from gptlab.errors import InputError
+    from gptlab.tokenizer import load_tokenizer
+
+    raw = args.ids if args.ids else _read_stdin_if(None).split()
+    try:
+        ids = [int(t.strip(",[]")) for t in raw if t.strip(",[]")]
+    except ValueError:
+        raise InputError(f"token ids must be integers, got {' '.join(raw)[:60]!r}") from None
+    sys.stdout.write(load_tokenizer(args.tokenizer).decode(ids) + "\n")
+    return 0
+
+
+def cmd_tokenizer_info(args: argparse.Namespace) -> int:
+    from gptlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    print(f"name:           {tok.name}")
+    print(f"vocab size:     {tok.vocab_size}")
+    print(f"merges:         {len(tok.merges())}")
+    print(f"special tokens: {', '.join(f'{t}={i}' for t, i in tok.special_tokens.items())}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from gptlab.data import prepare
+
+    meta = prepare(
+        args.out,
+        args.tokenizer,
+        inputs=args.input,
+        corpus=args.corpus,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        encoding=args.encoding,
+        progress=not args.quiet,
+    )
+    for split, info in meta["splits"].items():
+        print(f"{split}: {info['tokens']:,} tokens from {info['documents']} documents ({info['bytes'] / 1e6:.2f} MB)")
+    print(f"tokenizer {meta['tokenizer_name']} ({meta['vocab_size']} tokens), dtype {meta['dtype']} -> {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gptlab.checkpoint import find_checkpoint, read_checkpoint_meta
+    from gptlab.config import GPTConfig, TrainConfig
+    from gptlab.data import load_data
+    from gptlab.errors import ConfigError
+    from gptlab.train import train
+
+    data = load_data(args.data)
+    model_fields = _explicit(args, MODEL_FIELDS)
+    train_fields = _explicit(args, TRAIN_FIELDS)
+    ckpt = find_checkpoint(args.out) if args.resume and Path(args.out).is_dir() else None
+    if ckpt is not None:
+        # Resuming: the checkpoint's configs win; model flags may repeat them (so a supervisor can
+        # always pass the same command line) but not change them; train flags override.
+        saved = read_checkpoint_meta(ckpt)["model_config"]
+        changed = [f"--{k.replace('_', '-')}" for k, v in model_fields.items() if saved.get(k) != v]
+        if changed:
+            raise ConfigError(f"cannot change the model when resuming {ckpt}: {', '.join(changed)} differ(s) from the checkpoint")
+        model_cfg, train_cfg = None, None
+    else:
+        # Pad the vocabulary to a multiple of 64: the extra rows are never targets, and aligned shapes are faster.
+        vocab = args.vocab_size or -(-data.vocab_size // 64) * 64
+        model_cfg, train_cfg = GPTConfig(vocab_size=vocab, **model_fields), TrainConfig(**train_fields)
+    result = train(
+        model_cfg, train_cfg, args.data, args.out, resume=args.resume, stop_at=args.stop_at,
+        progress=not args.quiet, resume_overrides=train_fields,
+    )  # fmt: skip
+    if result.val is not None:
+        print(f"step {result.step}: val loss {result.val['loss']:.4f} | perplexity {result.val['perplexity']:.2f} | bpb {result.val['bpb']:.4f}")
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from gptlab.checkpoint import load_checkpoint
+    from gptlab.config import SampleConfig
+    from gptlab.generate import generate_tokens
+    from gptlab.train import resolve_device
+
+    cfg = SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.ckpt, device=device)
+    tok = ckpt.tokenizer
+    text = _read_stdin_if(args.prompt)
+    ids = tok.encode(text) or [tok.eot_id]  # an empty prompt starts a fresh document
+    prompt = torch.tensor([ids], dtype=torch.long, device=device)
+    t0 = time.perf_counter()
+    new: list[int] = []
+    for nxt in generate_tokens(ckpt.model, prompt, cfg, None if args.ignore_eot else tok.eot_id, tok.vocab_size):
+        new.append(int(nxt[0]))
+    elapsed = time.perf_counter() - t0
+    if new and new[-1] == tok.eot_id and not args.ignore_eot:
+        new.pop()
+    sys.stdout.write(text + tok.decode(new) + "\n")
+    print(f"[{len(new)} tokens in {elapsed:.2f} s, {len(new) / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gptlab.checkpoint import load_checkpoint
+    from gptlab.data import check_block_size, load_data
+    from gptlab.evaluate import evaluate_split
+    from gptlab.train import resolve_device
+
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.ckpt, device=device)
+    data = load_data(args.data)
+    check_block_size(data, 1)
+    m = evaluate_split(ckpt.model, data, args.split, args.batch_size, args.max_tokens, args.dtype, progress=not args.quiet)
+    print(f"{args.split} tokens: {m['tokens']:,}")
+    print(f"loss:            {m['loss']:.4f}")
+    print(f"perplexity:      {m['perplexity']:.2f}")
+    print(f"bits per byte:   {m['bpb']:.4f}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from gptlab.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gptlab.demo import run_demo
+
+    run_demo(Path(args.out), minutes=args.minutes, progress=not args.quiet)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptlab", description="Build GPT models end to end: tokenizer, data, training, sampling, evaluation.")
+    p.add_argument("--version", action="version", version="gptlab 0.1.0")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help: str, parent=sub) -> argparse.ArgumentParser:
+        sp = parent.add_parser(name, help=help, description=help)
+        sp.set_defaults(handler=handler)
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        return sp
+
+    # tokenizer
+    tp = sub.add_parser("tokenizer", help="train, inspect and run byte-level BPE tokenizers")
+    tsub = tp.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    t = command("train", cmd_tokenizer_train, "train a byte-level BPE tokenizer on text", tsub)
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", metavar="PATH", help="text files or directories")
+    src.add_argument("--corpus", choices=["pydoc"], help="a built-in corpus")
+    t.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size including special tokens (default 8192)")
+    t.add_argument("--out", required=True, help="tokenizer file to write")
+    t.add_argument("--encoding", default="utf-8", help="text encoding of the input files")
+    for name, handler, help in (
+        ("encode", cmd_tokenizer_encode, "print the token ids of a text (from --text or stdin)"),
+        ("decode", cmd_tokenizer_decode, "print the text of token ids (arguments or stdin)"),
+        ("info", cmd_tokenizer_info, "describe a tokenizer"),
+    ):
+        t = command(name, handler, help, tsub)
+        t.add_argument("--tokenizer", default="gpt2", help="gpt2, a tokenizer file, or a vocab.json+merges.txt directory")
+        if name == "encode":
+            t.add_argument("--text", help="text to encode (default: stdin)")
+            t.add_argument("--allow-special", action="store_true", help="turn special-token text such as <|endoftext|> into its id")
+        if name == "decode":
+            t.add_argument("ids", nargs="*", help="token ids (default: read from stdin)")
+
+    # prepare
+    t = command("prepare", cmd_prepare, "tokenize text into train/val token shards")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", metavar="PATH", help="text files or directories (one document per file)")
+    src.add_argument("--corpus", choices=["pydoc"], help="built-in corpus: Python's own documentation")
+    t.add_argument("--tokenizer", required=True, help="gpt2, a tokenizer file, or train:N to train an N-token BPE")
+    t.add_argument("--out", required=True, help="data directory to write")
+    t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--encoding", default="utf-8")
+
+    # train
+    t = command("train", cmd_train, "pretrain a GPT on prepared shards")
+    t.add_argument("--data", required=True, help="data directory from `gptlab prepare`")
+    t.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
+    t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint (fresh start if none)")
+    t.add_argument("--stop-at", type=int, help="stop after this step (schedule still set by --max-steps)")
+    t.add_argument("--vocab-size", type=int, help="default: tokenizer vocabulary rounded up to a multiple of 64")
+    m = t.add_argument_group("model (defaults: GPT-2 small, 124M)")
+    for flag, typ in (("--n-layer", int), ("--n-head", int), ("--n-embd", int), ("--block-size", int), ("--dropout", float)):
+        m.add_argument(flag, type=typ)
+    m.add_argument("--no-bias", dest="bias", action="store_false", default=None, help="no biases in Linear/LayerNorm")
+    m.add_argument("--pos-encoding", choices=["learned", "sinusoidal"])
+    m.add_argument("--norm-placement", choices=["pre", "post"], help="pre-LN (GPT-2) or post-LN (GPT-1)")
+    m.add_argument("--activation", choices=["gelu_tanh", "gelu", "relu"])
+    o = t.add_argument_group("optimisation")
+    for flag, typ in (
+        ("--batch-size", int), ("--grad-accum", int), ("--max-steps", int), ("--lr", float), ("--min-lr", float),
+        ("--warmup-steps", int), ("--weight-decay", float), ("--grad-clip", float), ("--eval-every", int),
+        ("--eval-batches", int), ("--save-every", int), ("--keep-last", int), ("--log-every", int), ("--seed", int),
+    ):  # fmt: skip
+        o.add_argument(flag, type=typ)
+    o.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
+    o.add_argument("--dtype", choices=["float32", "bfloat16"], help="autocast dtype (default float32)")
+
+    # sample
+    t = command("sample", cmd_sample, "generate text from a checkpoint")
+    t.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+    t.add_argument("--prompt", help="prompt text; '-' or omitted reads stdin")
+    t.add_argument("--max-new-tokens", type=int, default=256)
+    t.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    t.add_argument("--top-k", type=int)
+    t.add_argument("--top-p", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--ignore-eot", action="store_true", help="keep going past <|endoftext|>")
+
+    # eval
+    t = command("eval", cmd_eval, "loss, perplexity and bits per byte on a data split")
+    t.add_argument("--ckpt", required=True)
+    t.add_argument("--data", required=True)
+    t.add_argument("--split", choices=["val", "train"], default="val")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--max-tokens", type=int, help="score only the first N tokens")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+    # plot
+    t = command("plot", cmd_plot, "write loss and learning-rate curves of a run as PNG")
+    t.add_argument("run_dir")
+    t.add_argument("--out", help="directory for the PNGs (default: the run directory)")
+
+    # demo
+    t = command("demo", cmd_demo, "the whole pipeline on the built-in pydoc corpus: tokenizer, shards, training, sampling")
+    t.add_argument("--out", default="runs/demo")
+    t.add_argument("--minutes", type=float, default=7.0, help="training time budget")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from gptlab.errors import GptlabError
+
+    try:
+        return args.handler(args)
+    except GptlabError as err:
+        print(f"gptlab: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptlab: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,109 @@
+"""`gptlab demo` (what `make demo` runs): the whole pipeline on Python's own documentation.
+
+Builds the pydoc corpus, trains a BPE tokenizer on it, writes token shards,
+trains a small GPT for a fixed time budget (the step count is fitted to this
+machine's measured speed, so the cosine schedule completes), evaluates it and
+samples from it.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gptlab.config import GPTConfig, SampleConfig, TrainConfig
+from gptlab.data import BatchSampler, load_data, prepare
+from gptlab.evaluate import evaluate_split
+from gptlab.generate import generate
+from gptlab.model import GPT
+from gptlab.train import autocast_context, build_optimizer, fast_bf16, resolve_device, train
+
+DEMO_VOCAB = 4096
+DEMO_PROMPTS = ("The", "Return a list of", "This module provides")
+
+
+def demo_configs(vocab_size: int, device: torch.device) -> tuple[GPTConfig, TrainConfig]:
+    """A model small enough to learn English-looking documentation in minutes on two CPU cores."""
+    model = GPTConfig(vocab_size=vocab_size, block_size=256, n_layer=4, n_head=4, n_embd=256, dropout=0.0)
+    dtype = "bfloat16" if fast_bf16(device) else "float32"
+    trainer = TrainConfig(
+        batch_size=16, grad_accum=1, max_steps=1000, lr=2e-3, min_lr=2e-4, warmup_steps=50, weight_decay=0.1,
+        eval_every=250, eval_batches=20, save_every=250, keep_last=2, log_every=10, seed=1337, device=str(device), dtype=dtype,
+    )  # fmt: skip
+    return model, trainer
+
+
+def seconds_per_step(model_cfg: GPTConfig, cfg: TrainConfig, data_dir: Path, device: torch.device) -> float:
+    """Time two real training steps (after one warm-up) on a throw-away copy of the model."""
+    torch.manual_seed(0)
+    model = GPT(model_cfg).to(device)
+    opt = build_optimizer(model, cfg, device.type)
+    sampler = BatchSampler(load_data(data_dir).train, model_cfg.block_size, cfg.batch_size, seed=0)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        x, y = sampler.next_batch()
+        with autocast_context(device, cfg.dtype):
+            _, loss = model(x.to(device), y.to(device))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return sum(times[1:]) / 2
+
+
+def run_demo(out: Path, minutes: float = 7.0, progress: bool = True) -> None:
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir, run_dir = out / "data", out / "run"
+    device = resolve_device("auto")
+
+    print(f"[1/4] building the pydoc corpus and a {DEMO_VOCAB}-token BPE tokenizer -> {data_dir}", flush=True)
+    meta = prepare(data_dir, f"train:{DEMO_VOCAB}", corpus="pydoc", progress=progress)
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    print(f"      train {tr['tokens']:,} tokens ({tr['bytes'] / 1e6:.2f} MB), val {va['tokens']:,} tokens ({va['bytes'] / 1e6:.2f} MB)")
+
+    model_cfg, train_cfg = demo_configs(meta["vocab_size"], device)
+    step_s = seconds_per_step(model_cfg, train_cfg, data_dir, device)
+    budget = max(60.0, minutes * 60 - (time.perf_counter() - t_start))
+    # leave ~8% of the budget for the periodic evaluations and checkpoints
+    steps = max(50, int(0.92 * budget / step_s))
+    train_cfg = train_cfg.replace(max_steps=steps, warmup_steps=min(100, steps // 10), eval_every=max(1, steps // 4), save_every=max(1, steps // 4))
+    n_params = GPT(model_cfg).num_params()
+    print(
+        f"[2/4] training a {n_params / 1e6:.1f}M-parameter GPT ({model_cfg.n_layer} layers, {model_cfg.n_embd} wide) on {device} "
+        f"in {train_cfg.dtype}: {steps} steps of {train_cfg.batch_size}x{model_cfg.block_size} tokens (~{steps * step_s / 60:.1f} min) -> {run_dir}",
+        flush=True,
+    )
+    result = train(model_cfg, train_cfg, data_dir, run_dir, progress=progress)
+
+    print("[3/4] evaluating on the whole validation split", flush=True)
+    from gptlab.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run_dir, device=device)
+    metrics = evaluate_split(ckpt.model, load_data(data_dir), "val", batch_size=16, dtype=train_cfg.dtype)
+    print(f"      val loss {metrics['loss']:.4f} | perplexity {metrics['perplexity']:.2f} | bits per byte {metrics['bpb']:.4f} ({metrics['tokens']:,} tokens)")
+
+    print("[4/4] sampling (temperature 0.8, top-k 40, seed 0)", flush=True)
+    tok = ckpt.tokenizer
+    for i, prompt in enumerate(DEMO_PROMPTS):
+        ids = torch.tensor([tok.encode(prompt)], device=device)
+        cfg = SampleConfig(max_new_tokens=150 if i else 300, temperature=0.8, top_k=40, seed=i)
+        text = tok.decode(generate(ckpt.model, ids, cfg, stop_id=tok.eot_id, vocab_size=tok.vocab_size)[0].tolist())
+        print(f"\n----- prompt: {prompt!r}\n{text.replace('<|endoftext|>', '')}")
+
+    py = shlex.quote(sys.executable)
+    total = time.perf_counter() - t_start
+    print(f"\n===== done in {total / 60:.1f} min (training {result.tokens_per_s:,.0f} tokens/s)")
+    print(f"data:        {data_dir}  (train.bin, val.bin, meta.json, tokenizer.json)")
+    print(f"run:         {run_dir}  (checkpoints/, metrics.jsonl, run.json)")
+    print(f"checkpoint:  {result.checkpoint}")
+    print("next:")
+    print(f"  sample again:    {py} -m gptlab sample --ckpt {run_dir} --prompt 'Return the' --max-new-tokens 200 --top-k 40")
+    print(f"  train longer:    {py} -m gptlab train --data {data_dir} --out {run_dir} --resume --max-steps {steps * 2}")
+    print(f"  evaluate:        {py} -m gptlab eval --ckpt {run_dir} --data {data_dir}")
+    print(f"  plot curves:     {py} -m gptlab plot {run_dir}")

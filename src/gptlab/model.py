@@ -1,0 +1,267 @@
+"""Decoder-only transformer: GPT-1 (post-LN) and GPT-2 (pre-LN) in one module.
+
+Parameter names follow OpenAI's GPT-2 release (wte, wpe, h.N.ln_1, attn.c_attn, ...),
+so checkpoints convert to and from Hugging Face with a short table (see gptlab.hf).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gptlab.config import GPTConfig
+from gptlab.errors import InputError
+
+IGNORE_INDEX = -100  # target value that contributes no loss, as in torch and HF
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def sinusoidal_positions(n_positions: int, dim: int) -> Tensor:
+    """Fixed position code of Vaswani et al. 2017, section 3.5.
+
+    PE[pos, 2i] = sin(pos / 10000^(2i/dim)), PE[pos, 2i+1] = cos(pos / 10000^(2i/dim)).
+    """
+    pos = torch.arange(n_positions, dtype=torch.float64).unsqueeze(1)  # (T, 1)
+    inv_freq = torch.pow(10000.0, -torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
+    angles = pos * inv_freq  # (T, dim/2)
+    pe = torch.empty(n_positions, dim, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(angles)
+    pe[:, 1::2] = torch.cos(angles)
+    return pe.float()
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy over rows of logits (N, V), computed a few rows at a time.
+
+    F.cross_entropy materialises log_softmax(logits) in the forward pass, then a zero
+    one-hot and the softmax gradient in the backward pass: three more (N, V) buffers,
+    each as large as the logits (412 MB at N=2048, V=50304) and each paid for in page
+    faults on CPU. Here the forward keeps only the per-row loss, and the backward writes
+    d loss / d logits = (softmax(logits) - onehot(target)) / n_valid straight into one
+    buffer. Chunks of rows stay cache-sized and are computed in float32 whatever the
+    logits' dtype, so bf16 logits are never copied whole to float32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor, chunk_elems: int) -> Tensor:
+        N, V = logits.shape
+        rows = max(1, chunk_elems // V)
+        valid = targets != IGNORE_INDEX
+        safe_targets = torch.where(valid, targets, 0).unsqueeze(1)  # (N, 1), ignored rows read column 0
+        picked = torch.empty(N, dtype=torch.float32, device=logits.device)
+        for s in range(0, N, rows):
+            log_probs = torch.log_softmax(logits[s : s + rows], dim=1, dtype=torch.float32)  # (rows, V)
+            picked[s : s + rows] = log_probs.gather(1, safe_targets[s : s + rows]).squeeze(1)
+        n_valid = valid.sum()
+        ctx.save_for_backward(logits, safe_targets, valid, n_valid)
+        ctx.rows = rows
+        return -(picked * valid).sum() / n_valid
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None]:
+        logits, safe_targets, valid, n_valid = ctx.saved_tensors
+        rows = ctx.rows
+        row_scale = (valid * (grad_loss / n_valid)).unsqueeze(1)  # (N, 1); 0 on ignored rows
+        minus_one = torch.full((rows, 1), -1.0, device=logits.device)
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.size(0), rows):
+            probs = torch.softmax(logits[s : s + rows], dim=1, dtype=torch.float32)  # (rows, V)
+            probs.scatter_add_(1, safe_targets[s : s + rows], minus_one[: probs.size(0)])  # softmax - onehot
+            torch.mul(probs, row_scale[s : s + rows], out=grad[s : s + rows])
+        return grad, None, None
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, chunk_elems: int = 1 << 20) -> Tensor:
+    """Mean cross-entropy of logits (N, V) against targets (N,), skipping targets equal to -100.
+
+    Same value and gradient as F.cross_entropy(logits, targets, ignore_index=-100), with
+    far less memory traffic (see _CrossEntropy). chunk_elems bounds each chunk's size.
+    """
+    return _CrossEntropy.apply(logits, targets, chunk_elems)
+
+
+def _activation(name: str) -> nn.Module:
+    # GPT-2's GELU is the tanh approximation (Hendrycks & Gimpel 2016, eq. 2); PyTorch's fused
+    # kernel computes the same function as HF's "gelu_new" in one pass instead of seven.
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "gelu":
+        return nn.GELU()
+    assert name == "relu", name
+    return nn.ReLU()
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where position t attends to positions <= t."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = config.dropout  # applied to the attention probabilities inside SDPA
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        hs = C // self.n_head
+        # views, not copies: SDPA accepts the strided (B, nh, T, hs) layout directly
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, hs).unbind(2)  # 3 x (B, T, nh, hs)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+        # softmax(q k^T / sqrt(hs)) v with the causal mask (Vaswani et al. 2017, eq. 1)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_dim, bias=config.bias)
+        self.act = _activation(config.activation)
+        self.c_proj = nn.Linear(config.mlp_dim, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """One transformer layer: attention then MLP, each wrapped in a residual connection.
+
+    pre-LN (GPT-2, Radford et al. 2019): x + f(LN(x)); the residual stream is never normalised.
+    post-LN (GPT-1, Radford et al. 2018, as Vaswani et al. 2017): LN(x + f(x)).
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.pre_ln = config.norm_placement == "pre"
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pre_ln:
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x))
+        return self.ln_2(x + self.mlp(x))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        layers: dict[str, nn.Module] = {"wte": nn.Embedding(config.vocab_size, config.n_embd)}
+        if config.pos_encoding == "learned":
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        layers["drop"] = nn.Dropout(config.dropout)
+        layers["h"] = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        if config.norm_placement == "pre":
+            # pre-LN leaves the residual stream unnormalised, so GPT-2 adds a final LayerNorm
+            layers["ln_f"] = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.transformer = nn.ModuleDict(layers)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            # input and output embeddings share one matrix (Press & Wolf 2017)
+            self.lm_head.weight = self.transformer.wte.weight
+        if config.pos_encoding == "sinusoidal":
+            # fixed, so a buffer; non-persistent because it is recomputed from the config
+            self.register_buffer("pos_table", sinusoidal_positions(config.block_size, config.n_embd), persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(N), N = 2 per layer residual adds,
+        # so the residual stream's variance does not grow with depth (Radford et al. 2019, sec. 2.3)
+        residual_std = config.init_std / math.sqrt(2 * config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, vocab_size) for token ids (B, T), and the mean cross-entropy against targets (B, T).
+
+        Targets equal to -100 are ignored. Position t's logits depend only on idx[:, :t+1].
+        """
+        self._check_input(idx, targets)
+        B, T = idx.shape
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos_encoding == "learned":
+            x = x + self.transformer.wpe.weight[:T]  # (T, C) broadcast over the batch
+        else:
+            x = x + self.pos_table[:T]
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x)
+        if "ln_f" in self.transformer:
+            x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = cross_entropy(logits.view(B * T, -1), targets.view(B * T))
+        return logits, loss
+
+    def _check_input(self, idx: Tensor, targets: Tensor | None) -> None:
+        if idx.dim() != 2:
+            raise InputError(f"token ids must have shape (batch, time), got shape {tuple(idx.shape)}")
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise InputError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if idx.numel():
+            lo, hi = (int(v) for v in torch.aminmax(idx))
+            bad = lo if lo < 0 else hi
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise InputError(f"token id {bad} is out of range [0, {self.config.vocab_size})")
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise InputError(f"targets shape {tuple(targets.shape)} does not match token ids shape {tuple(idx.shape)}")
+            bad_targets = targets[((targets < 0) & (targets != IGNORE_INDEX)) | (targets >= self.config.vocab_size)]
+            if bad_targets.numel():
+                raise InputError(f"target {int(bad_targets[0])} is out of range [0, {self.config.vocab_size}) and is not {IGNORE_INDEX}")
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Number of parameters, each shared tensor counted once.
+
+        non_embedding leaves out the tables that are only looked up, never multiplied
+        (as nanoGPT): the learned position table, and the token table when it is not
+        tied to lm_head (a tied table is also the output matmul, so it stays).
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_weights:
+                n -= self.transformer.wte.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs (forward + backward) per token at full context, for MFU.
+
+        6 N for the weight matmuls (2 forward, 4 backward per multiply-add) plus
+        12 n_layer n_embd T for attention scores and values (Chowdhery et al. 2022, PaLM, appendix B).
+        """
+        cfg = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size

@@ -1,0 +1,100 @@
+import subprocess
+import sys
+
+import pytest
+
+from gptlab.cli import main
+
+TINY_MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32"]
+TINY_TRAIN = ["--batch-size", "4", "--max-steps", "6", "--warmup-steps", "2", "--eval-every", "3", "--eval-batches", "2",
+              "--save-every", "3", "--log-every", "1", "--device", "cpu", "--seed", "5", "-q"]  # fmt: skip
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from gptlab.cli import build_parser; build_parser().format_help(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    help_text = subprocess.run([sys.executable, "-m", "gptlab", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("tokenizer", "prepare", "train", "sample", "eval", "plot", "demo"):
+        assert command in help_text
+
+
+def test_full_pipeline_through_the_cli(tmp_path, corpus_dir, capsys, monkeypatch):
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    code, out, _ = run(capsys, "prepare", "--input", str(corpus_dir), "--tokenizer", "train:300", "--out", str(data), "-q")
+    assert code == 0 and "train:" in out and (data / "train.bin").exists()
+
+    code, out, _ = run(capsys, "train", "--data", str(data), "--out", str(run_dir), *TINY_MODEL, *TINY_TRAIN)
+    assert code == 0 and "val loss" in out and "bpb" in out
+    code, out, _ = run(capsys, "train", "--data", str(data), "--out", str(run_dir), "--resume", "--max-steps", "9", "--device", "cpu", "-q")
+    assert code == 0 and "step 9" in out
+
+    sample = ["sample", "--ckpt", str(run_dir), "--prompt", "The ", "--max-new-tokens", "20", "--seed", "3", "--device", "cpu"]
+    code, first, err = run(capsys, *sample)
+    assert code == 0 and first.startswith("The ") and "tokens/s" in err
+    assert run(capsys, *sample)[1] == first  # seeded: identical
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("The "))
+    assert run(capsys, *sample[:3], "--max-new-tokens", "20", "--seed", "3", "--device", "cpu")[1] == first  # prompt from stdin
+    code, out, _ = run(capsys, "sample", "--ckpt", str(run_dir), "--prompt", "x", "--temperature", "0", "--max-new-tokens", "5", "--device", "cpu")
+    assert code == 0
+
+    code, out, _ = run(capsys, "eval", "--ckpt", str(run_dir), "--data", str(data), "--device", "cpu", "-q")
+    assert code == 0 and "perplexity" in out and "bits per byte" in out
+
+    code, out, _ = run(capsys, "plot", str(run_dir))
+    assert code == 0 and "loss.png" in out and (run_dir / "lr.png").exists()
+
+    tok = str(data / "tokenizer.json")
+    code, ids, _ = run(capsys, "tokenizer", "encode", "--tokenizer", tok, "--text", "Hello, wörld 🌍")
+    code, text, _ = run(capsys, "tokenizer", "decode", "--tokenizer", tok, *ids.split())
+    assert text == "Hello, wörld 🌍\n"
+    code, out, _ = run(capsys, "tokenizer", "info", "--tokenizer", "gpt2")
+    assert "50257" in out
+
+
+def test_tokenizer_train_command(tmp_path, corpus_dir, capsys):
+    out_file = tmp_path / "tok.json"
+    code, out, _ = run(capsys, "tokenizer", "train", "--input", str(corpus_dir), "--vocab-size", "400", "--out", str(out_file), "-q")
+    assert code == 0 and out_file.exists() and "400 tokens" in out
+    code, out, _ = run(capsys, "tokenizer", "encode", "--tokenizer", "gpt2", "--text", "Hello world")
+    assert out.split() == ["15496", "995"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prepare", "--input", "/no/such/file.txt", "--tokenizer", "gpt2", "--out", "{tmp}/d"], "no such file or directory"),
+        (["prepare", "--input", "{corpus}", "--tokenizer", "/no/tok.json", "--out", "{tmp}/d"], "/no/tok.json"),
+        (["prepare", "--input", "{corpus}", "--tokenizer", "train:abc", "--out", "{tmp}/d"], "train:N"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--n-embd", "30", "--n-head", "4"], "n_embd"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--block-size", "999999"], "block_size"),
+        (["train", "--data", "{tmp}", "--out", "{tmp}/r"], "not a prepared data directory"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--lr", "-1"], "lr"),
+        (["sample", "--ckpt", "{tmp}/nothing", "--prompt", "hi"], "no such checkpoint"),
+        (["eval", "--ckpt", "{tmp}", "--data", "{data}"], "no checkpoint"),
+        (["tokenizer", "decode", "--tokenizer", "gpt2", "12", "abc"], "must be integers"),
+        (["tokenizer", "decode", "--tokenizer", "gpt2", "99999999"], "99999999"),
+        (["plot", "{tmp}"], "no metrics file"),
+    ],
+)
+def test_bad_input_gives_a_one_line_error_and_exit_2(tmp_path, corpus_dir, data_dir, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path, corpus=corpus_dir, data=data_dir) for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("gptlab: error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_corrupted_checkpoint_through_the_cli(tmp_path, data_dir, capsys):
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", "--data", str(data_dir), "--out", str(run_dir), *TINY_MODEL, *TINY_TRAIN)[0] == 0
+    weights = sorted(run_dir.glob("checkpoints/step_*/model.safetensors"))[-1]  # the latest, which sample loads
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    code, _, err = run(capsys, "sample", "--ckpt", str(run_dir), "--prompt", "a", "--device", "cpu")
+    assert code == 2 and "corrupted" in err

@@ -1,0 +1,161 @@
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from gptlab.checkpoint import load_checkpoint, step_dirs
+from gptlab.config import GPTConfig, TrainConfig
+from gptlab.errors import ConfigError, GptlabError
+from gptlab.model import GPT
+from gptlab.plot import plot_run
+from gptlab.train import build_optimizer, loss_metrics, lr_at, train
+
+TINY = GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+def tcfg(**kw) -> TrainConfig:
+    base = dict(batch_size=4, max_steps=8, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=4, eval_batches=2,
+                save_every=4, log_every=1, device="cpu", seed=11)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_lr_schedule_hand_values():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.1 + 0.5 * 0.9)  # half way through the cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert lr_at(500, cfg) == pytest.approx(0.1)
+
+
+def test_optimizer_decays_only_matrices_and_matches_reference_adamw():
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    opt = build_optimizer(model, tcfg(weight_decay=0.1), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    n_tensors = len(decay["params"]) + len(no_decay["params"])
+    assert n_tensors == len(list(model.parameters()))
+    # one step equals the textbook (non-fused, per-parameter) AdamW on the same groups
+    ref_model = GPT(TINY)
+    ref_model.load_state_dict(model.state_dict())
+    ref = torch.optim.AdamW(
+        [{"params": [p for p in ref_model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+         {"params": [p for p in ref_model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+        lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=False,
+    )  # fmt: skip
+    x = torch.randint(0, 512, (2, 32))
+    for m, o in ((model, opt), (ref_model, ref)):
+        _, loss = m(x, x)
+        loss.backward()
+        o.step()
+    for (name, a), b in zip(model.state_dict().items(), ref_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_loss_metrics_hand_computed():
+    m = loss_metrics(2.0, bytes_per_token=4.0)
+    assert m["perplexity"] == pytest.approx(math.exp(2.0))
+    assert m["bpb"] == pytest.approx(2.0 / math.log(2) / 4.0)
+
+
+def test_training_reduces_loss_and_writes_metrics_checkpoints_and_plots(tmp_path, data_dir):
+    run = tmp_path / "run"
+    result = train(TINY, tcfg(max_steps=30, lr=1e-2, min_lr=1e-3, eval_every=10, save_every=10, keep_last=2), data_dir, run, progress=False)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(losses) == 30 and len(vals) == 3
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5 and vals[-1] < vals[0]
+    assert {"lr", "tokens_per_s", "grad_norm", "tokens"} <= set(records[0])
+    assert [p.name for p in step_dirs(run)] == ["step_00000020", "step_00000030"]  # keep_last=2
+    assert result.checkpoint == step_dirs(run)[-1] and result.val["bpb"] > 0
+    ckpt = load_checkpoint(run)
+    assert ckpt.step == 30 and ckpt.model_config == TINY
+    pngs = plot_run(run)
+    assert [p.name for p in pngs] == ["loss.png", "lr.png"] and all(p.stat().st_size > 5000 for p in pngs)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_dir, dropout):
+    cfg = TINY.replace(dropout=dropout)
+    train(cfg, tcfg(), data_dir, tmp_path / "full", progress=False)
+    full = params(load_checkpoint(tmp_path / "full").model)
+
+    train(cfg, tcfg(), data_dir, tmp_path / "split", stop_at=3, progress=False)  # stops between saves
+    assert load_checkpoint(tmp_path / "split").step == 3
+    train(cfg, tcfg(), data_dir, tmp_path / "split", resume=True, progress=False)
+    resumed = params(load_checkpoint(tmp_path / "split").model)
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # no records duplicated by the resume
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path, data_dir):
+    train(TINY, tcfg(max_steps=3), data_dir, tmp_path / "a", progress=False)
+    train(TINY, tcfg(max_steps=3), data_dir, tmp_path / "b", resume=True, progress=False)
+    a, b = params(load_checkpoint(tmp_path / "a").model), params(load_checkpoint(tmp_path / "b").model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_matches_the_large_batch(tmp_path, data_dir):
+    train(TINY, tcfg(max_steps=3, batch_size=8), data_dir, tmp_path / "big", progress=False)
+    train(TINY, tcfg(max_steps=3, batch_size=4, grad_accum=2), data_dir, tmp_path / "acc", progress=False)
+    a, b = params(load_checkpoint(tmp_path / "big").model), params(load_checkpoint(tmp_path / "acc").model)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.filterwarnings("ignore:.*no native bfloat16")
+def test_bf16_autocast_trains(tmp_path, data_dir):
+    result = train(TINY, tcfg(max_steps=10, eval_every=10, dtype="bfloat16"), data_dir, tmp_path / "bf16", progress=False)
+    ckpt = load_checkpoint(tmp_path / "bf16")
+    assert all(p.dtype == torch.float32 for p in ckpt.model.parameters())  # master weights stay fp32
+    assert math.isfinite(result.val["loss"]) and result.val["loss"] < math.log(512)
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: GPTConfig(n_embd=100, n_head=3), "n_embd"),
+        (lambda: GPTConfig(n_layer=0), "n_layer"),
+        (lambda: GPTConfig(dropout=1.5), "dropout"),
+        (lambda: GPTConfig(pos_encoding="rotary"), "pos_encoding"),
+        (lambda: TrainConfig(warmup_steps=50, max_steps=10), "warmup_steps"),
+        (lambda: TrainConfig(lr=1e-3, min_lr=1e-2), "min_lr"),
+        (lambda: TrainConfig(dtype="float8"), "dtype"),
+        (lambda: TrainConfig(batch_size=0), "batch_size"),
+    ],
+)
+def test_bad_config_names_the_field(make, field):
+    with pytest.raises(ConfigError, match=field):
+        make()
+
+
+def test_bad_run_setups_fail_before_any_work(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match="block_size"):
+        train(TINY.replace(block_size=10**6), tcfg(), data_dir, tmp_path / "r1", progress=False)
+    with pytest.raises(ConfigError, match="vocab_size"):
+        train(TINY.replace(vocab_size=100), tcfg(), data_dir, tmp_path / "r2", progress=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(GptlabError, match="not writable"):
+        train(TINY, tcfg(), data_dir, blocker / "run", progress=False)
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_read_only_run_dir(tmp_path, data_dir):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    with pytest.raises(GptlabError, match="not writable"):
+        train(TINY, tcfg(), data_dir, ro / "run", progress=False)
