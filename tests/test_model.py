@@ -16,6 +16,15 @@ from gptlab.model import GPT, cross_entropy, sinusoidal_positions
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine each op can wait milliseconds for the second."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(**overrides) -> GPTConfig:
     base = dict(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=16)
     return GPTConfig(**{**base, **overrides})

@@ -247,7 +247,6 @@ def train(
     bar = _progress_bar(start, cfg.max_steps, progress)
     t_window, tokens_window = time.perf_counter(), 0
     t_start, tokens_done = time.perf_counter(), 0
-    tok_s = 0.0
     for step in range(start, end):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -277,7 +276,8 @@ def train(
             log.write(record)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            avg_tok_s = tokens_done / max(time.perf_counter() - t_start, 1e-9)
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{avg_tok_s:,.0f}", refresh=False)
         if done % cfg.eval_every == 0 or done == end:
             val_metrics = evaluate(done)
             if bar is not None:
