@@ -130,7 +130,7 @@ def main() -> None:
     data = torch.randint(0, cfg.vocab_size, (args.batch, cfg.block_size + 1), generator=torch.Generator().manual_seed(args.seed))
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     steps, flops_per_token = make_steps(cfg, train_cfg, x, y, args.seed)
-    for run, step in steps.items():
+    for step in steps.values():
         for _ in range(args.warmup):
             step()
     rounds = []

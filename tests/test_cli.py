@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from gptlab.cli import main
+from gptlab.tokenizer import Tokenizer
 
 TINY_MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32"]
 TINY_TRAIN = ["--batch-size", "4", "--max-steps", "6", "--warmup-steps", "2", "--eval-every", "3", "--eval-batches", "2",
@@ -60,8 +61,14 @@ def test_full_pipeline_through_the_cli(tmp_path, corpus_dir, capsys, monkeypatch
 
 def test_tokenizer_train_command(tmp_path, corpus_dir, capsys):
     out_file = tmp_path / "tok.json"
-    code, out, _ = run(capsys, "tokenizer", "train", "--input", str(corpus_dir), "--vocab-size", "400", "--out", str(out_file), "-q")
+    code, out, _ = run(
+        capsys, "tokenizer", "train", "--input", str(corpus_dir), "--vocab-size", "400", "--out", str(out_file),
+        "--special-tokens", "<|im_start|>", "<|im_end|>", "-q",
+    )  # fmt: skip
     assert code == 0 and out_file.exists() and "400 tokens" in out
+    tok = Tokenizer.load(out_file)
+    assert tok.special_tokens == {"<|endoftext|>": 397, "<|im_start|>": 398, "<|im_end|>": 399}
+    assert tok.encode("<|im_start|>hi<|im_end|>")[0] == 398
     code, out, _ = run(capsys, "tokenizer", "encode", "--tokenizer", "gpt2", "--text", "Hello world")
     assert out.split() == ["15496", "995"]
 

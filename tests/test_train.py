@@ -7,7 +7,7 @@ import torch
 
 from gptlab.checkpoint import load_checkpoint, step_dirs
 from gptlab.config import GPTConfig, TrainConfig
-from gptlab.errors import ConfigError, GptlabError
+from gptlab.errors import ConfigError, DataError, GptlabError
 from gptlab.model import GPT
 from gptlab.plot import plot_run
 from gptlab.train import build_optimizer, loss_metrics, lr_at, train
@@ -84,6 +84,17 @@ def test_training_reduces_loss_and_writes_metrics_checkpoints_and_plots(tmp_path
     assert [p.name for p in pngs] == ["loss.png", "lr.png"] and all(p.stat().st_size > 5000 for p in pngs)
 
 
+def test_plot_skips_a_torn_last_line_but_rejects_a_broken_one(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    good = [json.dumps({"step": s, "loss": 3.0 - s / 10, "lr": 1e-3}) for s in range(1, 6)]
+    (run / "metrics.jsonl").write_text("\n".join(good) + '\n{"step": 6, "lo')  # a trainer mid-write
+    assert [p.name for p in plot_run(run)] == ["loss.png", "lr.png"]
+    (run / "metrics.jsonl").write_text(good[0] + '\n{"step": 2, "lo\n' + good[2] + "\n")
+    with pytest.raises(DataError, match="metrics.jsonl:2: not a JSON line"):
+        plot_run(run)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_dir, dropout):
     cfg = TINY.replace(dropout=dropout)
@@ -92,6 +103,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_dir, dro
 
     train(cfg, tcfg(), data_dir, tmp_path / "split", stop_at=3, progress=False)  # stops between saves
     assert load_checkpoint(tmp_path / "split").step == 3
+    with (tmp_path / "split/metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "lo')  # a record torn by a killed process
     train(cfg, tcfg(), data_dir, tmp_path / "split", resume=True, progress=False)
     resumed = params(load_checkpoint(tmp_path / "split").model)
     for name in full:

@@ -33,6 +33,7 @@ from safetensors.torch import save_model as _save_safetensors_model
 
 from gptlab.config import GPTConfig, TrainConfig
 from gptlab.errors import CheckpointError, ConfigError
+from gptlab.fileio import write_atomic
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
 
@@ -52,19 +53,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -131,7 +119,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(Path(run_dir) / LATEST_FILE, f"{CKPT_SUBDIR}/{final.name}\n".encode())
+    write_atomic(Path(run_dir) / LATEST_FILE, f"{CKPT_SUBDIR}/{final.name}\n".encode())
     if keep_last is not None:
         for old in step_dirs(run_dir)[:-keep_last]:
             if old != final:

@@ -40,12 +40,13 @@ TRAIN_FIELDS = (
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from gptlab.data import load_corpus, read_documents
-    from gptlab.tokenizer import Tokenizer
+    from gptlab.tokenizer import EOT, Tokenizer
 
     docs = read_documents(args.input, args.encoding) if args.input else load_corpus(args.corpus)
-    tok = Tokenizer.train(docs, vocab_size=args.vocab_size, progress=not args.quiet)
+    specials = [EOT, *(s for s in args.special_tokens if s != EOT)]  # gptlab separates documents with EOT
+    tok = Tokenizer.train(docs, vocab_size=args.vocab_size, special_tokens=specials, progress=not args.quiet)
     tok.save(args.out)
-    print(f"trained {tok.name}: {tok.vocab_size} tokens -> {args.out}")
+    print(f"trained {tok.name}: {tok.vocab_size} tokens ({', '.join(f'{t}={i}' for t, i in tok.special_tokens.items())}) -> {args.out}")
     return 0
 
 
@@ -219,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--corpus", choices=["pydoc"], help="a built-in corpus")
     t.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size including special tokens (default 8192)")
     t.add_argument("--out", required=True, help="tokenizer file to write")
+    t.add_argument(
+        "--special-tokens", nargs="+", default=[], metavar="TOKEN",
+        help="special tokens besides <|endoftext|> (always included), e.g. <|im_start|> <|im_end|>; ids follow the merges",
+    )  # fmt: skip
     t.add_argument("--encoding", default="utf-8", help="text encoding of the input files")
     for name, handler, help in (
         ("encode", cmd_tokenizer_encode, "print the token ids of a text (from --text or stdin)"),
@@ -298,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     # demo
     t = command("demo", cmd_demo, "the whole pipeline on the built-in pydoc corpus: tokenizer, shards, training, sampling")
     t.add_argument("--out", default="runs/demo")
-    t.add_argument("--minutes", type=float, default=7.0, help="training time budget")
+    t.add_argument("--minutes", type=float, help="time budget for corpus, tokenizer and training (default 9)")
     return p
 
 

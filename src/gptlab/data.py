@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from gptlab.errors import ConfigError, DataError
+from gptlab.fileio import stage_file
 from gptlab.tokenizer import Tokenizer, load_tokenizer
 
 META_FILE = "meta.json"
@@ -198,9 +197,9 @@ def prepare(
     staged: list[tuple[Path, Path]] = []
     try:
         for split in SPLITS:
-            staged.append((_stage(out, lambda f, a=arrays[split]: a.tofile(f)), out / f"{split}.bin"))
-        staged.append((_stage(out, lambda f: f.write(json.dumps(tok.to_dict()).encode())), out / TOKENIZER_FILE))
-        staged.append((_stage(out, lambda f: f.write(json.dumps(meta, indent=2).encode())), out / META_FILE))
+            staged.append((stage_file(out, lambda f, a=arrays[split]: a.tofile(f)), out / f"{split}.bin"))
+        staged.append((stage_file(out, lambda f: f.write(json.dumps(tok.to_dict()).encode())), out / TOKENIZER_FILE))
+        staged.append((stage_file(out, lambda f: f.write(json.dumps(meta, indent=2).encode())), out / META_FILE))
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
@@ -208,19 +207,6 @@ def prepare(
     for tmp, final in staged:  # meta.json goes last: its presence means the directory is complete
         os.replace(tmp, final)
     return meta
-
-
-def _stage(directory: Path, write) -> Path:
-    fd, name = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return Path(name)
 
 
 # ----------------------------------------------------------------------------- reading shards

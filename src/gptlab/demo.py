@@ -17,6 +17,7 @@ import torch
 
 from gptlab.config import GPTConfig, SampleConfig, TrainConfig
 from gptlab.data import BatchSampler, load_data, prepare
+from gptlab.errors import ConfigError
 from gptlab.evaluate import evaluate_split
 from gptlab.generate import generate
 from gptlab.model import GPT
@@ -24,6 +25,7 @@ from gptlab.train import autocast_context, build_optimizer, fast_bf16, resolve_d
 
 DEMO_VOCAB = 4096
 DEMO_PROMPTS = ("The", "Return a list of", "This module provides")
+DEMO_MINUTES = 9.0  # corpus, tokenizer and training; with install, evaluation and sampling `make demo` stays near 11 min
 
 
 def demo_configs(vocab_size: int, device: torch.device) -> tuple[GPTConfig, TrainConfig]:
@@ -31,7 +33,7 @@ def demo_configs(vocab_size: int, device: torch.device) -> tuple[GPTConfig, Trai
     model = GPTConfig(vocab_size=vocab_size, block_size=256, n_layer=4, n_head=4, n_embd=256, dropout=0.0)
     dtype = "bfloat16" if fast_bf16(device) else "float32"
     trainer = TrainConfig(
-        batch_size=16, grad_accum=1, max_steps=1000, lr=2e-3, min_lr=2e-4, warmup_steps=50, weight_decay=0.1,
+        batch_size=8, grad_accum=1, max_steps=1000, lr=2e-3, min_lr=2e-4, warmup_steps=50, weight_decay=0.1,
         eval_every=250, eval_batches=20, save_every=250, keep_last=2, log_every=10, seed=1337, device=str(device), dtype=dtype,
     )  # fmt: skip
     return model, trainer
@@ -56,7 +58,11 @@ def seconds_per_step(model_cfg: GPTConfig, cfg: TrainConfig, data_dir: Path, dev
     return sum(times[1:]) / 2
 
 
-def run_demo(out: Path, minutes: float = 7.0, progress: bool = True) -> None:
+def run_demo(out: Path, minutes: float | None = None, progress: bool = True) -> None:
+    """Run the whole pipeline into `out`, fitting corpus, tokenizer and training into `minutes` (default DEMO_MINUTES)."""
+    minutes = DEMO_MINUTES if minutes is None else minutes
+    if not minutes > 0:
+        raise ConfigError(f"minutes must be positive, got {minutes!r}")
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data_dir, run_dir = out / "data", out / "run"

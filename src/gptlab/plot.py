@@ -14,12 +14,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: no metrics file (is {run_dir} a training run directory?)")
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
+            if n == len(lines):  # a running trainer may be half-way through writing its last line
+                break
             raise DataError(f"{path}:{n}: not a JSON line") from None
     if not records:
         raise DataError(f"{path}: empty, nothing to plot yet")

@@ -28,7 +28,6 @@ import json
 import operator
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -41,6 +40,7 @@ from tokenizers import models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from gptlab.errors import ConfigError, TokenizerError
+from gptlab.fileio import write_atomic
 
 EOT = "<|endoftext|>"
 
@@ -436,16 +436,7 @@ class Tokenizer:
         """Write the one-file JSON form atomically: a reader sees the old file or the new one, never half."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, ensure_ascii=False, separators=(",", ":"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
 
     # ------------------------------------------------------------------ properties
 

@@ -133,14 +133,24 @@ def check_writable(run_dir: Path) -> None:
         raise GptlabError(f"{run_dir}: run directory is not writable ({err.strerror or err})") from None
 
 
+def _record_step(line: str) -> float:
+    """The step of one metrics.jsonl line; +inf for a blank or unparseable (torn) line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return math.inf
+    return record.get("step", 0) if isinstance(record, dict) else math.inf
+
+
 class MetricsLog:
     """Appends one JSON object per line to RUN_DIR/metrics.jsonl (what `gptlab plot` reads)."""
 
     def __init__(self, path: Path, truncate_after_step: int | None):
         self.path = path
         if truncate_after_step is not None and path.exists():
-            # a resumed run repeats the steps after its checkpoint: drop the stale records for them
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
+            # a resumed run repeats the steps after its checkpoint: drop the stale records for them,
+            # and a line torn by a killed process
+            kept = [line for line in path.read_text().splitlines() if _record_step(line) <= truncate_after_step]
             path.write_text("".join(line + "\n" for line in kept))
         elif truncate_after_step is None:
             path.write_text("")
