@@ -98,9 +98,11 @@ def test_bad_input_gives_a_one_line_error_and_exit_2(tmp_path, corpus_dir, data_
     assert message in err
 
 
-def test_corrupted_checkpoint_through_the_cli(tmp_path, data_dir, capsys):
+def test_long_prompt_and_corrupted_checkpoint_through_the_cli(tmp_path, data_dir, capsys):
     run_dir = tmp_path / "run"
     assert run(capsys, "train", "--data", str(data_dir), "--out", str(run_dir), *TINY_MODEL, *TINY_TRAIN)[0] == 0
+    code, _, err = run(capsys, "sample", "--ckpt", str(run_dir), "--prompt", "the " * 100, "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1 and "prompt has" in err and "block_size) is 32" in err
     weights = sorted(run_dir.glob("checkpoints/step_*/model.safetensors"))[-1]  # the latest, which sample loads
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
     code, _, err = run(capsys, "sample", "--ckpt", str(run_dir), "--prompt", "a", "--device", "cpu")

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +80,21 @@ def test_bad_inputs_fail_with_the_file_named_and_nothing_written(tmp_path, setup
     with pytest.raises(DataError, match=message):
         prepare(out, "gpt2", inputs=[src], progress=False)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_unreadable_file_is_named(tmp_path, corpus_dir, monkeypatch):
+    secret = sorted(corpus_dir.iterdir())[3]
+    real_read_text = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self == secret:
+            raise PermissionError(13, "Permission denied")
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    with pytest.raises(DataError, match=f"{secret}: cannot read \\(Permission denied\\)"):
+        prepare(tmp_path / "out", "gpt2", inputs=[corpus_dir], progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_failed_write_leaves_no_partial_files(tmp_path, corpus_dir, monkeypatch):

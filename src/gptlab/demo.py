@@ -9,6 +9,7 @@ samples from it.
 from __future__ import annotations
 
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,13 +41,17 @@ def demo_configs(vocab_size: int, device: torch.device) -> tuple[GPTConfig, Trai
 
 
 def seconds_per_step(model_cfg: GPTConfig, cfg: TrainConfig, data_dir: Path, device: torch.device) -> float:
-    """Time two real training steps (after one warm-up) on a throw-away copy of the model."""
+    """Median time of six real training steps on a throw-away copy of the model.
+
+    The first steps are slow (allocator growth, optimizer state creation) and are not
+    timed; the median ignores a step that another process on the machine interrupted.
+    """
     torch.manual_seed(0)
     model = GPT(model_cfg).to(device)
     opt = build_optimizer(model, cfg, device.type)
     sampler = BatchSampler(load_data(data_dir).train, model_cfg.block_size, cfg.batch_size, seed=0)
     times = []
-    for _ in range(3):
+    for _ in range(2 + 6):
         t0 = time.perf_counter()
         x, y = sampler.next_batch()
         with autocast_context(device, cfg.dtype):
@@ -55,7 +60,7 @@ def seconds_per_step(model_cfg: GPTConfig, cfg: TrainConfig, data_dir: Path, dev
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    return sum(times[1:]) / 2
+    return statistics.median(times[2:])
 
 
 def run_demo(out: Path, minutes: float | None = None, progress: bool = True) -> None:
