@@ -26,7 +26,7 @@ from gptlab.train import autocast_context, build_optimizer, fast_bf16, resolve_d
 
 DEMO_VOCAB = 4096
 DEMO_PROMPTS = ("The", "Return a list of", "This module provides")
-DEMO_MINUTES = 9.0  # corpus, tokenizer and training; with install, evaluation and sampling `make demo` stays near 11 min
+DEMO_MINUTES = 9.0  # corpus, tokenizer and training; with install, evaluation and sampling `make demo` takes ~10 min
 
 
 def demo_configs(vocab_size: int, device: torch.device) -> tuple[GPTConfig, TrainConfig]:
