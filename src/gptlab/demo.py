@@ -22,7 +22,7 @@ from gptlab.errors import ConfigError
 from gptlab.evaluate import evaluate_split
 from gptlab.generate import generate
 from gptlab.model import GPT
-from gptlab.train import autocast_context, build_optimizer, fast_bf16, resolve_device, train
+from gptlab.train import build_optimizer, fast_bf16, resolve_device, train, train_step
 
 DEMO_VOCAB = 4096
 DEMO_PROMPTS = ("The", "Return a list of", "This module provides")
@@ -53,12 +53,7 @@ def seconds_per_step(model_cfg: GPTConfig, cfg: TrainConfig, data_dir: Path, dev
     times = []
     for _ in range(2 + 6):
         t0 = time.perf_counter()
-        x, y = sampler.next_batch()
-        with autocast_context(device, cfg.dtype):
-            _, loss = model(x.to(device), y.to(device))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, sampler, cfg, device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[2:])
 

@@ -123,6 +123,23 @@ def estimate_loss(model: nn.Module, sampler: BatchSampler, n_batches: int, devic
     return total / n_batches
 
 
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, sampler: BatchSampler, cfg: TrainConfig, device: torch.device
+) -> tuple[float, float | None]:
+    """One optimizer step over cfg.grad_accum micro-batches; returns the mean loss and the pre-clip grad norm."""
+    loss_sum = 0.0
+    for _ in range(cfg.grad_accum):
+        x, y = sampler.next_batch()
+        with autocast_context(device, cfg.dtype):
+            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        (loss / cfg.grad_accum).backward()  # the mean over micro-batches, as one large batch would give
+        loss_sum += loss.item()
+    grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if cfg.grad_clip > 0 else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / cfg.grad_accum, grad_norm
+
+
 def check_writable(run_dir: Path) -> None:
     """Fail before training if the run directory cannot be created or written."""
     try:
@@ -261,28 +278,17 @@ def train(
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
-        for _ in range(cfg.grad_accum):
-            x, y = sampler.next_batch()
-            with autocast_context(device, cfg.dtype):
-                _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            (loss / cfg.grad_accum).backward()  # the mean over micro-batches, as one large batch would give
-            loss_sum += loss.item()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+        train_loss, grad_norm = train_step(model, optimizer, sampler, cfg, device)
         done = step + 1
         tokens_window += tokens_per_step
         tokens_done += tokens_per_step
-        train_loss = loss_sum / cfg.grad_accum
         if done % cfg.log_every == 0 or done == end:
             now = time.perf_counter()
             tok_s = tokens_window / max(now - t_window, 1e-9)
             t_window, tokens_window = now, 0
             record = {"step": done, "loss": train_loss, "lr": lr, "tokens": done * tokens_per_step, "tokens_per_s": tok_s}
             if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
+                record["grad_norm"] = grad_norm
             log.write(record)
         if bar is not None:
             bar.update(1)
