@@ -273,7 +273,7 @@ def train(
 
     bar = _progress_bar(start, cfg.max_steps, progress)
     t_window, tokens_window = time.perf_counter(), 0
-    t_start, tokens_done = time.perf_counter(), 0
+    t_start = time.perf_counter()
     for step in range(start, end):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -281,7 +281,6 @@ def train(
         train_loss, grad_norm = train_step(model, optimizer, sampler, cfg, device)
         done = step + 1
         tokens_window += tokens_per_step
-        tokens_done += tokens_per_step
         if done % cfg.log_every == 0 or done == end:
             now = time.perf_counter()
             tok_s = tokens_window / max(now - t_window, 1e-9)
@@ -292,7 +291,7 @@ def train(
             log.write(record)
         if bar is not None:
             bar.update(1)
-            avg_tok_s = tokens_done / max(time.perf_counter() - t_start, 1e-9)
+            avg_tok_s = (done - start) * tokens_per_step / max(time.perf_counter() - t_start, 1e-9)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{avg_tok_s:,.0f}", refresh=False)
         if done % cfg.eval_every == 0 or done == end:
             val_metrics = evaluate(done)
@@ -303,6 +302,7 @@ def train(
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t_start
+    tokens_done = max(0, end - start) * tokens_per_step
     return TrainResult(run_dir, max(start, end), last_ckpt, val_metrics, tokens_done / elapsed if elapsed > 0 else 0.0)
 
 
