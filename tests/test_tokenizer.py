@@ -391,7 +391,7 @@ def test_load_errors_name_the_path(tmp_path, trained):
     other.write_text(json.dumps({"format": "something-else"}), encoding="utf-8")
     with pytest.raises(TokenizerError, match="other.json: not a gptlab tokenizer.*something-else"):
         Tokenizer.load(other)
-    with pytest.raises(TokenizerError, match="has no vocab.json"):
+    with pytest.raises(TokenizerError, match="has neither tokenizer.json nor vocab.json"):
         load_tokenizer(str(tmp_path))
 
 

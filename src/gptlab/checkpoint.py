@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +31,9 @@ from safetensors.torch import save_model as _save_safetensors_model
 
 from gptlab.config import GPTConfig, TrainConfig
 from gptlab.errors import CheckpointError, ConfigError
-from gptlab.fileio import write_atomic
+from gptlab.fileio import staged_dir, write_atomic
 from gptlab.model import GPT
-from gptlab.tokenizer import Tokenizer
+from gptlab.tokenizer import AnyTokenizer, read_tokenizer
 
 FORMAT = "gptlab-checkpoint"
 CKPT_SUBDIR = "checkpoints"
@@ -64,7 +62,7 @@ class Checkpoint:
     model: GPT
     model_config: GPTConfig
     train_config: TrainConfig | None
-    tokenizer: Tokenizer
+    tokenizer: AnyTokenizer
     meta: dict[str, Any]
     trainer_state: dict[str, Any] | None = None
 
@@ -78,47 +76,54 @@ def step_dirs(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def write_checkpoint_dir(
+    directory: Path,
+    step: int,
+    model: torch.nn.Module,
+    model_config: GPTConfig,
+    tokenizer: AnyTokenizer,
+    train_config: TrainConfig | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> None:
+    """Write a checkpoint's files into `directory` (empty; the caller publishes it, see fileio.staged_dir)."""
+    _save_safetensors_model(model, str(directory / MODEL_FILE))
+    (directory / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict()))
+    if trainer_state is not None:
+        torch.save(trainer_state, directory / TRAINER_FILE)
+    files = {p.name: _sha256(p) for p in sorted(directory.iterdir())}
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "step": step,
+        "model_config": model_config.to_dict(),
+        "train_config": train_config.to_dict() if train_config is not None else None,
+        "files": files,
+        "metrics": metrics or {},
+        **(extra_meta or {}),
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
     model: torch.nn.Module,
     model_config: GPTConfig,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     train_config: TrainConfig | None = None,
     trainer_state: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     keep_last: int | None = None,
 ) -> Path:
-    """Write a checkpoint for `step` atomically and return its directory; prune to the newest `keep_last`."""
-    root = Path(run_dir) / CKPT_SUBDIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
-    try:
-        _save_safetensors_model(model, str(tmp / MODEL_FILE))
-        (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict()))
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_FILE)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        meta = {
-            "format": FORMAT,
-            "version": 1,
-            "step": step,
-            "model_config": model_config.to_dict(),
-            "train_config": train_config.to_dict() if train_config is not None else None,
-            "files": files,
-            "metrics": metrics or {},
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        for p in tmp.iterdir():  # make the contents durable before the rename publishes them
-            with p.open("rb") as f:
-                os.fsync(f.fileno())
-        if final.exists():  # re-saving a step (e.g. after a resume) replaces the old copy
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Write a checkpoint for `step` atomically and return its directory; prune to the newest `keep_last`.
+
+    Re-saving a step (e.g. after a resume) replaces the old copy.
+    """
+    final = Path(run_dir) / CKPT_SUBDIR / f"step_{step:08d}"
+    with staged_dir(final) as tmp:
+        write_checkpoint_dir(tmp, step, model, model_config, tokenizer, train_config, trainer_state, metrics)
     write_atomic(Path(run_dir) / LATEST_FILE, f"{CKPT_SUBDIR}/{final.name}\n".encode())
     if keep_last is not None:
         for old in step_dirs(run_dir)[:-keep_last]:
@@ -185,7 +190,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", with_t
     if missing or unexpected:
         raise CheckpointError(f"{ckpt / MODEL_FILE}: weights do not match the config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     model.to(device)
-    tokenizer = Tokenizer.load(ckpt / TOKENIZER_FILE)
+    tokenizer = read_tokenizer(ckpt / TOKENIZER_FILE)
     trainer_state = None
     if with_trainer_state:
         try:

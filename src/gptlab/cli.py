@@ -142,22 +142,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from gptlab.checkpoint import load_checkpoint
     from gptlab.config import SampleConfig
+    from gptlab.errors import InputError
     from gptlab.generate import generate_tokens
+    from gptlab.tokenizer import EOT
     from gptlab.train import resolve_device
 
     cfg = SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.ckpt, device=device)
     tok = ckpt.tokenizer
+    eot = tok.special_tokens.get(EOT)  # imported GPT-1 tokenizers have none
     text = _read_stdin_if(args.prompt)
-    ids = tok.encode(text) or [tok.eot_id]  # an empty prompt starts a fresh document
+    ids = tok.encode(text)
+    if not ids:
+        if eot is None:
+            raise InputError(f"the prompt is empty and tokenizer {tok.name!r} has no {EOT} to start a document with")
+        ids = [eot]  # an empty prompt starts a fresh document
     prompt = torch.tensor([ids], dtype=torch.long, device=device)
+    stop = None if args.ignore_eot else eot
     t0 = time.perf_counter()
     new: list[int] = []
-    for nxt in generate_tokens(ckpt.model, prompt, cfg, None if args.ignore_eot else tok.eot_id, tok.vocab_size):
+    for nxt in generate_tokens(ckpt.model, prompt, cfg, stop, tok.vocab_size):
         new.append(int(nxt[0]))
     elapsed = time.perf_counter() - t0
-    if new and new[-1] == tok.eot_id and not args.ignore_eot:
+    if new and stop is not None and new[-1] == stop:
         new.pop()
     sys.stdout.write(text + tok.decode(new) + "\n")
     print(f"[{len(new)} tokens in {elapsed:.2f} s, {len(new) / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
@@ -179,6 +187,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"loss:            {m['loss']:.4f}")
     print(f"perplexity:      {m['perplexity']:.2f}")
     print(f"bits per byte:   {m['bpb']:.4f}")
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from gptlab.checkpoint import load_checkpoint
+    from gptlab.hf import import_hf
+
+    out = import_hf(args.src, args.out, revision=args.revision, force=args.force)
+    ckpt = load_checkpoint(out)
+    cfg, tok = ckpt.model_config, ckpt.tokenizer
+    kind = ckpt.meta["source"]["hf_model_type"]
+    print(f"imported {args.src} ({kind}): {ckpt.model.num_params(non_embedding=False):,} parameters, {cfg.n_layer} layers, "
+          f"{cfg.n_embd} wide, context {cfg.block_size}; tokenizer {type(tok).__name__} with {tok.vocab_size:,} ids")  # fmt: skip
+    print(f"checkpoint: {out}")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from gptlab.hf import export_hf
+
+    out = export_hf(args.ckpt, args.out, force=args.force)
+    print(f"exported to {out}: loads with transformers.AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained")
     return 0
 
 
@@ -231,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("info", cmd_tokenizer_info, "describe a tokenizer"),
     ):
         t = command(name, handler, help, tsub)
-        t.add_argument("--tokenizer", default="gpt2", help="gpt2, a tokenizer file, or a vocab.json+merges.txt directory")
+        t.add_argument("--tokenizer", default="gpt2", help="gpt2, a tokenizer file, or a directory (Hugging Face files, gptlab data or checkpoint)")
         if name == "encode":
             t.add_argument("--text", help="text to encode (default: stdin)")
             t.add_argument("--allow-special", action="store_true", help="turn special-token text such as <|endoftext|> into its id")
@@ -262,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-bias", dest="bias", action="store_false", default=None, help="no biases in Linear/LayerNorm")
     m.add_argument("--pos-encoding", choices=["learned", "sinusoidal"])
     m.add_argument("--norm-placement", choices=["pre", "post"], help="pre-LN (GPT-2) or post-LN (GPT-1)")
-    m.add_argument("--activation", choices=["gelu_tanh", "gelu", "relu"])
+    m.add_argument("--activation", choices=["gelu_tanh", "gelu", "relu", "silu"])
     o = t.add_argument_group("optimisation")
     for flag, typ in (
         ("--batch-size", int), ("--grad-accum", int), ("--max-steps", int), ("--lr", float), ("--min-lr", float),
@@ -294,6 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-tokens", type=int, help="score only the first N tokens")
     t.add_argument("--device", default="auto")
     t.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+    # Hugging Face interop
+    t = command("import-hf", cmd_import_hf, "convert a Hugging Face GPT-2 or GPT-1 model (local directory or hub name) into a gptlab checkpoint")
+    t.add_argument("src", help="directory with config.json + model.safetensors/pytorch_model.bin, or a hub name such as gpt2 (needs network)")
+    t.add_argument("--out", required=True, help="checkpoint directory to write")
+    t.add_argument("--revision", help="hub branch, tag or commit (hub names only)")
+    t.add_argument("--force", action="store_true", help="replace --out if it already holds files")
+    t = command("export-hf", cmd_export_hf, "write a checkpoint as a Hugging Face model directory (config.json, model.safetensors, tokenizer)")
+    t.add_argument("ckpt", help="run directory or checkpoint directory")
+    t.add_argument("--out", required=True, help="directory to write")
+    t.add_argument("--force", action="store_true", help="replace --out if it already holds files")
 
     # plot
     t = command("plot", cmd_plot, "write loss and learning-rate curves of a run as PNG")

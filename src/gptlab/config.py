@@ -18,7 +18,7 @@ C = TypeVar("C")
 
 POS_ENCODINGS = ("learned", "sinusoidal")
 NORM_PLACEMENTS = ("pre", "post")
-ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -80,6 +80,12 @@ class GPTConfig(_Serializable):
     norm_placement: str = "pre"  # pre-LN (GPT-2) or post-LN (GPT-1)
     activation: str = "gelu_tanh"  # GPT-2's GELU uses the tanh approximation
     layer_norm_eps: float = 1e-5
+    # attention scores q.k are multiplied by 1/sqrt(head_dim) (Vaswani et al. 2017, eq. 1) when
+    # scale_attn_weights, and by 1/(layer index + 1) when scale_attn_by_inverse_layer_idx (a
+    # Megatron/Mistral stability trick that HF's GPT-2 offers); names as in HF's GPT2Config
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    upcast_attn: bool = False  # scores and softmax in float32 under bf16 autocast (HF: reorder_and_upcast_attn)
     tie_weights: bool = True  # output head shares the token embedding matrix (Press & Wolf 2017)
     init_std: float = 0.02
 
@@ -94,6 +100,9 @@ class GPTConfig(_Serializable):
         _choice(self, "norm_placement", NORM_PLACEMENTS)
         _choice(self, "activation", ACTIVATIONS)
         _in_range(self, "layer_norm_eps", 0.0, 1.0)
+        for name in ("bias", "tie_weights", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "upcast_attn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _in_range(self, "init_std", 0.0, 1.0)
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
             raise ConfigError(f"n_embd ({self.n_embd}) must be even for sinusoidal positions")

@@ -21,7 +21,7 @@ import torch
 
 from gptlab.errors import ConfigError, DataError
 from gptlab.fileio import stage_file
-from gptlab.tokenizer import Tokenizer, load_tokenizer
+from gptlab.tokenizer import AnyTokenizer, Tokenizer, WrappedTokenizer, load_tokenizer, read_tokenizer
 
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -123,7 +123,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def _encode_split(tok: Tokenizer, docs: Sequence[str], dtype: np.dtype, progress: bool) -> np.ndarray:
+def _encode_split(tok: AnyTokenizer, docs: Sequence[str], dtype: np.dtype, progress: bool) -> np.ndarray:
     encoded = tok.encode_batch(list(docs), progress=progress)
     total = sum(len(ids) + 1 for ids in encoded)
     out = np.empty(total, dtype=dtype)
@@ -138,7 +138,7 @@ def _encode_split(tok: Tokenizer, docs: Sequence[str], dtype: np.dtype, progress
 
 def prepare(
     out_dir: str | Path,
-    tokenizer: str | Tokenizer,
+    tokenizer: str | AnyTokenizer,
     inputs: Sequence[str | Path] | None = None,
     corpus: str | None = None,
     val_fraction: float = 0.1,
@@ -159,7 +159,7 @@ def prepare(
         raise DataError(f"corpus {corpus!r} is empty")
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
 
-    if isinstance(tokenizer, Tokenizer):
+    if isinstance(tokenizer, (Tokenizer, WrappedTokenizer)):
         tok = tokenizer
     elif tokenizer.startswith("train:"):
         size = tokenizer.split(":", 1)[1]
@@ -169,6 +169,7 @@ def prepare(
     else:
         tok = load_tokenizer(tokenizer)
 
+    tok.eot_id  # noqa: B018 -- fail now, not after encoding, if documents cannot be separated
     dtype = token_dtype(tok.vocab_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,8 +235,8 @@ class TokenData:
         info = self.meta["splits"][split]
         return info["bytes"] / info["tokens"]
 
-    def tokenizer(self) -> Tokenizer:
-        return Tokenizer.load(self.path / self.meta["tokenizer"])
+    def tokenizer(self) -> AnyTokenizer:
+        return read_tokenizer(self.path / self.meta["tokenizer"])
 
 
 def load_data(data_dir: str | Path) -> TokenData:

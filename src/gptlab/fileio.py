@@ -6,9 +6,11 @@ crash, sees the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,4 +36,32 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """A temporary directory beside `final` for the caller to fill; it becomes `final` when the block ends.
+
+    The files are fsynced, then the directory is renamed into place (an existing `final`
+    is moved aside first and deleted after), so `final` is never seen half-written. If
+    the block raises, the temporary directory is removed and `final` is left as it was.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        yield tmp
+        for p in tmp.iterdir():
+            if p.is_file():
+                with p.open("rb") as f:
+                    os.fsync(f.fileno())
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+            os.rename(final, old / final.name)
+        os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,6 +7,7 @@ so checkpoints convert to and from Hugging Face with a short table (see gptlab.h
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -93,6 +94,8 @@ def _activation(name: str) -> nn.Module:
         return nn.GELU(approximate="tanh")
     if name == "gelu":
         return nn.GELU()
+    if name == "silu":
+        return nn.SiLU()
     assert name == "relu", name
     return nn.ReLU()
 
@@ -103,10 +106,14 @@ def _activation(name: str) -> nn.Module:
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where position t attends to positions <= t."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer_idx + 1
+        self.upcast = config.upcast_attn
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = config.dropout  # applied to the attention probabilities inside SDPA
@@ -118,9 +125,14 @@ class CausalSelfAttention(nn.Module):
         # views, not copies: SDPA accepts the strided (B, nh, T, hs) layout directly
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, hs).unbind(2)  # 3 x (B, T, nh, hs)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
-        # softmax(q k^T / sqrt(hs)) v with the causal mask (Vaswani et al. 2017, eq. 1)
+        # softmax(scale * q k^T) v with the causal mask (Vaswani et al. 2017, eq. 1)
         dropout_p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+        if self.upcast and q.dtype != torch.float32:
+            with torch.autocast(q.device.type, enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True, scale=self.scale)
+            y = y.to(v.dtype)  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -144,11 +156,11 @@ class Block(nn.Module):
     post-LN (GPT-1, Radford et al. 2018, as Vaswani et al. 2017): LN(x + f(x)).
     """
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.pre_ln = config.norm_placement == "pre"
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -171,7 +183,7 @@ class GPT(nn.Module):
         if config.pos_encoding == "learned":
             layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         layers["drop"] = nn.Dropout(config.dropout)
-        layers["h"] = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        layers["h"] = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         if config.norm_placement == "pre":
             # pre-LN leaves the residual stream unnormalised, so GPT-2 adds a final LayerNorm
             layers["ln_f"] = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
@@ -223,6 +235,18 @@ class GPT(nn.Module):
             return logits, None
         loss = cross_entropy(logits.view(B * T, -1), targets.view(B * T))
         return logits, loss
+
+    @classmethod
+    def from_hf(cls, source: str | os.PathLike[str], device: str | torch.device = "cpu", revision: str | None = None) -> GPT:
+        """A Hugging Face GPT-2 or GPT-1 model as a gptlab GPT, in eval mode.
+
+        `source` is a local directory (config.json + model.safetensors or pytorch_model.bin),
+        or a hub name such as "gpt2" when the hub is reachable. `gptlab.hf.load_hf` also
+        returns the tokenizer.
+        """
+        from gptlab.hf import load_hf  # gptlab.hf builds on this module, so it is imported on use
+
+        return load_hf(source, device=device, revision=revision).model
 
     def _check_input(self, idx: Tensor, targets: Tensor | None) -> None:
         if idx.dim() != 2:

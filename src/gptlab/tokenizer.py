@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tiktoken
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from gptlab.errors import ConfigError, TokenizerError
@@ -92,6 +92,11 @@ def _bytelevel_to_bytes(text: str, where: str) -> bytes:
         return bytes(_UNICODE_TO_BYTE[c] for c in text)
     except KeyError as e:
         raise TokenizerError(f"{where}: {text!r} is not byte-level BPE text (character {e.args[0]!r})") from None
+
+
+def bytes_to_bytelevel(data: bytes) -> str:
+    """GPT-2's printable text for some bytes, as vocab.json and merges.txt write tokens."""
+    return "".join(_BYTE_TO_UNICODE[b] for b in data)
 
 
 def _has_surrogates(text: str) -> bool:
@@ -180,6 +185,45 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise TokenizerError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+
+
+def _adds_no_ids(post: Any) -> bool:
+    """Whether a tokenizer.json post-processor leaves the ids alone: none, ByteLevel (it only fixes
+    offsets), or a template made of the input sequences alone (what transformers 5 writes for GPT-2)."""
+    if post is None:
+        return True
+    kind = post.get("type") if isinstance(post, dict) else None
+    if kind == "ByteLevel":
+        return True
+    if kind == "Sequence":
+        return all(_adds_no_ids(p) for p in post.get("processors") or [])
+    if kind == "TemplateProcessing":
+        return all(isinstance(item, dict) and set(item) == {"Sequence"} for item in post.get("single") or [])
+    return False
+
+
+def is_gpt2_style_hf_json(data: Any) -> bool:
+    """Whether a HF tokenizer.json is byte-level BPE exactly as GPT-2's: no normalizer, ByteLevel
+    pre-tokenisation with GPT-2's regex and no prefix space, plain merges, no added BOS/EOS."""
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        return False
+    model, pre = data["model"], data.get("pre_tokenizer") or {}
+    post, decoder = data.get("post_processor"), data.get("decoder")
+    return (
+        model.get("type") == "BPE"
+        and isinstance(model.get("vocab"), dict)
+        and not model.get("continuing_subword_prefix")
+        and not model.get("end_of_word_suffix")
+        and not model.get("dropout")
+        and not model.get("byte_fallback")
+        and not model.get("ignore_merges")
+        and data.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and not pre.get("add_prefix_space")
+        and pre.get("use_regex", True)
+        and _adds_no_ids(post)
+        and (decoder is None or decoder.get("type") == "ByteLevel")
+    )
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -330,44 +374,76 @@ class Tokenizer:
         return _load_gpt2()
 
     @classmethod
-    def from_gpt2_files(cls, vocab_path: str | os.PathLike[str], merges_path: str | os.PathLike[str], name: str | None = None) -> Tokenizer:
+    def from_gpt2_files(
+        cls,
+        vocab_path: str | os.PathLike[str],
+        merges_path: str | os.PathLike[str],
+        name: str | None = None,
+        added_tokens: dict[str, int] | None = None,
+    ) -> Tokenizer:
         """Read OpenAI/HF byte-level BPE files (vocab.json + merges.txt) as GPT-2 ships them.
 
         Token id = the vocab.json id. Entries that are neither a single byte nor a merge
         result (GPT-2's <|endoftext|>) become special tokens and must come after the others.
+        `added_tokens` ({text: id}, e.g. from tokenizer_config.json) are further special tokens.
         """
         vocab_path, merges_path = Path(vocab_path), Path(merges_path)
         vocab = _read_json(vocab_path, "vocab file")
-        if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
-            raise TokenizerError(f"{vocab_path}: expected a JSON object mapping token text to integer id")
-        if len(set(vocab.values())) != len(vocab):
-            raise TokenizerError(f"{vocab_path}: two tokens share an id")
-
         lines = _read_text(merges_path, "merges file").splitlines()  # byte-level text has no line-break chars
         first = 1 if lines and lines[0].startswith("#version") else 0
-        pairs: list[tuple[int, str, str]] = []  # (line number, left, right)
+        pairs: list[tuple[str, str, str]] = []  # (where, left, right)
         for lineno, line in enumerate(lines[first:], start=first + 1):
             if not line:
                 continue
             parts = line.split(" ")
             if len(parts) != 2 or not all(parts):
                 raise TokenizerError(f"{merges_path} line {lineno}: expected two tokens separated by one space, got {line!r}")
-            pairs.append((lineno, parts[0], parts[1]))
+            pairs.append((f"{merges_path} line {lineno}", parts[0], parts[1]))
+        name = name if name is not None else (vocab_path.resolve().parent.name or "bpe")
+        return cls._from_bytelevel_vocab(vocab, pairs, added_tokens or {}, name, str(vocab_path))
 
+    @classmethod
+    def from_hf_json(cls, data: Any, name: str = "bpe", *, source: str = "tokenizer.json") -> Tokenizer:
+        """Read a Hugging Face tokenizer.json that describes GPT-2-style byte-level BPE.
+
+        TokenizerError if it is some other kind (see `is_gpt2_style_hf_json`) or its ids do not
+        follow merge order; `load_hf_tokenizer` then keeps it as a `WrappedTokenizer` instead.
+        """
+        if not is_gpt2_style_hf_json(data):
+            raise TokenizerError(f"{source}: not GPT-2-style byte-level BPE (normalizer, pre-tokenizer or model differ)")
+        model = data["model"]
+        vocab = model.get("vocab")
+        pairs: list[tuple[str, str, str]] = []
+        for k, pair in enumerate(model.get("merges") or []):
+            parts = pair.split(" ") if isinstance(pair, str) else pair  # tokenizers < 0.20 wrote "a b"
+            if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(x, str) and x for x in parts)):
+                raise TokenizerError(f"{source}: merge {k} is not a pair of tokens: {pair!r}")
+            pairs.append((f"{source} merge {k}", parts[0], parts[1]))
+        added = {t["content"]: t["id"] for t in data.get("added_tokens") or [] if isinstance(t, dict) and "content" in t and "id" in t}
+        return cls._from_bytelevel_vocab(vocab, pairs, added, name, source)
+
+    @classmethod
+    def _from_bytelevel_vocab(
+        cls, vocab: Any, pairs: list[tuple[str, str, str]], added: dict[str, int], name: str, source: str
+    ) -> Tokenizer:
+        """Build from a byte-level vocab {text: id} and merges (where, left, right); `added` are extra special tokens."""
+        if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
+            raise TokenizerError(f"{source}: expected a vocabulary mapping token text to integer id")
+        if len(set(vocab.values())) != len(vocab):
+            raise TokenizerError(f"{source}: two tokens share an id")
         n_ordinary = N_BYTES + len(pairs)
         tokens: list[bytes] = [b""] * n_ordinary
         for b in range(N_BYTES):
             i = vocab.get(_BYTE_TO_UNICODE[b])
             if i is None or not 0 <= i < N_BYTES:
-                raise TokenizerError(f"{vocab_path}: byte 0x{b:02x} ({_BYTE_TO_UNICODE[b]!r}) must have an id in 0..255, got {i!r}")
+                raise TokenizerError(f"{source}: byte 0x{b:02x} ({_BYTE_TO_UNICODE[b]!r}) must have an id in 0..255, got {i!r}")
             tokens[i] = bytes([b])
         merges: list[tuple[int, int]] = []
-        for k, (lineno, left, right) in enumerate(pairs):
-            where = f"{merges_path} line {lineno}"
+        for k, (where, left, right) in enumerate(pairs):
             new = N_BYTES + k
             ids = [vocab.get(left), vocab.get(right), vocab.get(left + right)]
             if None in ids:
-                raise TokenizerError(f"{where}: {left!r}, {right!r} or {left + right!r} is missing from {vocab_path.name}")
+                raise TokenizerError(f"{where}: {left!r}, {right!r} or {left + right!r} is missing from the vocabulary")
             i_left, i_right, i_new = ids
             if i_new != new:
                 raise TokenizerError(
@@ -380,9 +456,14 @@ class Tokenizer:
             merges.append((i_left, i_right))
         specials = {text: i for text, i in vocab.items() if i >= n_ordinary}
         if len(vocab) != n_ordinary + len(specials):
-            raise TokenizerError(f"{vocab_path}: has {len(vocab)} entries; expected {n_ordinary} byte/merge tokens plus special tokens after them")
-        name = name if name is not None else (vocab_path.resolve().parent.name or "bpe")
-        return cls(tokens, merges, specials, name=name, source=str(vocab_path))
+            raise TokenizerError(f"{source}: has {len(vocab)} entries; expected {n_ordinary} byte/merge tokens plus special tokens after them")
+        for text, i in added.items():
+            # an added token is matched whole in the text before BPE runs; as a special token
+            # gptlab does the same, but an ordinary id matched that way has no rank-BPE equivalent
+            if i < n_ordinary or specials.get(text, i) != i:
+                raise TokenizerError(f"{source}: added token {text!r} has id {i}, which the vocabulary gives to another token")
+            specials[text] = i
+        return cls(tokens, merges, specials, name=name, source=source)
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "tokenizer data") -> Tokenizer:
@@ -437,6 +518,45 @@ class Tokenizer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+    def to_hf_files(self, out_dir: str | os.PathLike[str], model_max_length: int) -> None:
+        """Write vocab.json, merges.txt, tokenizer.json and tokenizer_config.json for transformers' GPT2Tokenizer.
+
+        `AutoTokenizer.from_pretrained(out_dir)` then gives the same ids as `encode` (lone
+        surrogates aside, which HF cannot take). <|endoftext|>, when present, is BOS, EOS and UNK as in GPT-2.
+        """
+        if self.pattern != GPT2_PATTERN:
+            raise TokenizerError(f"tokenizer {self.name!r} pre-tokenises with its own regex; HF's GPT2Tokenizer only has GPT-2's")
+        out = Path(out_dir)
+        text = [bytes_to_bytelevel(t) for t in self._tokens]
+        vocab = {t: i for i, t in enumerate(text)} | self._special
+        merges = [(text[left], text[right]) for left, right in self._merges]
+        (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.post_processor = processors.ByteLevel(trim_offsets=False)
+        hf.decoder = decoders.ByteLevel()
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in self._special])
+        hf.save(str(out / "tokenizer.json"))
+
+        config: dict[str, Any] = {
+            "tokenizer_class": "GPT2Tokenizer",
+            "model_max_length": model_max_length,
+            "add_prefix_space": False,
+            "add_bos_token": False,
+            "clean_up_tokenization_spaces": False,  # HF would otherwise rewrite " ." to "." when decoding
+            "errors": "replace",
+            "added_tokens_decoder": {
+                str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+                for t, i in self._special.items()
+            },
+        }
+        if EOT in self._special:
+            config |= {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+            (out / "special_tokens_map.json").write_text(json.dumps({"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}, indent=2))
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
     # ------------------------------------------------------------------ properties
 
@@ -580,6 +700,163 @@ class Tokenizer:
         return _decode_wtf8(self.decode_bytes(ids))
 
 
+class WrappedTokenizer:
+    """A tokenizer run by Hugging Face `tokenizers` exactly as its tokenizer.json defines it.
+
+    Imported models whose tokenizer is not GPT-2-style byte-level BPE get one of these:
+    GPT-1's lower-casing BPE with "</w>" word ends, or any other tokenizer.json. Encoding is
+    HF's own, so the ids are those of `AutoTokenizer` on the same files. Unlike `Tokenizer`
+    it need not round-trip every text (GPT-1 lower-cases and maps unknown characters to <unk>).
+    It has the same methods as `Tokenizer`; `hf_config` keeps tokenizer_config.json for export.
+
+    The one-file JSON form: {"format": "gptlab-hf-tokenizer", "version": 1, "name": str,
+    "tokenizer": the tokenizer.json object, "hf_config": the tokenizer_config.json object}.
+    """
+
+    FORMAT = "gptlab-hf-tokenizer"
+
+    def __init__(self, hf_json: dict[str, Any], name: str, hf_config: dict[str, Any] | None = None, *, source: str = "tokenizer") -> None:
+        self.name = name
+        self.hf_json = hf_json
+        self.hf_config = dict(hf_config or {})
+        self._hf = self._build(hf_json, source)
+        added = [t for t in hf_json.get("added_tokens") or [] if isinstance(t, dict)]
+        self._special = {t["content"]: t["id"] for t in added if t.get("special")}
+        # the same tokenizer without its special tokens: encode_ordinary must not match their text
+        self._plain = self._build({**hf_json, "added_tokens": [t for t in added if not t.get("special")]}, source)
+        vocab = self._hf.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(vocab.values()) + 1 if vocab else 0
+        if self._vocab_size == 0:
+            raise TokenizerError(f"{source}: the tokenizer has an empty vocabulary")
+
+    @staticmethod
+    def _build(hf_json: dict[str, Any], source: str) -> HFTokenizer:
+        try:
+            return HFTokenizer.from_str(json.dumps(hf_json))
+        except Exception as e:  # tokenizers reports every parse problem as a plain Exception
+            raise TokenizerError(f"{source}: not a valid Hugging Face tokenizer.json ({e})") from None
+
+    @classmethod
+    def openai_gpt(cls, vocab_path: Path, merges_path: Path, name: str, hf_config: dict[str, Any] | None = None) -> WrappedTokenizer:
+        """GPT-1's tokenizer from its vocab.json + merges.txt (Radford et al. 2018: spaCy/ftfy there,
+        BERT's lower-casing normaliser and pre-tokeniser in HF): BPE over words, "</w>" marks a word's end."""
+        _read_json(vocab_path, "vocab file")  # clear errors for a missing or broken file before tokenizers sees it
+        _read_text(merges_path, "merges file")
+        unk = (hf_config or {}).get("unk_token", "<unk>")
+        unk = unk.get("content", "<unk>") if isinstance(unk, dict) else unk
+        try:
+            vocab, merges = models.BPE.read_file(str(vocab_path), str(merges_path))
+        except Exception as e:  # tokenizers reports every parse problem as a plain Exception
+            raise TokenizerError(f"{vocab_path.parent}: cannot read GPT-1 vocab.json/merges.txt ({e})") from None
+        if unk not in vocab:
+            raise TokenizerError(f"{vocab_path}: has no entry for the unknown-word token {unk!r}")
+        hf = HFTokenizer(models.BPE(vocab, merges, unk_token=unk, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False))
+        hf.normalizer = normalizers.BertNormalizer(lowercase=True)
+        hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        hf.decoder = decoders.BPEDecoder(suffix="</w>")
+        config = {"tokenizer_class": "OpenAIGPTTokenizer", "unk_token": unk} | dict(hf_config or {})
+        return cls(json.loads(hf.to_str()), name, config, source=str(vocab_path.parent))
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "tokenizer data") -> WrappedTokenizer:
+        if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
+            raise TokenizerError(f"{source}: not a wrapped HF tokenizer (format {data.get('format') if isinstance(data, dict) else None!r})")
+        if data.get("version") != VERSION:
+            raise TokenizerError(f"{source}: unsupported tokenizer version {data.get('version')!r} (this gptlab reads {VERSION})")
+        name, hf_json, hf_config = data.get("name"), data.get("tokenizer"), data.get("hf_config")
+        if not isinstance(name, str) or not isinstance(hf_json, dict) or not isinstance(hf_config, (dict, type(None))):
+            raise TokenizerError(f"{source}: needs 'name' (string), 'tokenizer' (object) and 'hf_config' (object)")
+        return cls(hf_json, name, hf_config, source=source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.FORMAT, "version": VERSION, "name": self.name, "tokenizer": self.hf_json, "hf_config": self.hf_config}
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the one-file JSON form atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+    def to_hf_files(self, out_dir: str | os.PathLike[str], model_max_length: int) -> None:
+        """Write tokenizer.json and tokenizer_config.json as they were imported (new model_max_length)."""
+        out = Path(out_dir)
+        (out / "tokenizer.json").write_text(json.dumps(self.hf_json, ensure_ascii=False), encoding="utf-8")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"} | self.hf_config | {"model_max_length": model_max_length}
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+    @property
+    def vocab_size(self) -> int:
+        """Largest id + 1, special tokens included."""
+        return self._vocab_size
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
+
+    @property
+    def eot_id(self) -> int:
+        if EOT not in self._special:
+            raise TokenizerError(f"tokenizer {self.name!r} has no {EOT} token")
+        return self._special[EOT]
+
+    def merges(self) -> list[tuple[str, str]]:
+        """The BPE merges in priority order, as tokenizer.json writes the tokens (empty if not BPE)."""
+        return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in self.hf_json.get("model", {}).get("merges") or []]
+
+    def __repr__(self) -> str:
+        return f"WrappedTokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
+
+    def encode(self, text: str, allowed_special: Literal["all"] | Set[str] | None = "all") -> list[int]:
+        """Token ids of `text`; special-token text in `allowed_special` ("all" by default) becomes its id."""
+        if allowed_special == "all":
+            return self._hf.encode(text, add_special_tokens=False).ids
+        allowed = frozenset(allowed_special or ())
+        unknown = sorted(allowed - self._special.keys())
+        if unknown:
+            raise TokenizerError(f"unknown special token(s) {unknown} for tokenizer {self.name!r}; it has {sorted(self._special)}")
+        if not allowed:
+            return self.encode_ordinary(text)
+        # cut at the allowed specials' text; everything between is ordinary text
+        cut = re.compile("(" + "|".join(re.escape(t) for t in sorted(allowed, key=len, reverse=True)) + ")")
+        ids: list[int] = []
+        for k, piece in enumerate(cut.split(text)):
+            if k % 2:
+                ids.append(self._special[piece])
+            elif piece:
+                ids.extend(self.encode_ordinary(piece))
+        return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Token ids of `text`, special-token text encoded as plain text."""
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None, progress: bool = False) -> list[list[int]]:
+        """`[encode_ordinary(t) for t in texts]`; `tokenizers` spreads each batch over its own thread pool."""
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ConfigError(f"num_threads must be a positive integer, got {num_threads!r}")
+        texts = list(texts)
+        out: list[list[int]] = []
+        step = 256
+        with tqdm(total=len(texts), unit="doc", desc="encode", disable=not progress) as bar:
+            for s in range(0, len(texts), step):
+                out.extend(e.ids for e in self._plain.encode_batch(texts[s : s + step], add_special_tokens=False))
+                bar.update(len(texts[s : s + step]))
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        for i in ids:
+            if not isinstance(i, int) or self._hf.id_to_token(i) is None:
+                raise TokenizerError(f"token id {i!r} is out of range for tokenizer {self.name!r} (vocab_size {self.vocab_size})")
+        return self._hf.decode(ids, skip_special_tokens=False)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.decode(ids).encode("utf-8", "surrogatepass")
+
+
+AnyTokenizer = Tokenizer | WrappedTokenizer
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -590,16 +867,70 @@ def _load_gpt2() -> Tokenizer:
         return Tokenizer.from_gpt2_files(vocab, merges, name="gpt2")
 
 
-def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
-    """"gpt2", a gptlab tokenizer file, or a directory holding vocab.json + merges.txt."""
+def tokenizer_from_dict(data: Any, *, source: str = "tokenizer data") -> AnyTokenizer:
+    """Either kind of tokenizer from its one-file JSON form, by its "format" field."""
+    if isinstance(data, dict) and data.get("format") == WrappedTokenizer.FORMAT:
+        return WrappedTokenizer.from_dict(data, source=source)
+    return Tokenizer.from_dict(data, source=source)
+
+
+def read_tokenizer(path: str | os.PathLike[str]) -> AnyTokenizer:
+    """Read a tokenizer file written by either kind's `save`."""
+    path = Path(path)
+    return tokenizer_from_dict(_read_json(path, "tokenizer file"), source=str(path))
+
+
+def load_hf_tokenizer(directory: str | os.PathLike[str]) -> AnyTokenizer:
+    """The tokenizer of a Hugging Face model directory, encoding as `AutoTokenizer.from_pretrained(directory)` does.
+
+    tokenizer.json wins when present, else vocab.json + merges.txt. GPT-2-style byte-level BPE
+    becomes a gptlab `Tokenizer` (tiktoken speed); anything else, GPT-1's included, a
+    `WrappedTokenizer`. A gptlab tokenizer.json (a data or checkpoint directory) is read as such.
+    """
+    d = Path(directory)
+    config_path = d / "tokenizer_config.json"
+    config = _read_json(config_path, "tokenizer config") if config_path.is_file() else {}
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{config_path}: expected a JSON object")
+    # keys that describe where the files were, not how to tokenize
+    config = {k: v for k, v in config.items() if k not in ("name_or_path", "tokenizer_file", "vocab_file", "merges_file", "auto_map")}
+    name = d.resolve().name or "hf"
+    decoder = config.get("added_tokens_decoder") or {}
+    added = {v["content"]: int(k) for k, v in decoder.items() if isinstance(v, dict) and v.get("special") and str(k).isdigit()}
+    if (d / "tokenizer.json").is_file():
+        data = _read_json(d / "tokenizer.json", "tokenizer file")
+        if isinstance(data, dict) and "format" in data:
+            return tokenizer_from_dict(data, source=str(d / "tokenizer.json"))
+        if is_gpt2_style_hf_json(data):
+            try:
+                return Tokenizer.from_hf_json(data, name, source=str(d / "tokenizer.json"))
+            except TokenizerError:
+                pass  # e.g. ids not in merge order: valid for HF, not for rank BPE, so HF runs it
+        return WrappedTokenizer(data, name, config, source=str(d / "tokenizer.json"))
+    vocab, merges = d / "vocab.json", d / "merges.txt"
+    if not (vocab.is_file() and merges.is_file()):
+        raise TokenizerError(f"tokenizer directory {d} has neither tokenizer.json nor vocab.json + merges.txt")
+    tokenizer_class = config.get("tokenizer_class")
+    if tokenizer_class is None:  # no declared class: GPT-1's vocabulary marks word ends with "</w>", byte-level BPE never does
+        vocab_data = _read_json(vocab, "vocab file")
+        gpt1_style = isinstance(vocab_data, dict) and any(k.endswith("</w>") for k in vocab_data)
+    else:
+        gpt1_style = tokenizer_class in ("OpenAIGPTTokenizer", "OpenAIGPTTokenizerFast")
+    if gpt1_style:
+        return WrappedTokenizer.openai_gpt(vocab, merges, name, config)
+    return Tokenizer.from_gpt2_files(vocab, merges, name=name, added_tokens=added)
+
+
+def load_tokenizer(spec: str | os.PathLike[str]) -> AnyTokenizer:
+    """"gpt2", a tokenizer file, or a directory: Hugging Face files, or a gptlab data/checkpoint directory."""
     if str(spec) == "gpt2":
         return Tokenizer.gpt2()
     path = Path(spec)
     if path.is_dir():
-        vocab, merges = path / "vocab.json", path / "merges.txt"
-        if not (vocab.is_file() and merges.is_file()):
-            raise TokenizerError(f"tokenizer directory {path} has no vocab.json + merges.txt")
-        return Tokenizer.from_gpt2_files(vocab, merges)
+        return load_hf_tokenizer(path)
     if not path.exists():
-        raise TokenizerError(f"no tokenizer at {str(spec)!r}: expected 'gpt2', a gptlab tokenizer file, or a directory with vocab.json and merges.txt")
-    return Tokenizer.load(path)
+        raise TokenizerError(f"no tokenizer at {str(spec)!r}: expected 'gpt2', a tokenizer file, or a directory with tokenizer files")
+    data = _read_json(path, "tokenizer file")
+    if isinstance(data, dict) and "format" not in data and "model" in data:  # a HF tokenizer.json on its own
+        return load_hf_tokenizer(path.parent) if path.name == "tokenizer.json" else WrappedTokenizer(data, path.stem, source=str(path))
+    return tokenizer_from_dict(data, source=str(path))
