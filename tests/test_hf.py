@@ -275,7 +275,7 @@ def _gpt1_tokenizer_files(directory: Path) -> None:
     hf.model.save(str(directory))
 
 
-def test_gpt1_import_brings_its_tokenizer(tmp_path: Path) -> None:
+def test_gpt1_import_brings_its_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
     src = tmp_path / "gpt1"
@@ -295,6 +295,11 @@ def test_gpt1_import_brings_its_tokenizer(tmp_path: Path) -> None:
     # through a gptlab checkpoint and back out to HF files, the tokenizer still encodes the same
     import_hf(src, tmp_path / "ckpt")
     assert load_checkpoint(tmp_path / "ckpt").tokenizer.encode(texts[0]) == ref(texts[0])["input_ids"]
+    sample = ["sample", "--ckpt", str(tmp_path / "ckpt"), "--max-new-tokens", "4", "--device", "cpu", "--seed", "0", "--prompt"]
+    assert main([*sample, "return the"]) == 0
+    assert capsys.readouterr().out.startswith("return the ")  # GPT-1 decoding puts the space after "the</w>"
+    assert main([*sample, ""]) == 2  # no <|endoftext|> to start from
+    assert "has no <|endoftext|>" in capsys.readouterr().err
     export_hf(tmp_path / "ckpt", tmp_path / "back")
     back = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
     for text in texts:

@@ -167,7 +167,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     if new and stop is not None and new[-1] == stop:
         new.pop()
-    sys.stdout.write(text + tok.decode(new) + "\n")
+    # decode with the prompt's ids in front: some tokenizers (GPT-1's "</w>" word ends) place
+    # spaces by the tokens before, so the new ids alone would lose the boundary
+    full, head = tok.decode(ids + new), tok.decode(ids)
+    sys.stdout.write(text + (full[len(head) :] if full.startswith(head) else tok.decode(new)) + "\n")
     print(f"[{len(new)} tokens in {elapsed:.2f} s, {len(new) / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
     return 0
 

@@ -39,6 +39,12 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def staged_dir(final: Path) -> Iterator[Path]:
     """A temporary directory beside `final` for the caller to fill; it becomes `final` when the block ends.
@@ -49,10 +55,14 @@ def staged_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    umask = _umask()
     try:
         yield tmp
+        # mkdtemp (and some writers) make owner-only entries; give them the modes a plain mkdir/open would
+        tmp.chmod(0o777 & ~umask)
         for p in tmp.iterdir():
             if p.is_file():
+                p.chmod(0o666 & ~umask)
                 with p.open("rb") as f:
                     os.fsync(f.fileno())
         old = None

@@ -408,7 +408,7 @@ def resolve_hf_source(src: str | os.PathLike[str], revision: str | None = None) 
         has_safetensors = "model.safetensors" in files or "model.safetensors.index.json" in files
         weights = _HUB_SAFETENSORS if has_safetensors else _HUB_BIN  # not both: a repo often holds each format
         local = Path(huggingface_hub.snapshot_download(name, revision=revision, allow_patterns=_HUB_FILES + weights, etag_timeout=_PROBE_TIMEOUT_S))
-    except Exception as err:  # noqa: BLE001 -- the hub's HTTP client (requests, httpx, ...) and its errors change between versions
+    except Exception as err:  # the hub's HTTP client (requests, httpx, ...) and its errors change between versions
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"cannot fetch {name!r} from the Hugging Face hub: {first_line}") from None
     if not complete(local):

@@ -11,6 +11,10 @@ Ids: the 256 single bytes are 0..255 (byte value for trained tokenizers; GPT-2 k
 its own order), merge i makes id 256 + i, and special tokens such as <|endoftext|>
 come last, as in GPT-2 where <|endoftext|> is 50256.
 
+Tokenizers imported from Hugging Face that are not GPT-2-style byte-level BPE (GPT-1's
+lower-casing BPE, for one) are kept as their tokenizer.json and run by `tokenizers` itself:
+see `WrappedTokenizer` and `load_hf_tokenizer`.
+
 The one-file JSON format (`save`/`load`/`to_dict`):
     {"format": "gptlab-bpe", "version": 1, "name": str, "pattern": str,
      "tokens": [base64 of the bytes of each ordinary token, by id],
@@ -716,6 +720,8 @@ class WrappedTokenizer:
     FORMAT = "gptlab-hf-tokenizer"
 
     def __init__(self, hf_json: dict[str, Any], name: str, hf_config: dict[str, Any] | None = None, *, source: str = "tokenizer") -> None:
+        if not isinstance(hf_json, dict):
+            raise TokenizerError(f"{source}: a tokenizer.json must hold a JSON object, got {type(hf_json).__name__}")
         self.name = name
         self.hf_json = hf_json
         self.hf_config = dict(hf_config or {})
@@ -809,7 +815,7 @@ class WrappedTokenizer:
     def encode(self, text: str, allowed_special: Literal["all"] | Set[str] | None = "all") -> list[int]:
         """Token ids of `text`; special-token text in `allowed_special` ("all" by default) becomes its id."""
         if allowed_special == "all":
-            return self._hf.encode(text, add_special_tokens=False).ids
+            return self._ids(self._hf, text)
         allowed = frozenset(allowed_special or ())
         unknown = sorted(allowed - self._special.keys())
         if unknown:
@@ -828,7 +834,15 @@ class WrappedTokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of `text`, special-token text encoded as plain text."""
-        return self._plain.encode(text, add_special_tokens=False).ids
+        return self._ids(self._plain, text)
+
+    def _ids(self, hf: HFTokenizer, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TokenizerError(f"can only encode str, got {type(text).__name__}")
+        try:
+            return hf.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # tokenizers reports every failure as a plain Exception
+            raise TokenizerError(f"tokenizer {self.name!r} cannot encode {text[:40]!r}: {e}") from None
 
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None, progress: bool = False) -> list[list[int]]:
         """`[encode_ordinary(t) for t in texts]`; `tokenizers` spreads each batch over its own thread pool."""
@@ -839,7 +853,10 @@ class WrappedTokenizer:
         step = 256
         with tqdm(total=len(texts), unit="doc", desc="encode", disable=not progress) as bar:
             for s in range(0, len(texts), step):
-                out.extend(e.ids for e in self._plain.encode_batch(texts[s : s + step], add_special_tokens=False))
+                try:
+                    out.extend(e.ids for e in self._plain.encode_batch(texts[s : s + step], add_special_tokens=False))
+                except Exception as e:  # tokenizers reports every failure as a plain Exception
+                    raise TokenizerError(f"tokenizer {self.name!r} cannot encode texts {s}..{s + step - 1}: {e}") from None
                 bar.update(len(texts[s : s + step]))
         return out
 
