@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_GPT2, small_text_corpus
+from conftest import SHARED_GPT2, randomize_, small_text_corpus, tokens
 from safetensors.torch import load_file
 
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
@@ -28,6 +28,7 @@ from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer, WrappedTokenizer, load_hf_tokenizer
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB, CTX = 300, 80  # CTX leaves room for an 8-token prompt plus 64 generated tokens
 
@@ -48,27 +49,6 @@ GPT1_CASES = {
 CASES = [("gpt2", name) for name in GPT2_CASES] + [("openai-gpt", name) for name in GPT1_CASES]
 # HF's GPT-2 runs eager or SDPA attention (reorder_and_upcast_attn only acts in eager); its GPT-1 only eager
 ATTN_CASES = [(t, name, attn) for t, name in CASES for attn in (("eager", "sdpa") if t == "gpt2" else ("eager",))]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine each op can wait milliseconds for the second."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
-    """Perturb every parameter, so zero biases and unit LayerNorm gains cannot hide a mapping error."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-def tokens(shape: tuple[int, ...], vocab: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
 def hf_model(model_type: str, case: str, attn: str = "eager", seed: int = 10):
@@ -239,20 +219,14 @@ def gpt2_dir() -> Path:
     return SHARED_GPT2
 
 
-def test_gpt2_files_encode_as_autotokenizer(gpt2_dir: Path, tmp_path: Path) -> None:
-    """OpenAI's vocab.json + merges.txt beside a config.json, as the hub's gpt2 holds them."""
-    for name in ("vocab.json", "merges.txt"):
-        (tmp_path / name).write_bytes((gpt2_dir / name).read_bytes())
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    ours = load_hf_tokenizer(tmp_path)
-    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    assert isinstance(ours, Tokenizer) and ours == Tokenizer.gpt2()
-    for text in TEXTS:
-        assert ours.encode(text) == ref(text)["input_ids"], text
-
-
-def test_tokenizer_json_only_encodes_as_autotokenizer(gpt2_dir: Path, tmp_path: Path) -> None:
-    transformers.GPT2TokenizerFast.from_pretrained(gpt2_dir).backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+@pytest.mark.parametrize("files", ["vocab.json+merges.txt", "tokenizer.json"])
+def test_gpt2_tokenizer_files_encode_as_autotokenizer(files: str, gpt2_dir: Path, tmp_path: Path) -> None:
+    """OpenAI's vocab.json + merges.txt, or HF's tokenizer.json, beside a config.json as on the hub."""
+    if files == "tokenizer.json":
+        transformers.GPT2TokenizerFast.from_pretrained(gpt2_dir).backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    else:
+        for name in ("vocab.json", "merges.txt"):
+            (tmp_path / name).write_bytes((gpt2_dir / name).read_bytes())
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     ours = load_hf_tokenizer(tmp_path)
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path)

@@ -7,19 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_, tokens
 
 from gptlab.config import GPTConfig
 from gptlab.errors import ConfigError, InputError
 from gptlab.model import GPT, cross_entropy, sinusoidal_positions
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine each op can wait milliseconds for the second."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> GPTConfig:
@@ -30,18 +24,6 @@ def tiny(**overrides) -> GPTConfig:
 def make(cfg: GPTConfig, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     return GPT(cfg)
-
-
-def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
-    """Perturb every parameter, so zero biases and unit LayerNorm gains cannot hide a mapping error."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-def tokens(shape: tuple[int, ...], vocab: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------- causality and loss

@@ -274,9 +274,8 @@ def _convert(source: dict[str, Tensor], cfg: GPTConfig, origin: str, from_hf: bo
             layout = "HF Conv1D (in, out) of " if transposed and from_hf else ""
             raise CheckpointError(f"{origin} {src_key} has shape {tuple(tensor.shape)}, config needs {layout}{shape}")
         out[dst_key] = tensor.t().contiguous() if transposed else tensor
-    hf_wte, wte_key = _key_table(cfg)[0][:2]
-    wte = out[wte_key if from_hf else hf_wte]
-    wte_name = hf_wte if from_hf else wte_key  # as the origin calls it
+    hf_wte, wte_key = _key_table(cfg)[0][:2]  # the token embedding, which a tied head shares
+    wte_name, wte = (hf_wte, out[wte_key]) if from_hf else (wte_key, out[hf_wte])
     head = source.pop(_HEAD, None)
     if cfg.tie_weights:
         # a tied checkpoint may store the head (as the same matrix) or leave it out

@@ -233,7 +233,42 @@ def is_gpt2_style_hf_json(data: Any) -> bool:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-class Tokenizer:
+class _Vocabulary:
+    """What both tokenizer kinds share: a name, special tokens, the vocabulary size and saving.
+
+    Subclasses set `name`, `_special` ({text: id}) and `_vocab_size`, and define `to_dict`.
+    """
+
+    name: str
+    _special: dict[str, int]
+    _vocab_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids including special tokens (largest id + 1): the model's embedding rows."""
+        return self._vocab_size
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
+
+    @property
+    def eot_id(self) -> int:
+        if EOT not in self._special:
+            raise TokenizerError(f"tokenizer {self.name!r} has no {EOT} token")
+        return self._special[EOT]
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the one-file JSON form atomically: a reader sees the old file or the new one, never half."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
+class Tokenizer(_Vocabulary):
     """Byte-level BPE tokenizer with GPT-2 pre-tokenisation; lossless on every Python str.
 
     `decode(encode(s)) == s` for every str `s`, including lone surrogates (U+D800..U+DFFF,
@@ -517,12 +552,6 @@ class Tokenizer:
             "special_tokens": dict(self._special),
         }
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the one-file JSON form atomically: a reader sees the old file or the new one, never half."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
-
     def to_hf_files(self, out_dir: str | os.PathLike[str], model_max_length: int) -> None:
         """Write vocab.json, merges.txt, tokenizer.json and tokenizer_config.json for transformers' GPT2Tokenizer.
 
@@ -563,21 +592,6 @@ class Tokenizer:
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
     # ------------------------------------------------------------------ properties
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of ids including special tokens (largest id + 1): the model's embedding rows."""
-        return self._vocab_size
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        return dict(self._special)
-
-    @property
-    def eot_id(self) -> int:
-        if EOT not in self._special:
-            raise TokenizerError(f"tokenizer {self.name!r} has no {EOT} token")
-        return self._special[EOT]
 
     def merges(self) -> list[tuple[bytes, bytes]]:
         """The BPE merges in priority order, as (left bytes, right bytes)."""
@@ -704,7 +718,7 @@ class Tokenizer:
         return _decode_wtf8(self.decode_bytes(ids))
 
 
-class WrappedTokenizer:
+class WrappedTokenizer(_Vocabulary):
     """A tokenizer run by Hugging Face `tokenizers` exactly as its tokenizer.json defines it.
 
     Imported models whose tokenizer is not GPT-2-style byte-level BPE get one of these:
@@ -777,33 +791,12 @@ class WrappedTokenizer:
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.FORMAT, "version": VERSION, "name": self.name, "tokenizer": self.hf_json, "hf_config": self.hf_config}
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the one-file JSON form atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
-
     def to_hf_files(self, out_dir: str | os.PathLike[str], model_max_length: int) -> None:
         """Write tokenizer.json and tokenizer_config.json as they were imported (new model_max_length)."""
         out = Path(out_dir)
         (out / "tokenizer.json").write_text(json.dumps(self.hf_json, ensure_ascii=False), encoding="utf-8")
         config = {"tokenizer_class": "PreTrainedTokenizerFast"} | self.hf_config | {"model_max_length": model_max_length}
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-
-    @property
-    def vocab_size(self) -> int:
-        """Largest id + 1, special tokens included."""
-        return self._vocab_size
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        return dict(self._special)
-
-    @property
-    def eot_id(self) -> int:
-        if EOT not in self._special:
-            raise TokenizerError(f"tokenizer {self.name!r} has no {EOT} token")
-        return self._special[EOT]
 
     def merges(self) -> list[tuple[str, str]]:
         """The BPE merges in priority order, as tokenizer.json writes the tokens (empty if not BPE)."""
