@@ -194,16 +194,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
-    from gptlab.checkpoint import load_checkpoint
     from gptlab.hf import import_hf
 
-    out = import_hf(args.src, args.out, revision=args.revision, force=args.force)
-    ckpt = load_checkpoint(out)
-    cfg, tok = ckpt.model_config, ckpt.tokenizer
-    kind = ckpt.meta["source"]["hf_model_type"]
-    print(f"imported {args.src} ({kind}): {ckpt.model.num_params(non_embedding=False):,} parameters, {cfg.n_layer} layers, "
+    loaded = import_hf(args.src, args.out, revision=args.revision, force=args.force)
+    cfg, tok = loaded.config, loaded.tokenizer
+    print(f"imported {args.src} ({loaded.model_type}): {loaded.model.num_params(non_embedding=False):,} parameters, {cfg.n_layer} layers, "
           f"{cfg.n_embd} wide, context {cfg.block_size}; tokenizer {type(tok).__name__} with {tok.vocab_size:,} ids")  # fmt: skip
-    print(f"checkpoint: {out}")
+    print(f"checkpoint: {args.out}")
     return 0
 
 

@@ -123,7 +123,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def _encode_split(tok: AnyTokenizer, docs: Sequence[str], dtype: np.dtype, progress: bool) -> np.ndarray:
+def _encode_split(tok: AnyTokenizer, docs: Sequence[str], dtype: np.dtype, eot: int, progress: bool) -> np.ndarray:
     encoded = tok.encode_batch(list(docs), progress=progress)
     total = sum(len(ids) + 1 for ids in encoded)
     out = np.empty(total, dtype=dtype)
@@ -131,7 +131,7 @@ def _encode_split(tok: AnyTokenizer, docs: Sequence[str], dtype: np.dtype, progr
     for ids in encoded:
         out[pos : pos + len(ids)] = ids
         pos += len(ids)
-        out[pos] = tok.eot_id  # documents end with <|endoftext|>, as in GPT-2's training data
+        out[pos] = eot  # documents end with <|endoftext|>, as in GPT-2's training data
         pos += 1
     return out
 
@@ -169,14 +169,14 @@ def prepare(
     else:
         tok = load_tokenizer(tokenizer)
 
-    tok.eot_id  # noqa: B018 -- fail now, not after encoding, if documents cannot be separated
+    eot = tok.eot_id  # before encoding: a tokenizer without <|endoftext|> cannot separate documents
     dtype = token_dtype(tok.vocab_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     splits = {}
     arrays = {}
     for split, split_docs in (("train", train_docs), ("val", val_docs)):
-        arrays[split] = _encode_split(tok, split_docs, dtype, progress)
+        arrays[split] = _encode_split(tok, split_docs, dtype, eot, progress)
         splits[split] = {
             "tokens": int(arrays[split].size),
             "bytes": sum(len(d.encode("utf-8", "surrogatepass")) for d in split_docs),
@@ -188,7 +188,7 @@ def prepare(
         "tokenizer": TOKENIZER_FILE,
         "tokenizer_name": tok.name,
         "vocab_size": tok.vocab_size,
-        "eot_id": tok.eot_id,
+        "eot_id": eot,
         "dtype": dtype.name,
         "splits": splits,
         "source": {"corpus": corpus} if corpus is not None else {"inputs": [str(p) for p in inputs or ()]},

@@ -456,8 +456,8 @@ def _check_out(out: Path, force: bool) -> None:
         raise CheckpointError(f"{out}: directory exists and is not empty (use --force to replace it)")
 
 
-def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], revision: str | None = None, force: bool = False) -> Path:
-    """Convert a HF GPT-2/GPT-1 model into a gptlab checkpoint directory at `out`; returns it."""
+def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], revision: str | None = None, force: bool = False) -> HFModel:
+    """Convert a HF GPT-2/GPT-1 model into a gptlab checkpoint directory at `out`; returns what it loaded."""
     loaded = load_hf(src, revision=revision)
     if loaded.tokenizer is None:
         raise CheckpointError(f"{loaded.directory}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt); a checkpoint needs one")
@@ -466,7 +466,7 @@ def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], revision
     source = {"hf_source": str(src), "hf_model_type": loaded.model_type, "hf_revision": revision}
     with staged_dir(out) as tmp:
         write_checkpoint_dir(tmp, 0, loaded.model, loaded.config, loaded.tokenizer, extra_meta={"source": source})
-    return out
+    return loaded
 
 
 def export_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], force: bool = False) -> Path:

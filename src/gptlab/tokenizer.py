@@ -208,7 +208,8 @@ def _adds_no_ids(post: Any) -> bool:
 
 def is_gpt2_style_hf_json(data: Any) -> bool:
     """Whether a HF tokenizer.json is byte-level BPE exactly as GPT-2's: no normalizer, ByteLevel
-    pre-tokenisation with GPT-2's regex and no prefix space, plain merges, no added BOS/EOS."""
+    pre-tokenisation with GPT-2's regex and no prefix space, plain merges, no added BOS/EOS,
+    added tokens matched as plain text."""
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         return False
     model, pre = data["model"], data.get("pre_tokenizer") or {}
@@ -227,6 +228,8 @@ def is_gpt2_style_hf_json(data: Any) -> bool:
         and pre.get("use_regex", True)
         and _adds_no_ids(post)
         and (decoder is None or decoder.get("type") == "ByteLevel")
+        # added tokens that swallow neighbouring spaces or match only whole words have no tiktoken equivalent
+        and not any(isinstance(t, dict) and (t.get("lstrip") or t.get("rstrip") or t.get("single_word")) for t in data.get("added_tokens") or [])
     )
 
 
