@@ -401,6 +401,56 @@ def test_unreachable_hub_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         load_hf("openai-community/gpt2")
 
 
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """huggingface_hub with the network replaced: records the calls; `cached` and `remote` are the local copies it hands back."""
+    import socket
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    hub = {"calls": [], "cached": None, "remote": save_hf(hf_model("gpt2", "gelu_new-tied"), tmp_path / "remote")}
+    _write_gpt2_style_tokenizer(hub["remote"])
+
+    class Connection:
+        def close(self) -> None:
+            hub["calls"].append("probe")
+
+    def snapshot_download(repo_id, *, revision=None, local_files_only=False, allow_patterns=None, etag_timeout=10, **kwargs):
+        hub["calls"].append(("snapshot", repo_id, revision, local_files_only, tuple(allow_patterns or ())))
+        if local_files_only:
+            if hub["cached"] is None:
+                raise LocalEntryNotFoundError("not in the cache")
+            return str(hub["cached"])
+        return str(hub["remote"])
+
+    def list_repo_files(repo_id, *, revision=None, **kwargs):
+        hub["calls"].append(("list", repo_id, revision))
+        return ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5", "vocab.json", "merges.txt"]
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: Connection())
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    return hub
+
+
+def test_hub_name_online_fetches_config_tokenizer_and_one_weights_format(fake_hub) -> None:
+    loaded = load_hf("openai-community/gpt2", revision="main")
+    assert loaded.directory == fake_hub["remote"] and loaded.model_type == "gpt2" and isinstance(loaded.tokenizer, Tokenizer)
+    cache_try, probe, listing, fetch = fake_hub["calls"]
+    assert cache_try[3] is True and probe == "probe" and listing == ("list", "openai-community/gpt2", "main")
+    patterns = fetch[4]
+    assert fetch[3] is False and "model.safetensors" in patterns and "config.json" in patterns and "vocab.json" in patterns
+    assert not any("pytorch_model" in p or "h5" in p for p in patterns)  # safetensors only, not every format the repo holds
+
+
+def test_hub_name_in_local_cache_needs_no_network(fake_hub) -> None:
+    fake_hub["cached"] = fake_hub["remote"]
+    assert load_hf("gpt2").directory == fake_hub["remote"]
+    assert [c[0] for c in fake_hub["calls"]] == ["snapshot"]  # no probe, no listing, no download
+
+
 @pytest.mark.parametrize("src", ["no/such/dir/here", "./missing"])
 def test_missing_local_source_is_named(src: str) -> None:
     with pytest.raises(CheckpointError, match="no such directory"):

@@ -364,7 +364,7 @@ _PROBE_TIMEOUT_S = 5.0
 
 def _offline_message(name: str, reason: str) -> str:
     return (
-        f"cannot fetch {name!r} from the Hugging Face hub: {reason}. Download it where the hub is reachable "
+        f"{name!r} is no local directory, and fetching it from the Hugging Face hub failed: {reason}. Download it where the hub is reachable "
         f"(e.g. `hf download {name} --local-dir DIR`) and pass that directory instead"
     )
 
