@@ -436,11 +436,12 @@ def load_hf(src: str | os.PathLike[str], device: str | torch.device = "cpu", rev
     model_type = model_type_of(hf_config)
     cfg = config_from_hf(hf_config)
     sd = state_dict_from_hf(read_hf_weights(directory), cfg)
-    model = GPT(cfg)
-    # assign: take the loaded tensors as they are (any dtype is upcast below), no second copy
+    with torch.device("meta"):  # no random initialisation that the loaded weights would overwrite
+        model = GPT(cfg)
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
     if cfg.tie_weights:
         model.lm_head.weight = model.transformer.wte.weight  # assign replaced both; tie them again
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers())), "a tensor was not loaded"
     model.to(device).eval()
     has_tokenizer = (directory / "tokenizer.json").is_file() or (directory / "vocab.json").is_file()
     tokenizer = load_hf_tokenizer(directory) if has_tokenizer else None
@@ -458,11 +459,11 @@ def _check_out(out: Path, force: bool) -> None:
 
 def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], revision: str | None = None, force: bool = False) -> HFModel:
     """Convert a HF GPT-2/GPT-1 model into a gptlab checkpoint directory at `out`; returns what it loaded."""
+    out = Path(out)
+    _check_out(out, force)  # before any download or conversion
     loaded = load_hf(src, revision=revision)
     if loaded.tokenizer is None:
         raise CheckpointError(f"{loaded.directory}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt); a checkpoint needs one")
-    out = Path(out)
-    _check_out(out, force)
     source = {"hf_source": str(src), "hf_model_type": loaded.model_type, "hf_revision": revision}
     with staged_dir(out) as tmp:
         write_checkpoint_dir(tmp, 0, loaded.model, loaded.config, loaded.tokenizer, extra_meta={"source": source})
@@ -472,6 +473,8 @@ def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], revision
 def export_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], force: bool = False) -> Path:
     """Write a gptlab checkpoint (or run directory's latest) as a HF model directory that
     `AutoModelForCausalLM` and `AutoTokenizer` load with no custom code; returns it."""
+    out = Path(out)
+    _check_out(out, force)
     loaded = load_checkpoint(ckpt)
     tok = loaded.tokenizer
     sd, cfg = hf_expressible(loaded.model.state_dict(), loaded.model_config)
@@ -480,8 +483,6 @@ def export_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], force: 
     hf_sd = state_dict_to_hf(sd, cfg)
     if cfg.tie_weights:
         del hf_sd[_HEAD]  # HF re-ties it on load; safetensors cannot store one tensor twice
-    out = Path(out)
-    _check_out(out, force)
     with staged_dir(out) as tmp:
         _save_safetensors({k: v.contiguous() for k, v in hf_sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
