@@ -27,6 +27,7 @@ test: install
 bench: install
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/tokenizer_speed.py
+	$(PY) benchmarks/generate.py
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from gptlab.config import GPTConfig, TrainConfig
-from gptlab.hf import config_to_hf_gpt2, state_dict_to_hf_gpt2
+from gptlab.hf import config_to_hf, state_dict_to_hf
 from gptlab.model import GPT
 from gptlab.train import build_optimizer
 
@@ -61,8 +61,8 @@ def make_steps(
     ours = GPT(cfg).train()
     ours_opt = build_optimizer(ours, train_cfg, "cpu")
 
-    hf = GPT2LMHeadModel(GPT2Config(**config_to_hf_gpt2(cfg), attn_implementation="sdpa")).train()
-    hf.load_state_dict(state_dict_to_hf_gpt2(ours.state_dict(), cfg))
+    hf = GPT2LMHeadModel(GPT2Config(**config_to_hf(cfg), attn_implementation="sdpa")).train()
+    hf.load_state_dict(state_dict_to_hf(ours.state_dict(), cfg))
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), weight_decay=train_cfg.weight_decay)
 
     def autocast(precision: str):

@@ -107,3 +107,41 @@ def test_long_prompt_and_corrupted_checkpoint_through_the_cli(tmp_path, data_dir
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
     code, _, err = run(capsys, "sample", "--ckpt", str(run_dir), "--prompt", "a", "--device", "cpu")
     assert code == 2 and "corrupted" in err
+
+
+def test_sample_batches_streaming_stops_and_speculative(tmp_path, data_dir, capsys):
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", "--data", str(data_dir), "--out", str(run_dir), *TINY_MODEL, *TINY_TRAIN)[0] == 0
+    base = ["sample", "--ckpt", str(run_dir), "--device", "cpu", "--max-new-tokens", "12", "--temperature", "0", "--ignore-eot"]
+    code, plain, err = run(capsys, *base, "--prompt", "the ")
+    assert code == 0 and plain.startswith("the ") and "tokens/s" in err
+    code, streamed, _ = run(capsys, *base, "--prompt", "the ", "--stream")
+    assert code == 0 and streamed == plain  # streaming prints the same text
+
+    batch = tmp_path / "prompts.jsonl"
+    batch.write_text('"the "\n{"prompt": "a\\nb"}\n\n"x"\n', encoding="utf-8")
+    code, out, _ = run(capsys, *base, "--batch-file", str(batch), "--repetition-penalty", "1.3", "--min-p", "0.1")
+    assert code == 0 and out.count("===== ") == 3 and "a\nb" in out
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("the \nthe \n", encoding="utf-8")
+    code, out, _ = run(capsys, *base, "--batch-file", str(lines))
+    texts = [part.split("\n", 1)[1] for part in out.split("===== ")[1:]]
+    assert code == 0 and texts[0] == texts[1] == plain  # each row as if alone
+
+    stop = plain[len("the ") :][3:5]
+    code, out, _ = run(capsys, *base, "--prompt", "the ", "--stop", stop)
+    assert code == 0 and out == plain[: plain.index(stop, len("the "))] + "\n"
+
+    code, out, err = run(capsys, *base, "--prompt", "the ", "--draft-ckpt", str(run_dir), "--draft-tokens", "3")
+    assert code == 0 and out == plain and "draft acceptance 100%" in err
+
+    code, out, _ = run(capsys, *base, "--prompt", "the " * 40, "--sliding-window", "--max-new-tokens", "40")
+    assert code == 0
+
+    code, _, err = run(capsys, *base, "--batch-file", str(lines), "--stream")
+    assert code == 2 and "--stream" in err
+    code, _, err = run(capsys, *base, "--batch-file", str(tmp_path / "missing.txt"))
+    assert code == 2 and "cannot read batch file" in err
+    (tmp_path / "bad.jsonl").write_text("{oops\n", encoding="utf-8")
+    code, _, err = run(capsys, *base, "--batch-file", str(tmp_path / "bad.jsonl"))
+    assert code == 2 and "bad.jsonl:1: not JSON" in err

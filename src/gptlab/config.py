@@ -20,6 +20,7 @@ POS_ENCODINGS = ("learned", "sinusoidal")
 NORM_PLACEMENTS = ("pre", "post")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
 DTYPES = ("float32", "bfloat16")
+CONTEXT_OVERFLOW = ("error", "slide")
 
 
 def _positive_int(cfg: Any, *names: str) -> None:
@@ -165,20 +166,79 @@ class TrainConfig(_Serializable):
 
 @dataclass(frozen=True)
 class SampleConfig(_Serializable):
-    """Decoding controls. temperature 0 means greedy (argmax)."""
+    """Decoding controls for one request; every field's default leaves the model's distribution alone.
+
+    Logits pass through, in order: logit_bias, repetition_penalty, presence/frequency
+    penalties, then (unless temperature is 0, which is greedy argmax) temperature, top_k,
+    top_p and min_p, and a token is drawn. A request ends after max_new_tokens, on one of
+    stop_token_ids (and the tokenizer's <|endoftext|> unless ignore_eot), or when the
+    decoded text contains one of the stop strings, which is cut off the text.
+    """
 
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None  # keep tokens with p >= min_p * p_max (Nguyen et al. 2024)
+    # CTRL's penalty (Keskar et al. 2019) on every token of the prompt and output so far:
+    # positive logits are divided by it, negative ones multiplied; 1.0 is off
+    repetition_penalty: float = 1.0
+    # OpenAI's penalties over the output so far: logit -= frequency * count + presence * (count > 0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # added to the logits of these token ids
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eot: bool = False
+    logprobs: int | None = None  # also return the top-n alternatives' log-probabilities at each step
     seed: int | None = None
+    # a prompt longer than the context is an error, and output stops when the context is full;
+    # "slide" keeps the prompt's last block_size tokens and slides the window on as output grows
+    context_overflow: str = "error"
 
     def __post_init__(self) -> None:
         _positive_int(self, "max_new_tokens")
         _in_range(self, "temperature", 0.0, 100.0)
         if self.top_k is not None:
             _positive_int(self, "top_k")
-        if self.top_p is not None:
-            _in_range(self, "top_p", 0.0, 1.0)
-            if self.top_p <= 0:
-                raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        for name in ("top_p", "min_p"):
+            if getattr(self, name) is not None:
+                _in_range(self, name, 0.0, 1.0)
+        if self.top_p is not None and self.top_p <= 0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        _in_range(self, "repetition_penalty", 0.0, 100.0)
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be positive, got {self.repetition_penalty!r}")
+        _in_range(self, "presence_penalty", -100.0, 100.0)
+        _in_range(self, "frequency_penalty", -100.0, 100.0)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ConfigError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+            # JSON object keys are strings: accept "50256": -100 as OpenAI's API does
+            bias = {}
+            for key, value in self.logit_bias.items():
+                try:
+                    tid = int(key)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"logit_bias key {key!r} is not a token id") from None
+                if tid < 0 or not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                    raise ConfigError(f"logit_bias entry {key!r}: {value!r} needs a token id >= 0 and a finite number")
+                bias[tid] = float(value)
+            object.__setattr__(self, "logit_bias", bias)
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.stop_token_ids, int) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise ConfigError(f"stop_token_ids must be a list of token ids >= 0, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if not isinstance(self.ignore_eot, bool):
+            raise ConfigError(f"ignore_eot must be true or false, got {self.ignore_eot!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= 20):
+            raise ConfigError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        _choice(self, "context_overflow", CONTEXT_OVERFLOW)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

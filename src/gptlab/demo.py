@@ -20,7 +20,7 @@ from gptlab.config import GPTConfig, SampleConfig, TrainConfig
 from gptlab.data import BatchSampler, load_data, prepare
 from gptlab.errors import ConfigError
 from gptlab.evaluate import evaluate_split
-from gptlab.generate import generate
+from gptlab.generate import Engine
 from gptlab.model import GPT
 from gptlab.train import build_optimizer, fast_bf16, resolve_device, train, train_step
 
@@ -95,12 +95,10 @@ def run_demo(out: Path, minutes: float | None = None, progress: bool = True) -> 
     print(f"      val loss {metrics['loss']:.4f} | perplexity {metrics['perplexity']:.2f} | bits per byte {metrics['bpb']:.4f} ({metrics['tokens']:,} tokens)")
 
     print("[4/4] sampling (temperature 0.8, top-k 40, seed 0)", flush=True)
-    tok = ckpt.tokenizer
+    engine = Engine(ckpt.model, ckpt.tokenizer)
     for i, prompt in enumerate(DEMO_PROMPTS):
-        ids = torch.tensor([tok.encode(prompt)], device=device)
         cfg = SampleConfig(max_new_tokens=150 if i else 300, temperature=0.8, top_k=40, seed=i)
-        text = tok.decode(generate(ckpt.model, ids, cfg, stop_id=tok.eot_id, vocab_size=tok.vocab_size)[0].tolist())
-        print(f"\n----- prompt: {prompt!r}\n{text.replace('<|endoftext|>', '')}")
+        print(f"\n----- prompt: {prompt!r}\n{prompt}{engine.generate([prompt], cfg)[0].text}")
 
     py = shlex.quote(sys.executable)
     total = time.perf_counter() - t_start

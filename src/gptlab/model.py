@@ -100,6 +100,72 @@ def _activation(name: str) -> nn.Module:
     return nn.ReLU()
 
 
+class KVCache:
+    """Keys and values of every layer for a batch of sequences, allocated once at full length.
+
+    k and v are (n_layer, B, nh, max_len, hs). Row b's entries for positions 0..n-1 are the
+    keys and values of its first n tokens; slots past a row's length hold stale values that
+    attention masks out. The shapes never change while generating, so a compiled decode
+    step (torch.compile, CUDA graphs) is traced once.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        if not 0 < max_len <= config.block_size:
+            raise InputError(f"a KV cache holds 1..block_size ({config.block_size}) positions, asked for {max_len}")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
+
+
+class CacheStep:
+    """Where one forward pass writes into a KVCache, and which cached keys each query sees.
+
+    start None: prefill, tokens at positions 0..T-1 of every row (rows right-padded, so a
+    real token never sees padding under the causal mask). start (B,): row b's T tokens sit
+    at positions start[b]..start[b]+T-1 and each sees the row's keys up to its own position.
+    Attention reads the first kv_len slots, kv_len >= max(start) + T; a static kv_len equal
+    to the cache length keeps shapes fixed for compilation.
+    """
+
+    def __init__(self, cache: KVCache, T: int, start: Tensor | None, kv_len: int) -> None:
+        if start is None:
+            kv_len = T
+        if not T <= kv_len <= cache.max_len:
+            raise InputError(f"{T} new tokens reaching slot {kv_len} do not fit a KV cache of {cache.max_len} positions")
+        self.cache = cache
+        self.start = start
+        self.kv_len = kv_len
+        self.positions: Tensor | None = None
+        self.mask: Tensor | None = None
+        if start is not None:
+            offsets = torch.arange(T, device=start.device)
+            self.positions = start[:, None] + offsets  # (B, T)
+            slots = torch.arange(kv_len, device=start.device)
+            self.mask = (slots <= self.positions[:, :, None]).unsqueeze(1)  # (B, 1, T, kv_len)
+            self.rows = torch.arange(start.size(0), device=start.device)[:, None]  # (B, 1), pairs with positions
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this pass's k, v (B, T, nh, hs) and return the keys and values to attend over, (B, nh, kv_len, hs) each."""
+        ck, cv = self.cache.k[layer], self.cache.v[layer]  # (B, nh, S, hs)
+        if self.positions is None:
+            T = k.size(1)
+            ck[:, :, :T] = k.transpose(1, 2)
+            cv[:, :, :T] = v.transpose(1, 2)
+        else:
+            # advanced indices around a slice put their dims first: ck[rows, :, positions] is (B, T, nh, hs)
+            ck[self.rows, :, self.positions] = k
+            cv[self.rows, :, self.positions] = v
+        return ck[:, :, : self.kv_len], cv[:, :, : self.kv_len]
+
+
 # ----------------------------------------------------------------------------- layers
 
 
@@ -108,6 +174,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
+        self.layer_idx = layer_idx  # its slot in a KVCache
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
@@ -119,20 +186,27 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.dropout  # applied to the attention probabilities inside SDPA
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, step: CacheStep | None = None) -> Tensor:
         B, T, C = x.shape
         hs = C // self.n_head
         # views, not copies: SDPA accepts the strided (B, nh, T, hs) layout directly
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, hs).unbind(2)  # 3 x (B, T, nh, hs)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+        q = q.transpose(1, 2)  # (B, nh, T, hs)
+        mask = None
+        if step is None:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+        else:
+            k, v = step.update(self.layer_idx, k, v)  # (B, nh, kv_len, hs)
+            mask = step.mask
         # softmax(scale * q k^T) v with the causal mask (Vaswani et al. 2017, eq. 1)
         dropout_p = self.attn_dropout if self.training else 0.0
+        causal = mask is None
         if self.upcast and q.dtype != torch.float32:
             with torch.autocast(q.device.type, enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True, scale=self.scale)
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask, dropout_p, is_causal=causal, scale=self.scale)
             y = y.to(v.dtype)  # (B, nh, T, hs)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale)  # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal=causal, scale=self.scale)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -164,11 +238,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, step: CacheStep | None = None) -> Tensor:
         if self.pre_ln:
-            x = x + self.attn(self.ln_1(x))
+            x = x + self.attn(self.ln_1(x), step)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x))
+        x = self.ln_1(x + self.attn(x, step))
         return self.ln_2(x + self.mlp(x))
 
 
@@ -220,21 +294,36 @@ class GPT(nn.Module):
         """
         self._check_input(idx, targets)
         B, T = idx.shape
-        x = self.transformer.wte(idx)  # (B, T, C)
-        if self.config.pos_encoding == "learned":
-            x = x + self.transformer.wpe.weight[:T]  # (T, C) broadcast over the batch
-        else:
-            x = x + self.pos_table[:T]
-        x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x)
-        if "ln_f" in self.transformer:
-            x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V)
+        pos = self.pos_table[:T] if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight[:T]  # (T, C)
+        logits = self.lm_head(self._trunk(idx, pos, None))  # (B, T, V)
         if targets is None:
             return logits, None
         loss = cross_entropy(logits.view(B * T, -1), targets.view(B * T))
         return logits, loss
+
+    def forward_cached(self, idx: Tensor, step: CacheStep, last: Tensor | None = None) -> Tensor:
+        """Logits for tokens idx (B, T) placed in a KVCache as `step` says, reading the row's earlier keys and values.
+
+        Returns (B, T, V), or (B, V) at index last[b] of each row when `last` (B,) is given
+        (the prefill of right-padded prompts needs only each row's final position). The
+        generation engine checks ids and lengths before calling; this is its inner loop.
+        """
+        T = idx.size(1)
+        table = self.pos_table if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight
+        pos = table[:T] if step.positions is None else table[step.positions]  # (T, C) or (B, T, C)
+        x = self._trunk(idx, pos, step)  # (B, T, C)
+        if last is not None:
+            x = x[torch.arange(x.size(0), device=x.device), last]  # (B, C)
+        return self.lm_head(x)
+
+    def _trunk(self, idx: Tensor, pos: Tensor, step: CacheStep | None) -> Tensor:
+        """Hidden states after the last layer (and ln_f), (B, T, C)."""
+        x = self.transformer.drop(self.transformer.wte(idx) + pos)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, step)
+        if "ln_f" in self.transformer:
+            x = self.transformer.ln_f(x)
+        return x
 
     @classmethod
     def from_hf(cls, source: str | os.PathLike[str], device: str | torch.device = "cpu", revision: str | None = None) -> GPT:

@@ -236,6 +236,73 @@ def is_gpt2_style_hf_json(data: Any) -> bool:
 # ----------------------------------------------------------------------------- tokenizer
 
 
+def _incomplete_tail(data: bytes) -> int:
+    """Length of a trailing UTF-8 sequence that more bytes could still complete (0..3).
+
+    Lenient on purpose: a lead byte followed by fewer continuation bytes than it announces
+    is held back even if it could never become valid, which only delays its U+FFFD.
+    """
+    for back in range(1, min(3, len(data)) + 1):
+        byte = data[-back]
+        if 0x80 <= byte <= 0xBF:  # continuation byte: look further back for the lead
+            continue
+        need = 2 if 0xC0 <= byte <= 0xDF else 3 if 0xE0 <= byte <= 0xEF else 4 if 0xF0 <= byte <= 0xF7 else 1
+        return back if back < need else 0
+    return 0
+
+
+class TextStream:
+    """Turns token ids into text pieces as they arrive; the pieces concatenate to `decode(ids)`.
+
+    `push(id)` returns the text that id completes, or "" while it ends inside a multi-byte
+    character (held back until the next ids finish it); `flush()` returns what is held back
+    at the end. Made by a tokenizer's `stream()`.
+    """
+
+    def __init__(self, tokenizer: _Vocabulary, context: Sequence[int] = ()) -> None:
+        self._tok = tokenizer
+        self._bytewise = isinstance(tokenizer, Tokenizer)
+        self._pending = b""
+        # decoders that place spaces by the neighbouring tokens (GPT-1's "</w>") need the ids
+        # before the first new one; the text is decoded with them in front and cut off
+        self._context = list(context)[-4:]
+        self._ids: list[int] = []
+        self._out = ""  # text given out so far
+        self._head = "" if self._bytewise else tokenizer.decode(self._context)
+
+    def push(self, token_id: int) -> str:
+        if self._bytewise:
+            data = self._pending + self._tok.decode_bytes([token_id])
+            keep = _incomplete_tail(data)
+            self._pending = data[len(data) - keep :]
+            # a cut before a lead byte never splits a maximal invalid subpart, so the pieces
+            # decode to the same text as the whole
+            return _decode_wtf8(data[: len(data) - keep])
+        self._ids.append(token_id)
+        text = self._text()
+        if text.endswith("\ufffd"):  # maybe a character the next ids complete
+            return ""
+        return self._take(text)
+
+    def flush(self) -> str:
+        if self._bytewise:
+            data, self._pending = self._pending, b""
+            return _decode_wtf8(data)
+        return self._take(self._text())
+
+    def _text(self) -> str:
+        full = self._tok.decode(self._context + self._ids)
+        return full[len(self._head) :] if full.startswith(self._head) else self._tok.decode(self._ids)
+
+    def _take(self, text: str) -> str:
+        # a decoder may rewrite text it already produced (cleanup rules); what was given out stays
+        if not text.startswith(self._out):
+            return ""
+        piece = text[len(self._out) :]
+        self._out = text
+        return piece
+
+
 class _Vocabulary:
     """What both tokenizer kinds share: a name, special tokens, the vocabulary size and saving.
 
@@ -263,6 +330,10 @@ class _Vocabulary:
         if EOT not in self._special:
             raise TokenizerError(f"tokenizer {self.name!r} has no {EOT} token")
         return self._special[EOT]
+
+    def stream(self, context: Sequence[int] = ()) -> TextStream:
+        """A decoder for ids that arrive one at a time (generation); `context` is the prompt's ids."""
+        return TextStream(self, context)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the one-file JSON form atomically: a reader sees the old file or the new one, never half."""
