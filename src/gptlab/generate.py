@@ -506,12 +506,11 @@ class Engine:
         return logits
 
     def _step(self, model: GPT, cache: KVCache, idx: Tensor, start: list[int], decode: bool = False) -> Tensor:
-        """Logits (B, T, V) for idx (B, T) placed at per-row positions start[b]..."""
+        """Logits (B, T, V) for idx (B, T) placed at per-row positions start[b]...; decode: the target's one-token step, compiled if asked."""
         T = idx.size(1)
         kv_len = cache.max_len if self.static else max(start) + T
         step = CacheStep(cache, T, torch.tensor(start, device=self.device), kv_len)
-        fn = self._decode if decode and model is self.model else model.forward_cached
-        return fn(idx, step)
+        return (self._decode if decode else model.forward_cached)(idx, step)
 
     def _run(self, ids: list[list[int]], cfgs: list[SampleConfig]) -> Iterator[TokenEvent]:
         t0 = time.perf_counter()

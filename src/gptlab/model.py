@@ -141,10 +141,10 @@ class CacheStep:
         if not T <= kv_len <= cache.max_len:
             raise InputError(f"{T} new tokens reaching slot {kv_len} do not fit a KV cache of {cache.max_len} positions")
         self.cache = cache
-        self.start = start
         self.kv_len = kv_len
         self.positions: Tensor | None = None
         self.mask: Tensor | None = None
+        self.rows: Tensor | None = None
         if start is not None:
             offsets = torch.arange(T, device=start.device)
             self.positions = start[:, None] + offsets  # (B, T)
