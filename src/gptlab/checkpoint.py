@@ -106,6 +106,11 @@ def write_checkpoint_dir(
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives in a run directory."""
+    return Path(run_dir) / CKPT_SUBDIR / f"step_{step:08d}"
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -121,7 +126,7 @@ def save_checkpoint(
 
     Re-saving a step (e.g. after a resume) replaces the old copy.
     """
-    final = Path(run_dir) / CKPT_SUBDIR / f"step_{step:08d}"
+    final = checkpoint_path(run_dir, step)
     with staged_dir(final) as tmp:
         write_checkpoint_dir(tmp, step, model, model_config, tokenizer, train_config, trainer_state, metrics)
     write_atomic(Path(run_dir) / LATEST_FILE, f"{CKPT_SUBDIR}/{final.name}\n".encode())

@@ -6,6 +6,7 @@ Subcommand handlers import their modules lazily, so `gptlab --help` never loads 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ def _explicit(args: argparse.Namespace, names: Sequence[str]) -> dict:
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_encoding", "norm_placement", "activation")
 TRAIN_FIELDS = (
     "batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
-    "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "seed", "device", "dtype",
+    "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "seed", "device", "dtype", "strategy",
 )  # fmt: skip
 
 
@@ -129,6 +130,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_cfg, train_cfg, args.data, args.out, resume=args.resume, stop_at=args.stop_at,
         progress=not args.quiet, resume_overrides=train_fields,
     )  # fmt: skip
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun the main process reports
     if result.val is not None:
         print(f"step {result.step}: val loss {result.val['loss']:.4f} | perplexity {result.val['perplexity']:.2f} | bpb {result.val['bpb']:.4f}")
     print(f"checkpoint: {result.checkpoint}")
@@ -352,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         o.add_argument(flag, type=typ)
     o.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
     o.add_argument("--dtype", choices=["float32", "bfloat16"], help="autocast dtype (default float32)")
+    o.add_argument("--strategy", choices=["ddp", "fsdp"], help="under torchrun: replicate (ddp, default) or shard (fsdp) the model")
 
     # sample
     t = command("sample", cmd_sample, "generate text from a checkpoint (KV cache, batches, streaming, speculative decoding)")

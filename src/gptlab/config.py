@@ -21,6 +21,7 @@ NORM_PLACEMENTS = ("pre", "post")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
 DTYPES = ("float32", "bfloat16")
 CONTEXT_OVERFLOW = ("error", "slide")
+STRATEGIES = ("ddp", "fsdp")
 
 
 def _positive_int(cfg: Any, *names: str) -> None:
@@ -144,6 +145,9 @@ class TrainConfig(_Serializable):
     seed: int = 1337
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     dtype: str = "float32"  # autocast dtype; parameters and optimizer state stay float32
+    # under torchrun: "ddp" replicates the model in every process, "fsdp" shards it; batch_size
+    # stays the global batch (sequences per micro-step over all processes)
+    strategy: str = "ddp"
 
     def __post_init__(self) -> None:
         _positive_int(self, "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "save_every", "keep_last", "log_every")
@@ -158,6 +162,7 @@ class TrainConfig(_Serializable):
         _in_range(self, "beta2", 0.0, 1.0, hi_open=True)
         _in_range(self, "grad_clip", 0.0, float("inf"), hi_open=True)
         _choice(self, "dtype", DTYPES)
+        _choice(self, "strategy", STRATEGIES)
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):

@@ -274,17 +274,23 @@ class BatchSampler:
     """Random (input, target) windows from a token array, drawn with its own torch.Generator.
 
     The generator state is the sampler's whole position, so saving and restoring it
-    in a checkpoint continues the exact batch sequence after a resume.
+    in a checkpoint continues the exact batch sequence after a resume. batch_size is the
+    global batch: every process draws the same batch_size windows and keeps its own
+    contiguous slice of them, so N processes together see exactly the
+    batches one process would, and the position carries over to any number of processes.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ConfigError(f"batch_size ({batch_size}) must be divisible by the number of processes ({world_size})")
         self.tokens = tokens
         self.block_size = block_size
         self.batch_size = batch_size
+        self.rows = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.generator = torch.Generator().manual_seed(seed)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator)
+        starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator)[self.rows]
         rows = np.stack([self.tokens[s : s + self.block_size + 1] for s in starts.tolist()]).astype(np.int64)
         batch = torch.from_numpy(rows)  # (B, T+1)
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()

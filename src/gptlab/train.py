@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from gptlab.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from gptlab.checkpoint import checkpoint_path, find_checkpoint, load_checkpoint, save_checkpoint
 from gptlab.config import GPTConfig, TrainConfig
 from gptlab.data import BatchSampler, TokenData, check_block_size, load_data
+from gptlab.distributed import DistInfo, full_state, grad_sync, load_optimizer_state, mean_over_ranks, setup, teardown, wrap
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.model import GPT
 
@@ -83,18 +84,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str, fused: bool = True) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019) with weight decay on matrices and embeddings only.
 
     Biases and LayerNorm gains (the 1-D parameters) are not decayed, as in GPT-2/3.
-    The fused implementation is used where this PyTorch offers it (CUDA, CPU, MPS).
+    The fused implementation is used where this PyTorch offers it (CUDA, CPU, MPS) and `fused`
+    allows (FSDP's sharded parameters take the default one).
     """
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() already yields tied weights once
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu", "mps")
+    fused = fused and "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu", "mps")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
 
 
@@ -109,8 +111,8 @@ def loss_metrics(loss: float, bytes_per_token: float) -> dict[str, float]:
 
 
 @torch.no_grad()
-def estimate_loss(model: nn.Module, sampler: BatchSampler, n_batches: int, device: torch.device, dtype: str) -> float:
-    """Mean loss over n_batches drawn from `sampler` (eval mode: no dropout)."""
+def estimate_loss(model: nn.Module, sampler: BatchSampler, n_batches: int, device: torch.device, dtype: str, info: DistInfo | None = None) -> float:
+    """Mean loss over n_batches drawn from `sampler` (eval mode: no dropout), averaged over processes."""
     was_training = model.training
     model.eval()
     total = 0.0
@@ -120,24 +122,25 @@ def estimate_loss(model: nn.Module, sampler: BatchSampler, n_batches: int, devic
             _, loss = model(x.to(device), y.to(device))
         total += loss.item()
     model.train(was_training)
-    return total / n_batches
+    return mean_over_ranks(total / n_batches, info or DistInfo(), device)
 
 
 def train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, sampler: BatchSampler, cfg: TrainConfig, device: torch.device
+    model: nn.Module, optimizer: torch.optim.Optimizer, sampler: BatchSampler, cfg: TrainConfig, device: torch.device, info: DistInfo | None = None
 ) -> tuple[float, float | None]:
-    """One optimizer step over cfg.grad_accum micro-batches; returns the mean loss and the pre-clip grad norm."""
+    """One optimizer step over cfg.grad_accum micro-batches; returns the mean loss (over all processes) and the pre-clip grad norm."""
     loss_sum = 0.0
-    for _ in range(cfg.grad_accum):
+    for micro in range(cfg.grad_accum):
         x, y = sampler.next_batch()
-        with autocast_context(device, cfg.dtype):
-            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-        (loss / cfg.grad_accum).backward()  # the mean over micro-batches, as one large batch would give
+        with grad_sync(model, micro == cfg.grad_accum - 1):
+            with autocast_context(device, cfg.dtype):
+                _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            (loss / cfg.grad_accum).backward()  # the mean over micro-batches, as one large batch would give
         loss_sum += loss.item()
     grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if cfg.grad_clip > 0 else None
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum / cfg.grad_accum, grad_norm
+    return mean_over_ranks(loss_sum / cfg.grad_accum, info or DistInfo(), device), grad_norm
 
 
 def check_writable(run_dir: Path) -> None:
@@ -222,30 +225,41 @@ def train(
         raise ConfigError("a fresh run needs both a model config and a train config")
     _check_compatible(model_config, data)
     check_writable(run_dir)
-    device = resolve_device(train_config.device)
     cfg = train_config
-    if cfg.dtype == "bfloat16" and not fast_bf16(device):
-        warnings.warn(f"{device.type} has no native bfloat16 matmul here; bf16 autocast will run slower than float32", stacklevel=2)
+    info, device = setup(resolve_device(cfg.device))
+    try:
+        return _train(model_config, cfg, data, run_dir, ckpt, stop_at, progress, info, device)
+    finally:
+        teardown(info)
 
-    torch.manual_seed(cfg.seed)  # parameter init and dropout draw from the global generator
-    model = GPT(model_config) if ckpt is None else ckpt.model
-    model.to(device)
-    model.train()
-    optimizer = build_optimizer(model, cfg, device.type)
-    sampler = BatchSampler(data.train, model_config.block_size, cfg.batch_size, seed=cfg.seed)
+
+def _train(
+    model_config: GPTConfig, cfg: TrainConfig, data: TokenData, run_dir: Path, ckpt: Any, stop_at: int | None, progress: bool, info: DistInfo, device: torch.device
+) -> TrainResult:
+    if cfg.dtype == "bfloat16" and not fast_bf16(device):
+        warnings.warn(f"{device.type} has no native bfloat16 matmul here; bf16 autocast will run slower than float32", stacklevel=3)
+    torch.manual_seed(cfg.seed)  # parameter init and dropout draw from the global generator, alike in every process
+    raw = GPT(model_config) if ckpt is None else ckpt.model
+    raw.to(device)
+    raw.train()
+    model = wrap(raw, cfg.strategy, info, device)
+    optimizer = build_optimizer(model, cfg, device.type, fused=cfg.strategy != "fsdp" or not info.enabled)
+    sampler = BatchSampler(data.train, model_config.block_size, cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     tokenizer = data.tokenizer() if ckpt is None else ckpt.tokenizer
     start = 0
     if ckpt is not None:
         state = ckpt.trainer_state
         assert state is not None
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         sampler.load_state(state["sampler"])
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
         start = ckpt.step
-    _write_run_info(run_dir, model_config, cfg, data)
-    log = MetricsLog(run_dir / METRICS_FILE, truncate_after_step=start if ckpt is not None else None)
+    log = None
+    if info.is_main:
+        _write_run_info(run_dir, model_config, cfg, data)
+        log = MetricsLog(run_dir / METRICS_FILE, truncate_after_step=start if ckpt is not None else None)
 
     end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
@@ -254,34 +268,39 @@ def train(
     last_ckpt: Path | None = ckpt.path if ckpt is not None else None
 
     def save(step: int) -> Path:
-        trainer_state = {
-            "optimizer": optimizer.state_dict(),
-            "sampler": sampler.state(),
-            "rng_cpu": torch.get_rng_state(),
-        }
-        if device.type == "cuda":
-            trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
-        return save_checkpoint(
-            run_dir, step, model, model_config, tokenizer, cfg, trainer_state, metrics=val_metrics or {}, keep_last=cfg.keep_last
-        )
+        plain, optim_state = full_state(model, optimizer, model_config, info)  # collective under FSDP
+        path = checkpoint_path(run_dir, step)
+        if plain is not None:
+            trainer_state = {"optimizer": optim_state, "sampler": sampler.state(), "rng_cpu": torch.get_rng_state()}
+            if device.type == "cuda":
+                trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
+            path = save_checkpoint(
+                run_dir, step, plain, model_config, tokenizer, cfg, trainer_state, metrics=val_metrics or {}, keep_last=cfg.keep_last
+            )
+        if info.enabled:
+            torch.distributed.barrier()  # no process runs ahead of a checkpoint still being written
+        return path
 
     def evaluate(step: int) -> dict[str, float]:
-        val_sampler = BatchSampler(data.val, model_config.block_size, cfg.batch_size, seed=cfg.seed + EVAL_SEED_OFFSET)
-        metrics = loss_metrics(estimate_loss(model, val_sampler, cfg.eval_batches, device, cfg.dtype), bpt)
-        log.write({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
+        val_sampler = BatchSampler(
+            data.val, model_config.block_size, cfg.batch_size, seed=cfg.seed + EVAL_SEED_OFFSET, rank=info.rank, world_size=info.world_size
+        )
+        metrics = loss_metrics(estimate_loss(model, val_sampler, cfg.eval_batches, device, cfg.dtype, info), bpt)
+        if log is not None:
+            log.write({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
         return metrics
 
-    bar = _progress_bar(start, cfg.max_steps, progress)
+    bar = _progress_bar(start, cfg.max_steps, progress and info.is_main)
     t_window, tokens_window = time.perf_counter(), 0
     t_start = time.perf_counter()
     for step in range(start, end):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        train_loss, grad_norm = train_step(model, optimizer, sampler, cfg, device)
+        train_loss, grad_norm = train_step(model, optimizer, sampler, cfg, device, info)
         done = step + 1
         tokens_window += tokens_per_step
-        if done % cfg.log_every == 0 or done == end:
+        if log is not None and (done % cfg.log_every == 0 or done == end):
             now = time.perf_counter()
             tok_s = tokens_window / max(now - t_window, 1e-9)
             t_window, tokens_window = now, 0
