@@ -132,6 +132,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun the main process reports
+    if result.stopped_by is not None:
+        print(f"stopped by {result.stopped_by} after step {result.step}; continue with the same command and --resume")
     if result.val is not None:
         print(f"step {result.step}: val loss {result.val['loss']:.4f} | perplexity {result.val['perplexity']:.2f} | bpb {result.val['bpb']:.4f}")
     print(f"checkpoint: {result.checkpoint}")

@@ -148,9 +148,10 @@ class TrainConfig(_Serializable):
     # under torchrun: "ddp" replicates the model in every process, "fsdp" shards it; batch_size
     # stays the global batch (sequences per micro-step over all processes)
     strategy: str = "ddp"
+    max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient (each skipped) before the run stops
 
     def __post_init__(self) -> None:
-        _positive_int(self, "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "save_every", "keep_last", "log_every")
+        _positive_int(self, "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "max_bad_steps")
         if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.max_steps:
             raise ConfigError(f"warmup_steps must be an integer in [0, max_steps={self.max_steps}], got {self.warmup_steps!r}")
         _in_range(self, "lr", 0.0, 10.0)

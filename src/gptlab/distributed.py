@@ -60,8 +60,12 @@ def setup(device: torch.device) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
-def teardown(info: DistInfo) -> None:
+def teardown(info: DistInfo, clean: bool = True) -> None:
+    """Leave the process group; after a normal end, only once every process has reached it
+    (gloo aborts a process whose peer closes its connections under it)."""
     if info.enabled and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -97,6 +101,15 @@ def mean_over_ranks(value: float, info: DistInfo, device: torch.device) -> float
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t) / info.world_size
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every process when it is true on any (e.g. one process received SIGTERM)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, config: GPTConfig, info: DistInfo) -> tuple[GPT | None, dict[str, Any] | None]:

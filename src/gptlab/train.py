@@ -13,10 +13,14 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import shutil
+import signal
 import tempfile
+import threading
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from gptlab.checkpoint import checkpoint_path, find_checkpoint, load_checkpoint, save_checkpoint
+from gptlab.checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint, step_dirs
 from gptlab.config import GPTConfig, TrainConfig
 from gptlab.data import BatchSampler, TokenData, check_block_size, load_data
-from gptlab.distributed import DistInfo, full_state, grad_sync, load_optimizer_state, mean_over_ranks, setup, teardown, wrap
-from gptlab.errors import ConfigError, GptlabError
+from gptlab.distributed import DistInfo, any_rank, full_state, grad_sync, load_optimizer_state, mean_over_ranks, setup, teardown, wrap
+from gptlab.errors import CheckpointError, ConfigError, GptlabError
 from gptlab.model import GPT
 
 METRICS_FILE = "metrics.jsonl"
@@ -127,8 +131,13 @@ def estimate_loss(model: nn.Module, sampler: BatchSampler, n_batches: int, devic
 
 def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, sampler: BatchSampler, cfg: TrainConfig, device: torch.device, info: DistInfo | None = None
-) -> tuple[float, float | None]:
-    """One optimizer step over cfg.grad_accum micro-batches; returns the mean loss (over all processes) and the pre-clip grad norm."""
+) -> tuple[float, float, bool]:
+    """One optimizer step over cfg.grad_accum micro-batches.
+
+    Returns the mean loss (over all processes), the pre-clip gradient norm, and whether the
+    step was taken: a non-finite loss or gradient skips the update (the gradients are
+    dropped), since one inf would otherwise turn the Adam moments and every weight into NaN.
+    """
     loss_sum = 0.0
     for micro in range(cfg.grad_accum):
         x, y = sampler.next_batch()
@@ -137,10 +146,50 @@ def train_step(
                 _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             (loss / cfg.grad_accum).backward()  # the mean over micro-batches, as one large batch would give
         loss_sum += loss.item()
-    grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if cfg.grad_clip > 0 else None
-    optimizer.step()
+    # an infinite max_norm measures the norm and leaves the gradients as they are (scale 1)
+    grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+    mean_loss = mean_over_ranks(loss_sum / cfg.grad_accum, info or DistInfo(), device)
+    stepped = math.isfinite(mean_loss) and math.isfinite(grad_norm)
+    if stepped:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return mean_over_ranks(loss_sum / cfg.grad_accum, info or DistInfo(), device), grad_norm
+    return mean_loss, grad_norm, stepped
+
+
+def load_resumable(run_dir: Path) -> Checkpoint | None:
+    """The newest checkpoint of a run that loads and passes its checksums, with its trainer state.
+
+    A damaged newer one (bad checksum, torn file) is skipped with a warning, so a resume
+    loses at most the steps since the previous one. None when the run has no checkpoint;
+    an error when it has some but none loads, rather than silently starting over.
+    """
+    if (run_dir / "checkpoint.json").is_file():
+        return load_checkpoint(run_dir, with_trainer_state=True)
+    candidates = step_dirs(run_dir)[::-1]  # newest first
+    problems = []
+    for path in candidates:
+        try:
+            return load_checkpoint(path, with_trainer_state=True)
+        except CheckpointError as err:
+            problems.append(str(err))
+            warnings.warn(f"skipping a damaged checkpoint: {err}", stacklevel=2)
+    if candidates:
+        raise CheckpointError(f"{run_dir}: none of its {len(candidates)} checkpoints loads; the newest: {problems[0]}")
+    return None
+
+
+def check_disk_space(run_dir: Path, model_config: GPTConfig) -> None:
+    """Fail before training when the run directory's disk cannot hold even one checkpoint.
+
+    A checkpoint holds the float32 weights and AdamW's two moments: about 12 bytes per
+    parameter. (A disk that fills up later fails at that save, keeping the previous one.)
+    """
+    with torch.device("meta"):  # shapes only: nothing allocated or initialised
+        n_params = sum(p.numel() for p in GPT(model_config).parameters())
+    need = 12 * n_params
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise GptlabError(f"{run_dir}: {free / 1e6:,.0f} MB free on its disk, but one checkpoint needs about {need / 1e6:,.0f} MB")
 
 
 def check_writable(run_dir: Path) -> None:
@@ -190,6 +239,7 @@ class TrainResult:
     checkpoint: Path | None
     val: dict[str, float] | None
     tokens_per_s: float
+    stopped_by: str | None = None  # "SIGINT" or "SIGTERM" when a signal ended the run early (after a checkpoint)
 
 
 def train(
@@ -213,9 +263,8 @@ def train(
     """
     run_dir = Path(run_dir)
     data = load_data(data_dir)
-    ckpt = None
-    if resume and (path := find_checkpoint(run_dir) if run_dir.exists() else None) is not None:
-        ckpt = load_checkpoint(path, with_trainer_state=True)
+    ckpt = load_resumable(run_dir) if resume and run_dir.exists() else None
+    if ckpt is not None:
         if model_config is not None and model_config != ckpt.model_config:
             changed = [k for k, v in model_config.to_dict().items() if ckpt.model_config.to_dict()[k] != v]
             raise ConfigError(f"cannot change the model when resuming {ckpt.path}: {', '.join(changed)} differ(s) from the checkpoint")
@@ -225,12 +274,16 @@ def train(
         raise ConfigError("a fresh run needs both a model config and a train config")
     _check_compatible(model_config, data)
     check_writable(run_dir)
+    check_disk_space(run_dir, model_config)
     cfg = train_config
     info, device = setup(resolve_device(cfg.device))
     try:
-        return _train(model_config, cfg, data, run_dir, ckpt, stop_at, progress, info, device)
-    finally:
-        teardown(info)
+        result = _train(model_config, cfg, data, run_dir, ckpt, stop_at, progress, info, device)
+    except BaseException:
+        teardown(info, clean=False)
+        raise
+    teardown(info)
+    return result
 
 
 def _train(
@@ -274,9 +327,13 @@ def _train(
             trainer_state = {"optimizer": optim_state, "sampler": sampler.state(), "rng_cpu": torch.get_rng_state()}
             if device.type == "cuda":
                 trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
-            path = save_checkpoint(
-                run_dir, step, plain, model_config, tokenizer, cfg, trainer_state, metrics=val_metrics or {}, keep_last=cfg.keep_last
-            )
+            try:
+                path = save_checkpoint(
+                    run_dir, step, plain, model_config, tokenizer, cfg, trainer_state, metrics=val_metrics or {}, keep_last=cfg.keep_last
+                )
+            except OSError as err:  # disk full, quota, permissions: the partial copy is gone, the previous one stays
+                kept = f"the previous checkpoint {last_ckpt} is kept" if last_ckpt is not None else "no earlier checkpoint exists"
+                raise CheckpointError(f"cannot write the step {step} checkpoint in {run_dir} ({err.strerror or err}); {kept}") from None
         if info.enabled:
             torch.distributed.barrier()  # no process runs ahead of a checkpoint still being written
         return path
@@ -293,36 +350,72 @@ def _train(
     bar = _progress_bar(start, cfg.max_steps, progress and info.is_main)
     t_window, tokens_window = time.perf_counter(), 0
     t_start = time.perf_counter()
-    for step in range(start, end):
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        train_loss, grad_norm = train_step(model, optimizer, sampler, cfg, device, info)
-        done = step + 1
-        tokens_window += tokens_per_step
-        if log is not None and (done % cfg.log_every == 0 or done == end):
-            now = time.perf_counter()
-            tok_s = tokens_window / max(now - t_window, 1e-9)
-            t_window, tokens_window = now, 0
-            record = {"step": done, "loss": train_loss, "lr": lr, "tokens": done * tokens_per_step, "tokens_per_s": tok_s}
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm
-            log.write(record)
-        if bar is not None:
-            bar.update(1)
-            avg_tok_s = (done - start) * tokens_per_step / max(time.perf_counter() - t_start, 1e-9)
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{avg_tok_s:,.0f}", refresh=False)
-        if done % cfg.eval_every == 0 or done == end:
-            val_metrics = evaluate(done)
+    bad_steps = 0
+    signals: list[str] = []  # names of SIGINT/SIGTERM received; the loop saves and stops after the current step
+    stopped_by = None
+    with _stop_on_signals(signals):
+        for step in range(start, end):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            train_loss, grad_norm, stepped = train_step(model, optimizer, sampler, cfg, device, info)
+            done = step + 1
+            bad_steps = 0 if stepped else bad_steps + 1
+            if not stepped:
+                msg = f"step {done}: loss {train_loss} / gradient norm {grad_norm} is not finite; update skipped"
+                if bad_steps >= cfg.max_bad_steps:
+                    raise GptlabError(
+                        f"{bad_steps} steps in a row ending at step {done} had a non-finite loss or gradient; stopping "
+                        f"(lower --lr, train in float32, or check the data); the last checkpoint is {last_ckpt}"
+                    )
+                warnings.warn(msg, stacklevel=2)
+            tokens_window += tokens_per_step
+            if log is not None and (done % cfg.log_every == 0 or done == end):
+                now = time.perf_counter()
+                tok_s = tokens_window / max(now - t_window, 1e-9)
+                t_window, tokens_window = now, 0
+                log.write({"step": done, "loss": train_loss, "lr": lr, "tokens": done * tokens_per_step, "tokens_per_s": tok_s, "grad_norm": grad_norm})
             if bar is not None:
-                bar.write(f"step {done}: val loss {val_metrics['loss']:.4f} | ppl {val_metrics['perplexity']:.2f} | bpb {val_metrics['bpb']:.4f}")
-        if done % cfg.save_every == 0 or done == end:
-            last_ckpt = save(done)
+                bar.update(1)
+                avg_tok_s = (done - start) * tokens_per_step / max(time.perf_counter() - t_start, 1e-9)
+                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{avg_tok_s:,.0f}", refresh=False)
+            if done % cfg.eval_every == 0 or done == end:
+                val_metrics = evaluate(done)
+                if bar is not None:
+                    bar.write(f"step {done}: val loss {val_metrics['loss']:.4f} | ppl {val_metrics['perplexity']:.2f} | bpb {val_metrics['bpb']:.4f}")
+            if done % cfg.save_every == 0 or done == end:
+                last_ckpt = save(done)
+            if any_rank(bool(signals), info, device):  # every process stops after the same step
+                if last_ckpt is None or last_ckpt.name != f"step_{done:08d}":
+                    last_ckpt = save(done)
+                stopped_by = signals[0] if signals else "a signal to another process"
+                break
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t_start
-    tokens_done = max(0, end - start) * tokens_per_step
-    return TrainResult(run_dir, max(start, end), last_ckpt, val_metrics, tokens_done / elapsed if elapsed > 0 else 0.0)
+    final_step = done if stopped_by is not None else max(start, end)
+    tokens_done = max(0, final_step - start) * tokens_per_step
+    return TrainResult(run_dir, final_step, last_ckpt, val_metrics, tokens_done / elapsed if elapsed > 0 else 0.0, stopped_by)
+
+
+@contextmanager
+def _stop_on_signals(received: list[str]) -> Iterator[None]:
+    """While training, SIGINT and SIGTERM append their name to `received` instead of killing the process.
+
+    The loop then writes a checkpoint and returns, so Ctrl-C or a scheduler's preemption loses
+    no work. Signal handlers can only be set from the main thread; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _check_compatible(cfg: GPTConfig, data: TokenData) -> None:
