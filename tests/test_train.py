@@ -172,3 +172,15 @@ def test_read_only_run_dir(tmp_path, data_dir):
     ro.mkdir(mode=0o500)
     with pytest.raises(GptlabError, match="not writable"):
         train(TINY, tcfg(), data_dir, ro / "run", progress=False)
+
+
+def test_activation_checkpointing_gives_the_same_weights_and_peak_memory_is_logged(tmp_path, data_dir, monkeypatch):
+    plain = train(TINY, tcfg(max_steps=4), data_dir, tmp_path / "plain", progress=False)
+    real, calls = torch.utils.checkpoint.checkpoint, []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    train(TINY, tcfg(max_steps=4, activation_checkpointing=True), data_dir, tmp_path / "ckpt", progress=False)
+    assert len(calls) == 4 * TINY.n_layer  # every block of every training step (not evaluation)
+    a, b = params(load_checkpoint(tmp_path / "plain").model), params(load_checkpoint(tmp_path / "ckpt").model)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # recomputed activations are the same numbers
+    record = json.loads((tmp_path / "ckpt/metrics.jsonl").read_text().splitlines()[0])
+    assert record["peak_mem_mb"] > 10 and plain.peak_mem_mb > 10

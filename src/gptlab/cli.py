@@ -33,6 +33,7 @@ MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", 
 TRAIN_FIELDS = (
     "batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
     "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "seed", "device", "dtype", "strategy",
+    "compile", "activation_checkpointing", "tf32", "max_bad_steps",
 )  # fmt: skip
 
 
@@ -137,6 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.val is not None:
         print(f"step {result.step}: val loss {result.val['loss']:.4f} | perplexity {result.val['perplexity']:.2f} | bpb {result.val['bpb']:.4f}")
     print(f"checkpoint: {result.checkpoint}")
+    print(f"throughput: {result.tokens_per_s:,.0f} tokens/s | peak memory {result.peak_mem_mb:,.0f} MiB")
     return 0
 
 
@@ -358,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
     o.add_argument("--dtype", choices=["float32", "bfloat16"], help="autocast dtype (default float32)")
     o.add_argument("--strategy", choices=["ddp", "fsdp"], help="under torchrun: replicate (ddp, default) or shard (fsdp) the model")
+    o.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    o.add_argument("--activation-checkpointing", action="store_true", default=None, help="recompute activations in backward to save memory")
+    o.add_argument("--no-tf32", dest="tf32", action="store_false", default=None, help="on CUDA, keep float32 matmuls in full float32")
+    o.add_argument("--max-bad-steps", type=int, help="non-finite steps in a row (each skipped) before stopping (default 5)")
 
     # sample
     t = command("sample", cmd_sample, "generate text from a checkpoint (KV cache, batches, streaming, speculative decoding)")

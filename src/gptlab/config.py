@@ -148,6 +148,9 @@ class TrainConfig(_Serializable):
     # under torchrun: "ddp" replicates the model in every process, "fsdp" shards it; batch_size
     # stays the global batch (sequences per micro-step over all processes)
     strategy: str = "ddp"
+    compile: bool = False  # torch.compile the model (costs a compile at start; pays off on GPUs)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
+    tf32: bool = True  # on CUDA, float32 matmuls use TF32 tensor cores (10-bit mantissa products, float32 sums)
     max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient (each skipped) before the run stops
 
     def __post_init__(self) -> None:
@@ -164,6 +167,9 @@ class TrainConfig(_Serializable):
         _in_range(self, "grad_clip", 0.0, float("inf"), hi_open=True)
         _choice(self, "dtype", DTYPES)
         _choice(self, "strategy", STRATEGIES)
+        for name in ("compile", "activation_checkpointing", "tf32"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):

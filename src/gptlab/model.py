@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from gptlab.config import GPTConfig
@@ -262,6 +263,7 @@ class GPT(nn.Module):
             # pre-LN leaves the residual stream unnormalised, so GPT-2 adds a final LayerNorm
             layers["ln_f"] = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.transformer = nn.ModuleDict(layers)
+        self.checkpoint_blocks = False  # activation checkpointing, a training option (TrainConfig.activation_checkpointing)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # input and output embeddings share one matrix (Press & Wolf 2017)
@@ -320,7 +322,12 @@ class GPT(nn.Module):
         """Hidden states after the last layer (and ln_f), (B, T, C)."""
         x = self.transformer.drop(self.transformer.wte(idx) + pos)  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, step)
+            if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                # keep only each block's input; its activations are recomputed in backward
+                # (Chen et al. 2016): about one block's activations in memory instead of all
+                x = torch.utils.checkpoint.checkpoint(block, x, step, use_reentrant=False)
+            else:
+                x = block(x, step)
         if "ln_f" in self.transformer:
             x = self.transformer.ln_f(x)
         return x

@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -130,18 +131,25 @@ def estimate_loss(model: nn.Module, sampler: BatchSampler, n_batches: int, devic
 
 
 def train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, sampler: BatchSampler, cfg: TrainConfig, device: torch.device, info: DistInfo | None = None
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: BatchSampler,
+    cfg: TrainConfig,
+    device: torch.device,
+    info: DistInfo | None = None,
+    sync_target: nn.Module | None = None,
 ) -> tuple[float, float, bool]:
     """One optimizer step over cfg.grad_accum micro-batches.
 
     Returns the mean loss (over all processes), the pre-clip gradient norm, and whether the
     step was taken: a non-finite loss or gradient skips the update (the gradients are
     dropped), since one inf would otherwise turn the Adam moments and every weight into NaN.
+    sync_target is the DDP/FSDP module when `model` is a compiled wrapper of it.
     """
     loss_sum = 0.0
     for micro in range(cfg.grad_accum):
         x, y = sampler.next_batch()
-        with grad_sync(model, micro == cfg.grad_accum - 1):
+        with grad_sync(sync_target or model, micro == cfg.grad_accum - 1):
             with autocast_context(device, cfg.dtype):
                 _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             (loss / cfg.grad_accum).backward()  # the mean over micro-batches, as one large batch would give
@@ -154,6 +162,16 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return mean_loss, grad_norm, stepped
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far in MiB: tensors allocated on a CUDA device, otherwise the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource  # POSIX only; imported where used
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
 def load_resumable(run_dir: Path) -> Checkpoint | None:
@@ -240,6 +258,7 @@ class TrainResult:
     val: dict[str, float] | None
     tokens_per_s: float
     stopped_by: str | None = None  # "SIGINT" or "SIGTERM" when a signal ended the run early (after a checkpoint)
+    peak_mem_mb: float = 0.0  # see peak_memory_mb
 
 
 def train(
@@ -295,7 +314,12 @@ def _train(
     raw = GPT(model_config) if ckpt is None else ckpt.model
     raw.to(device)
     raw.train()
-    model = wrap(raw, cfg.strategy, info, device)
+    raw.checkpoint_blocks = cfg.activation_checkpointing
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    wrapped = wrap(raw, cfg.strategy, info, device)  # what gradient sync talks to
+    model = torch.compile(wrapped) if cfg.compile else wrapped  # what the loop calls
     optimizer = build_optimizer(model, cfg, device.type, fused=cfg.strategy != "fsdp" or not info.enabled)
     sampler = BatchSampler(data.train, model_config.block_size, cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     tokenizer = data.tokenizer() if ckpt is None else ckpt.tokenizer
@@ -321,7 +345,7 @@ def _train(
     last_ckpt: Path | None = ckpt.path if ckpt is not None else None
 
     def save(step: int) -> Path:
-        plain, optim_state = full_state(model, optimizer, model_config, info)  # collective under FSDP
+        plain, optim_state = full_state(wrapped, optimizer, model_config, info)  # collective under FSDP
         path = checkpoint_path(run_dir, step)
         if plain is not None:
             trainer_state = {"optimizer": optim_state, "sampler": sampler.state(), "rng_cpu": torch.get_rng_state()}
@@ -358,7 +382,7 @@ def _train(
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            train_loss, grad_norm, stepped = train_step(model, optimizer, sampler, cfg, device, info)
+            train_loss, grad_norm, stepped = train_step(model, optimizer, sampler, cfg, device, info, sync_target=wrapped)
             done = step + 1
             bad_steps = 0 if stepped else bad_steps + 1
             if not stepped:
@@ -374,7 +398,10 @@ def _train(
                 now = time.perf_counter()
                 tok_s = tokens_window / max(now - t_window, 1e-9)
                 t_window, tokens_window = now, 0
-                log.write({"step": done, "loss": train_loss, "lr": lr, "tokens": done * tokens_per_step, "tokens_per_s": tok_s, "grad_norm": grad_norm})
+                log.write({
+                    "step": done, "loss": train_loss, "lr": lr, "tokens": done * tokens_per_step, "tokens_per_s": tok_s,
+                    "grad_norm": grad_norm, "peak_mem_mb": peak_memory_mb(device),
+                })  # fmt: skip
             if bar is not None:
                 bar.update(1)
                 avg_tok_s = (done - start) * tokens_per_step / max(time.perf_counter() - t_start, 1e-9)
@@ -395,7 +422,7 @@ def _train(
     elapsed = time.perf_counter() - t_start
     final_step = done if stopped_by is not None else max(start, end)
     tokens_done = max(0, final_step - start) * tokens_per_step
-    return TrainResult(run_dir, final_step, last_ckpt, val_metrics, tokens_done / elapsed if elapsed > 0 else 0.0, stopped_by)
+    return TrainResult(run_dir, final_step, last_ckpt, val_metrics, tokens_done / elapsed if elapsed > 0 else 0.0, stopped_by, peak_memory_mb(device))
 
 
 @contextmanager
