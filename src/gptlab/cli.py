@@ -10,6 +10,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the CLI imports torch-heavy modules lazily
+    from gptlab.train import TrainResult
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -131,15 +135,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_cfg, train_cfg, args.data, args.out, resume=args.resume, stop_at=args.stop_at,
         progress=not args.quiet, resume_overrides=train_fields,
     )  # fmt: skip
-    if os.environ.get("RANK", "0") != "0":
-        return 0  # under torchrun the main process reports
+    if os.environ.get("RANK", "0") == "0":  # under torchrun the main process reports
+        _report_train(result)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, leave without the interpreter's teardown: with gloo, a worker whose work
+        # is all done and saved can still abort there ("terminate called without an active
+        # exception", seen in about 1 of 30 launches on a loaded machine), failing the whole job.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def _report_train(result: TrainResult) -> None:
     if result.stopped_by is not None:
         print(f"stopped by {result.stopped_by} after step {result.step}; continue with the same command and --resume")
     if result.val is not None:
         print(f"step {result.step}: val loss {result.val['loss']:.4f} | perplexity {result.val['perplexity']:.2f} | bpb {result.val['bpb']:.4f}")
     print(f"checkpoint: {result.checkpoint}")
     print(f"throughput: {result.tokens_per_s:,.0f} tokens/s | peak memory {result.peak_mem_mb:,.0f} MiB")
-    return 0
 
 
 def _read_batch_file(path: str) -> list[str]:
