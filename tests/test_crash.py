@@ -71,10 +71,12 @@ def test_killed_three_times_at_random_moments_ends_bit_identical(data_dir, unint
         assert proc.wait() == -signal.SIGKILL  # killed mid-run, not after it had finished
         for ckpt in step_dirs(run_dir):  # whatever it was doing, every published checkpoint is whole
             load_checkpoint(ckpt, with_trainer_state=True)
+    (run_dir / "checkpoints" / ".step_00000099.tmp-left-by-a-kill").mkdir()
     proc = start(data_dir, run_dir)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()
     resumed = final_weights(run_dir)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # half-written copies cleared
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, uninterrupted, tmp_path):

@@ -16,6 +16,7 @@ the previous checkpoint or the new one, never a torn one.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import pickle
 import re
@@ -127,6 +128,9 @@ def save_checkpoint(
     Re-saving a step (e.g. after a resume) replaces the old copy.
     """
     final = checkpoint_path(run_dir, step)
+    # copies a killed process left half-written (or set aside) are never read; clear them away
+    for stale in itertools.chain(final.parent.glob(".step_*.tmp-*"), final.parent.glob(".step_*.old-*")):
+        shutil.rmtree(stale, ignore_errors=True)
     with staged_dir(final) as tmp:
         write_checkpoint_dir(tmp, step, model, model_config, tokenizer, train_config, trainer_state, metrics)
     write_atomic(Path(run_dir) / LATEST_FILE, f"{CKPT_SUBDIR}/{final.name}\n".encode())
