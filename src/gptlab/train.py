@@ -1,6 +1,9 @@
 """The training loop: AdamW with decoupled weight decay, warmup + cosine LR, clipping,
 gradient accumulation, bf16 autocast, periodic evaluation, atomic checkpoints and
-exact resume.
+exact resume; the same loop runs under torchrun with DDP or FSDP (gptlab.distributed).
+
+A run stops cleanly on SIGINT/SIGTERM (checkpoint first), skips steps whose loss or
+gradient is not finite, and resumes past a damaged newest checkpoint.
 
 Resuming restores parameters, optimizer moments, the step (which fixes the LR
 schedule), the global RNG (dropout) and the batch sampler's generator, so a run
