@@ -144,8 +144,9 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, config: GPTCo
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Restore optimizer state saved by `full_state` (any number of processes), or by gptlab before it (parameter ids)."""
-    if all(isinstance(k, int) for k in state.get("state", {})) and not any(isinstance(g.get("params", [None])[0], str) for g in state.get("param_groups", [])):
-        optimizer.load_state_dict(state)  # indexed by parameter position: a single-process checkpoint
+    # the two formats differ in how param_groups list their parameters: positions or names
+    if all(isinstance(p, int) for group in state["param_groups"] for p in group["params"]):
+        optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
