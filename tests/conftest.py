@@ -58,5 +58,6 @@ def data_dir(tmp_path_factory, corpus_dir) -> Path:
     from gptlab.data import prepare
 
     out = tmp_path_factory.mktemp("data")
-    prepare(out, "train:512", inputs=[corpus_dir], val_fraction=0.1, seed=0, progress=False)
+    # small shards, so every training, resume and distributed test streams across several of them
+    prepare(out, "train:512", inputs=[corpus_dir], val_fraction=0.1, seed=0, shard_tokens=8192, progress=False)
     return out

@@ -29,7 +29,7 @@ def test_help_does_not_import_torch():
 def test_full_pipeline_through_the_cli(tmp_path, corpus_dir, capsys, monkeypatch):
     data, run_dir = tmp_path / "data", tmp_path / "run"
     code, out, _ = run(capsys, "prepare", "--input", str(corpus_dir), "--tokenizer", "train:300", "--out", str(data), "-q")
-    assert code == 0 and "train:" in out and (data / "train.bin").exists()
+    assert code == 0 and "train:" in out and (data / "train_000000.bin").exists()
 
     code, out, _ = run(capsys, "train", "--data", str(data), "--out", str(run_dir), *TINY_MODEL, *TINY_TRAIN)
     assert code == 0 and "val loss" in out and "bpb" in out

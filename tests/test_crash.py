@@ -125,9 +125,9 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(data_dir, tmp_path, mon
     model = GPT(TINY)
     cfg = tcfg()
     opt = build_optimizer(model, cfg, "cpu")
-    from gptlab.data import BatchSampler, load_data
+    from gptlab.data import ShardLoader, load_data
 
-    sampler = BatchSampler(load_data(data_dir).train, 32, 4, seed=0)
+    sampler = ShardLoader(load_data(data_dir).shards("train"), 32, 4, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model.transformer.wpe.weight[0, 0] = float("inf")

@@ -307,7 +307,7 @@ def test_training_on_cut_long_texts_matches_hf(monkeypatch):
     ref.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     ref.train_from_iterator([text], trainer=trainers.BpeTrainer(vocab_size=383, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     monkeypatch.setattr(tokmod, "_CHUNK_CHARS", 100)
-    assert len(tokmod._split_for_parallel(text, 100)) > 50
+    assert len(tokmod.split_at_line_breaks(text, 100)) > 50
     tok = Tokenizer.train([text], vocab_size=384, progress=False)
     assert tok.merges() == [tuple(_hf_bytes(pair)) for pair in json.loads(ref.to_str())["model"]["merges"]]
 
@@ -342,7 +342,7 @@ def test_encode_batch_matches_encode_ordinary(gpt2, monkeypatch):
 @FAST
 @given(text=st.lists(st.one_of(fragment_text, st.sampled_from(["\n", " \n", "\n\n", "x\n", "\t\n "])), max_size=20).map("".join))
 def test_parallel_cuts_keep_ids(gpt2, text):
-    pieces = tokmod._split_for_parallel(text, 3)
+    pieces = tokmod.split_at_line_breaks(text, 3)
     assert "".join(pieces) == text
     assert [i for p in pieces for i in gpt2.encode_ordinary(p)] == gpt2.encode_ordinary(text)
 

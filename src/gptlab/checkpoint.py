@@ -5,7 +5,7 @@ A checkpoint is a directory `RUN_DIR/checkpoints/step_NNNNNNNN/`:
     model.safetensors   parameters (tied weights stored once)
     checkpoint.json     format, step, model config, train config, sha256 of each file, metrics
     tokenizer.json      the tokenizer, so the directory is self-contained
-    trainer.pt          optimizer, RNG and data-sampler state (tensors and plain containers only;
+    trainer.pt          optimizer, RNG and data-loader position (tensors and plain containers only;
                         loaded with torch.load(weights_only=True), so loading runs no pickled code)
 
 The directory is built under a temporary name and renamed into place, then the

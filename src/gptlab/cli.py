@@ -45,12 +45,12 @@ TRAIN_FIELDS = (
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from gptlab.data import load_corpus, read_documents
+    from gptlab.data import Source
     from gptlab.tokenizer import EOT, Tokenizer
 
-    docs = read_documents(args.input, args.encoding) if args.input else load_corpus(args.corpus)
+    texts = (text for text, _, _ in Source.of(args.input, args.corpus, args.encoding).documents())  # streamed: any corpus size
     specials = [EOT, *(s for s in args.special_tokens if s != EOT)]  # gptlab separates documents with EOT
-    tok = Tokenizer.train(docs, vocab_size=args.vocab_size, special_tokens=specials, progress=not args.quiet)
+    tok = Tokenizer.train(texts, vocab_size=args.vocab_size, special_tokens=specials, progress=not args.quiet)
     tok.save(args.out)
     print(f"trained {tok.name}: {tok.vocab_size} tokens ({', '.join(f'{t}={i}' for t, i in tok.special_tokens.items())}) -> {args.out}")
     return 0
@@ -90,21 +90,34 @@ def cmd_tokenizer_info(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    import time
+
     from gptlab.data import prepare
 
-    meta = prepare(
-        args.out,
-        args.tokenizer,
-        inputs=args.input,
-        corpus=args.corpus,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        encoding=args.encoding,
-        progress=not args.quiet,
-    )
+    t0 = time.perf_counter()
+    try:
+        meta = prepare(
+            args.out,
+            args.tokenizer,
+            inputs=args.input,
+            corpus=args.corpus,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            encoding=args.encoding,
+            text_field=args.text_field,
+            workers=args.workers,
+            shard_tokens=args.shard_tokens,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print("gptlab: interrupted; run the same command again to resume the prepare", file=sys.stderr)
+        return 130
+    seconds = time.perf_counter() - t0
+    total_mb = sum(info["bytes"] for info in meta["splits"].values()) / 1e6
     for split, info in meta["splits"].items():
-        print(f"{split}: {info['tokens']:,} tokens from {info['documents']} documents ({info['bytes'] / 1e6:.2f} MB)")
+        print(f"{split}: {info['tokens']:,} tokens from {info['documents']} documents ({info['bytes'] / 1e6:.2f} MB) in {len(info['shards'])} shard(s)")
     print(f"tokenizer {meta['tokenizer_name']} ({meta['vocab_size']} tokens), dtype {meta['dtype']} -> {args.out}")
+    print(f"{total_mb:.2f} MB in {seconds:.1f} s ({total_mb / max(seconds, 1e-9):.2f} MB/s)")
     return 0
 
 
@@ -342,13 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
     # prepare
     t = command("prepare", cmd_prepare, "tokenize text into train/val token shards")
     src = t.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", nargs="+", metavar="PATH", help="text files or directories (one document per file)")
+    src.add_argument(
+        "--input", nargs="+", metavar="PATH", help="files or directories: a text file is one document, a .jsonl file one per line; .gz is read too"
+    )
     src.add_argument("--corpus", choices=["pydoc"], help="built-in corpus: Python's own documentation")
     t.add_argument("--tokenizer", required=True, help="gpt2, a tokenizer file, or train:N to train an N-token BPE")
-    t.add_argument("--out", required=True, help="data directory to write")
+    t.add_argument("--out", required=True, help="data directory to write; rerunning an interrupted prepare resumes it")
     t.add_argument("--val-fraction", type=float, default=0.1)
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--encoding", default="utf-8")
+    t.add_argument("--text-field", default="text", help="the field of each .jsonl record that holds the text (default: text)")
+    t.add_argument("--workers", type=int, help="tokenizer processes (default: all cores for large inputs)")
+    t.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default: 100,000,000)")
 
     # train
     t = command("train", cmd_train, "pretrain a GPT on prepared shards")

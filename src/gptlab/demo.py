@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from gptlab.config import GPTConfig, SampleConfig, TrainConfig
-from gptlab.data import BatchSampler, load_data, prepare
+from gptlab.data import ShardLoader, load_data, prepare
 from gptlab.errors import ConfigError
 from gptlab.evaluate import evaluate_split
 from gptlab.generate import Engine
@@ -49,11 +49,11 @@ def seconds_per_step(model_cfg: GPTConfig, cfg: TrainConfig, data_dir: Path, dev
     torch.manual_seed(0)
     model = GPT(model_cfg).to(device)
     opt = build_optimizer(model, cfg, device.type)
-    sampler = BatchSampler(load_data(data_dir).train, model_cfg.block_size, cfg.batch_size, seed=0)
+    loader = ShardLoader(load_data(data_dir).shards("train"), model_cfg.block_size, cfg.batch_size, seed=0)
     times = []
     for _ in range(2 + 6):
         t0 = time.perf_counter()
-        train_step(model, opt, sampler, cfg, device)
+        train_step(model, opt, loader, cfg, device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[2:])
 
@@ -103,7 +103,7 @@ def run_demo(out: Path, minutes: float | None = None, progress: bool = True) -> 
     py = shlex.quote(sys.executable)
     total = time.perf_counter() - t_start
     print(f"\n===== done in {total / 60:.1f} min (training {result.tokens_per_s:,.0f} tokens/s)")
-    print(f"data:        {data_dir}  (train.bin, val.bin, meta.json, tokenizer.json)")
+    print(f"data:        {data_dir}  (train_*.bin, val_*.bin shards, meta.json, tokenizer.json)")
     print(f"run:         {run_dir}  (checkpoints/, metrics.jsonl, run.json)")
     print(f"checkpoint:  {result.checkpoint}")
     print("next:")

@@ -3,7 +3,7 @@
 `torchrun` starts one process per device and sets RANK, WORLD_SIZE and LOCAL_RANK; the
 training loop calls `setup` and runs unchanged in every process. Each optimizer step
 consumes the same global batch whatever the number of processes (rank r takes its
-slice of every micro-batch, see data.BatchSampler), and checkpoints hold full,
+slice of every micro-batch, see data.ShardLoader), and checkpoints hold full,
 unsharded state, so a run saved by N processes resumes on M.
 
 DDP keeps a full model per process and averages gradients (Li et al. 2020); FSDP shards

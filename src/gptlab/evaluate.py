@@ -21,16 +21,17 @@ def evaluate_split(
 ) -> dict[str, float]:
     """Exact mean loss over every target token of `split` (non-overlapping windows), as
     loss / perplexity / bpb, plus the number of tokens scored."""
-    tokens = data.split(split)
+    shards = data.shards(split)
     device = next(model.parameters()).device
     model.eval()
     total_nll = 0.0
     total_targets = 0
-    batches = sequential_batches(tokens, model.config.block_size, batch_size, max_tokens)
+    batches = sequential_batches(shards, model.config.block_size, batch_size, max_tokens)
     if progress:
         from tqdm.auto import tqdm
 
-        n_windows = -(-(min(len(tokens) - 1, max_tokens or len(tokens))) // model.config.block_size)
+        n_tokens = data.tokens(split)
+        n_windows = -(-(min(n_tokens - 1, max_tokens or n_tokens)) // model.config.block_size)
         batches = tqdm(batches, total=-(-n_windows // batch_size), desc=f"eval {split}", unit="batch")
     for x, y in batches:
         with autocast_context(device, dtype):

@@ -23,6 +23,7 @@ def stage_file(directory: Path, write: Callable[[BinaryIO], object], name: str =
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        set_default_mode(Path(tmp))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -43,6 +44,11 @@ def _umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
     os.umask(mask)
     return mask
+
+
+def set_default_mode(path: Path) -> None:
+    """Give a file the mode a plain open() would: mkstemp makes owner-only files."""
+    path.chmod(0o666 & ~_umask())
 
 
 @contextlib.contextmanager

@@ -139,7 +139,7 @@ def _decode_wtf8(data: bytes) -> str:
     return "".join(parts)
 
 
-def _split_for_parallel(text: str, size: int) -> list[str]:
+def split_at_line_breaks(text: str, size: int) -> list[str]:
     """Cut `text` into pieces of about `size` chars that encode to the same ids as the whole.
 
     A cut goes just before a "\\n" whose preceding char is not whitespace. No GPT-2 pre-token
@@ -446,7 +446,7 @@ class Tokenizer(_Vocabulary):
                 for segment in cut.split(text):
                     if segment:
                         # many pieces instead of one long text lets HF count words on all cores
-                        yield from _split_for_parallel(segment, _CHUNK_CHARS)
+                        yield from split_at_line_breaks(segment, _CHUNK_CHARS)
 
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -756,7 +756,7 @@ class Tokenizer(_Vocabulary):
         jobs: list[list[tuple[int, str]]] = [[]]
         job_chars = 0
         for i, text in enumerate(texts):
-            for piece in _split_for_parallel(text, _CHUNK_CHARS):
+            for piece in split_at_line_breaks(text, _CHUNK_CHARS):
                 if job_chars >= _CHUNK_CHARS:
                     jobs.append([])
                     job_chars = 0

@@ -6,7 +6,7 @@ A run stops cleanly on SIGINT/SIGTERM (checkpoint first), skips steps whose loss
 gradient is not finite, and resumes past a damaged newest checkpoint.
 
 Resuming restores parameters, optimizer moments, the step (which fixes the LR
-schedule), the global RNG (dropout) and the batch sampler's generator, so a run
+schedule), the global RNG (dropout) and the data loader's cursor, so a run
 stopped at step k and resumed performs the same floating-point operations as one
 that never stopped.
 """
@@ -34,13 +34,13 @@ from torch import nn
 
 from gptlab.checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint, step_dirs
 from gptlab.config import GPTConfig, TrainConfig
-from gptlab.data import BatchSampler, TokenData, check_block_size, load_data
+from gptlab.data import ShardLoader, TokenData, check_block_size, load_data
 from gptlab.distributed import DistInfo, any_rank, full_state, grad_sync, load_optimizer_state, mean_over_ranks, setup, teardown, wrap
 from gptlab.errors import CheckpointError, ConfigError, GptlabError
 from gptlab.model import GPT
 
 METRICS_FILE = "metrics.jsonl"
-EVAL_SEED_OFFSET = 1  # the val sampler's seed is seed + 1, so eval batches never share the train stream
+EVAL_SEED_OFFSET = 1  # the val loader's seed is seed + 1, so its order is not the train order
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -119,13 +119,13 @@ def loss_metrics(loss: float, bytes_per_token: float) -> dict[str, float]:
 
 
 @torch.no_grad()
-def estimate_loss(model: nn.Module, sampler: BatchSampler, n_batches: int, device: torch.device, dtype: str, info: DistInfo | None = None) -> float:
-    """Mean loss over n_batches drawn from `sampler` (eval mode: no dropout), averaged over processes."""
+def estimate_loss(model: nn.Module, loader: ShardLoader, n_batches: int, device: torch.device, dtype: str, info: DistInfo | None = None) -> float:
+    """Mean loss over the next n_batches of `loader` (eval mode: no dropout), averaged over processes."""
     was_training = model.training
     model.eval()
     total = 0.0
     for _ in range(n_batches):
-        x, y = sampler.next_batch()
+        x, y = loader.next_batch()
         with autocast_context(device, dtype):
             _, loss = model(x.to(device), y.to(device))
         total += loss.item()
@@ -136,7 +136,7 @@ def estimate_loss(model: nn.Module, sampler: BatchSampler, n_batches: int, devic
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    sampler: BatchSampler,
+    loader: ShardLoader,
     cfg: TrainConfig,
     device: torch.device,
     info: DistInfo | None = None,
@@ -151,7 +151,7 @@ def train_step(
     """
     loss_sum = 0.0
     for micro in range(cfg.grad_accum):
-        x, y = sampler.next_batch()
+        x, y = loader.next_batch()
         with grad_sync(sync_target or model, micro == cfg.grad_accum - 1):
             with autocast_context(device, cfg.dtype):
                 _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
@@ -324,14 +324,17 @@ def _train(
     wrapped = wrap(raw, cfg.strategy, info, device)  # what gradient sync talks to
     model = torch.compile(wrapped) if cfg.compile else wrapped  # what the loop calls
     optimizer = build_optimizer(model, cfg, device.type, fused=cfg.strategy != "fsdp" or not info.enabled)
-    sampler = BatchSampler(data.train, model_config.block_size, cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    loader = ShardLoader(data.shards("train"), model_config.block_size, cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     tokenizer = data.tokenizer() if ckpt is None else ckpt.tokenizer
     start = 0
     if ckpt is not None:
         state = ckpt.trainer_state
         assert state is not None
         load_optimizer_state(model, optimizer, state["optimizer"])
-        sampler.load_state(state["sampler"])
+        if "loader" in state:
+            loader.load_state(state["loader"])
+        else:  # written before the shard loader: its position was a random generator's, which has no equivalent here
+            warnings.warn(f"{ckpt.path} holds no data-loader position (an older gptlab wrote it); the data order starts over", stacklevel=3)
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
@@ -351,7 +354,7 @@ def _train(
         plain, optim_state = full_state(wrapped, optimizer, model_config, info)  # collective under FSDP
         path = checkpoint_path(run_dir, step)
         if plain is not None:
-            trainer_state = {"optimizer": optim_state, "sampler": sampler.state(), "rng_cpu": torch.get_rng_state()}
+            trainer_state = {"optimizer": optim_state, "loader": loader.state(), "rng_cpu": torch.get_rng_state()}
             if device.type == "cuda":
                 trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
             try:
@@ -366,10 +369,11 @@ def _train(
         return path
 
     def evaluate(step: int) -> dict[str, float]:
-        val_sampler = BatchSampler(
-            data.val, model_config.block_size, cfg.batch_size, seed=cfg.seed + EVAL_SEED_OFFSET, rank=info.rank, world_size=info.world_size
+        # a fresh loader each time: every evaluation scores the same batches, so values compare across steps
+        val_loader = ShardLoader(
+            data.shards("val"), model_config.block_size, cfg.batch_size, seed=cfg.seed + EVAL_SEED_OFFSET, rank=info.rank, world_size=info.world_size
         )
-        metrics = loss_metrics(estimate_loss(model, val_sampler, cfg.eval_batches, device, cfg.dtype, info), bpt)
+        metrics = loss_metrics(estimate_loss(model, val_loader, cfg.eval_batches, device, cfg.dtype, info), bpt)
         if log is not None:
             log.write({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
         return metrics
@@ -385,7 +389,7 @@ def _train(
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            train_loss, grad_norm, stepped = train_step(model, optimizer, sampler, cfg, device, info, sync_target=wrapped)
+            train_loss, grad_norm, stepped = train_step(model, optimizer, loader, cfg, device, info, sync_target=wrapped)
             done = step + 1
             bad_steps = 0 if stepped else bad_steps + 1
             if not stepped:
