@@ -183,3 +183,51 @@ def test_too_little_disk_for_a_checkpoint_fails_before_training(data_dir, tmp_pa
     with pytest.raises(GptlabError, match="0 MB free on its disk, but one checkpoint needs about 1 MB"):
         train(TINY, tcfg(), data_dir, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def published_shards(out: Path) -> int:
+    try:
+        state = json.loads((out / ".prepare-state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return sum(len(s["shards"]) for s in state["splits"].values())
+
+
+def test_a_prepare_killed_twice_resumes_to_identical_shards(tmp_path):
+    """SIGKILL a parallel `gptlab prepare` twice while it writes shards; the resumed result equals one uninterrupted run."""
+    from pydoc_data.topics import topics
+
+    from gptlab.data import prepare
+
+    src = tmp_path / "in"
+    src.mkdir()
+    texts = list(topics.values())
+    for i in range(30):  # about 20 MB: one to two seconds of tokenizing
+        random.Random(i).shuffle(texts)
+        (src / f"part{i:02d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    reference = tmp_path / "reference"
+    prepare(reference, "gpt2", inputs=[src], shard_tokens=50_000, workers=2, progress=False)
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "gptlab", "prepare", "--input", str(src), "--tokenizer", "gpt2", "--out", str(out),
+           "--shard-tokens", "50000", "--workers", "2", "-q"]  # fmt: skip
+    rng = random.Random(0)
+    killed_at = []
+    for _ in range(2):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        before = published_shards(out)
+        deadline = time.monotonic() + 60
+        while published_shards(out) <= before:  # a kill after new shards exist, at a random moment
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the prepare made no progress"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.05))
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        killed_at.append(published_shards(out))
+    print(f"killed after {killed_at} published shards")
+    assert not (out / "meta.json").exists() and killed_at[0] < killed_at[1]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not list(out.glob(".*"))  # no state file, no half-written shard left
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in reference.iterdir()}

@@ -32,7 +32,7 @@ import torch
 
 from gptlab.errors import ConfigError, DataError, GptlabError
 from gptlab.fileio import set_default_mode, write_atomic
-from gptlab.tokenizer import AnyTokenizer, Tokenizer, WrappedTokenizer, load_tokenizer, read_tokenizer, split_at_line_breaks, tokenizer_from_dict
+from gptlab.tokenizer import AnyTokenizer, Tokenizer, WrappedTokenizer, encode_sized, load_tokenizer, read_tokenizer, split_at_line_breaks, start_encode_worker
 
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -272,22 +272,6 @@ def plan_splits(pieces: Iterable[Piece], val_fraction: float, seed: int) -> Iter
 # ----------------------------------------------------------------------------- tokenizing in workers
 
 
-_worker_tokenizer: AnyTokenizer | None = None  # set once in each worker process by _start_worker
-
-
-def _start_worker(tokenizer_data: dict) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer_from_dict(tokenizer_data)
-
-
-def _encode_job(texts: list[str], dtype: str, tok: AnyTokenizer | None = None) -> list[tuple[np.ndarray, int]]:
-    """Token ids and UTF-8 size of each text; in a worker the tokenizer is the one it started with."""
-    tok = tok or _worker_tokenizer
-    assert tok is not None, "worker started without a tokenizer"
-    ids = tok.encode_batch(texts, num_threads=1)
-    return [(np.asarray(t, dtype=dtype), len(text.encode("utf-8", "surrogatepass"))) for t, text in zip(ids, texts)]
-
-
 class _Encoder:
     """Tokenizes jobs in order, in `workers` processes (in this process when workers is 1).
 
@@ -301,17 +285,20 @@ class _Encoder:
         if workers > 1:
             import multiprocessing
 
-            # spawn, not fork: the parent may hold threads (tokenizers, torch) that a fork would copy mid-lock
-            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(tok.to_dict(),))
+            # spawn, not fork: the parent may hold threads (tokenizers, torch) that a fork would copy mid-lock.
+            # The workers import gptlab.tokenizer only, not torch.
+            self.pool = ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=start_encode_worker, initargs=(tok.to_dict(),)
+            )
 
     def map(self, jobs: Iterable[list[Planned]]) -> Iterator[tuple[list[Planned], list[tuple[np.ndarray, int]]]]:
         if self.pool is None:
             for job in jobs:
-                yield job, _encode_job([p.piece.text for p in job], self.dtype, self.tok)
+                yield job, encode_sized([p.piece.text for p in job], self.dtype, self.tok)
             return
         inflight: deque[tuple[list[Planned], Future]] = deque()
         for job in jobs:
-            inflight.append((job, self.pool.submit(_encode_job, [p.piece.text for p in job], self.dtype)))
+            inflight.append((job, self.pool.submit(encode_sized, [p.piece.text for p in job], self.dtype)))
             if len(inflight) >= 2 * self.workers:
                 done, future = inflight.popleft()
                 yield done, future.result()

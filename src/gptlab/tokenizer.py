@@ -38,6 +38,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import tiktoken
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
@@ -1018,3 +1019,40 @@ def load_tokenizer(spec: str | os.PathLike[str]) -> AnyTokenizer:
     if isinstance(data, dict) and "format" not in data and "model" in data:  # a HF tokenizer.json on its own
         return load_hf_tokenizer(path.parent) if path.name == "tokenizer.json" else WrappedTokenizer(data, path.stem, source=str(path))
     return tokenizer_from_dict(data, source=str(path))
+
+
+# ----------------------------------------------------------------------------- encoding in worker processes
+
+_worker_tokenizer: AnyTokenizer | None = None  # a worker process's tokenizer, set once by start_encode_worker
+
+
+def start_encode_worker(tokenizer_data: dict) -> None:
+    """Process-pool initializer: build the tokenizer every later `encode_sized` call in this process uses.
+
+    Ctrl-C is the parent's to handle (it stops the pool), so the worker ignores SIGINT.
+    It leaves when its parent dies: a pool's workers each hold the task queue's write
+    end, so a SIGKILLed parent would otherwise leave them waiting forever.
+    """
+    import multiprocessing
+    import signal
+    import threading
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer_from_dict(tokenizer_data)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True, name="exit-with-parent").start()
+
+
+def encode_sized(texts: list[str], dtype: str, tok: AnyTokenizer | None = None) -> list[tuple[np.ndarray, int]]:
+    """(ids as a `dtype` array, UTF-8 size) of each text, encoded as `encode_ordinary` does.
+
+    Without `tok` it uses the worker's tokenizer from `start_encode_worker`; arrays, not
+    lists, keep what travels back from a worker process small.
+    """
+    tok = tok or _worker_tokenizer
+    if tok is None:
+        raise TokenizerError("encode_sized needs a tokenizer: pass one, or start the process with start_encode_worker")
+    ids = tok.encode_batch(texts, num_threads=1)
+    return [(np.asarray(t, dtype=dtype), len(text.encode("utf-8", "surrogatepass"))) for t, text in zip(ids, texts)]
