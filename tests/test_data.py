@@ -102,15 +102,16 @@ def test_split_is_seeded_per_piece_and_never_leaves_a_split_empty():
 
 
 def test_eot_ends_documents_and_a_document_continuing_in_the_other_split():
-    texts = ["a1", "a2", "a3", "b1"]
-    ends = [False, False, True, True]  # a1..a3 are one document
-    for seed in range(40):
-        planned = list(plan_splits(pieces(texts, ends), 0.5, seed))
+    texts = ["a1", "a2", "a3", "b1", "b2"]
+    ends = [False, False, True, False, False]  # a1..a3 are one document, b1..b2 another (cut short)
+    fractions = (1e-9, 0.3, 0.5, 0.7, 1 - 1e-9)  # the extremes move the last piece to the empty split
+    for seed, f in ((seed, f) for seed in range(30) for f in fractions):
+        planned = list(plan_splits(pieces(texts, ends), f, seed))
         for p, nxt in zip(planned, planned[1:] + [None]):
-            expected = p.piece.doc_end or (nxt is not None and nxt.split != p.split)
-            if nxt is None:
-                expected = True
-            assert p.eot == expected
+            assert p.eot == (nxt is None or p.piece.doc_end or nxt.split != p.split)
+        for split in ("train", "val"):  # every split is non-empty and ends a document
+            mine = [p for p in planned if p.split == split]
+            assert mine and mine[-1].eot
 
 
 def test_long_files_stream_in_pieces_that_tokenize_like_the_whole(tmp_path, monkeypatch):

@@ -238,35 +238,50 @@ class Planned:
     eot: bool
 
 
+def _mark_last(items: Iterable[Piece]) -> Iterator[tuple[Piece, bool]]:
+    held: Piece | None = None
+    for item in items:
+        if held is not None:
+            yield held, False
+        held = item
+    if held is not None:
+        yield held, True
+
+
 def plan_splits(pieces: Iterable[Piece], val_fraction: float, seed: int) -> Iterator[Planned]:
-    """Assign every piece to train or val, streaming, one piece ahead.
+    """Assign every piece to train or val, streaming, and say where <|endoftext|> goes.
 
     A piece goes to val when a hash of (seed, its index) falls below val_fraction, so the
-    choice needs no view of the whole corpus. <|endoftext|> follows a piece that ends its
-    document, or whose document goes on in the other split. If a split would stay empty,
-    the last piece goes to it; a corpus of one piece is cut at a line break instead.
+    choice needs no view of the whole corpus. If a split would stay empty, the last piece
+    goes to it; a corpus of one piece is cut at a line break instead. <|endoftext|>
+    follows a piece that ends its document, or whose document goes on in the other split.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-    held: Planned | None = None
-    used = set()
-    for piece in pieces:
-        split = "val" if _unit_hash(seed, piece.index) < val_fraction else "train"
+
+    def assigned() -> Iterator[tuple[Piece, str]]:
+        used: set[str] = set()
+        for piece, last in _mark_last(pieces):
+            split = "val" if _unit_hash(seed, piece.index) < val_fraction else "train"
+            if last and not used:
+                head, tail = cut_for_validation(piece.text, val_fraction)
+                yield replace(piece, text=head, doc_end=True), "train"
+                yield Piece(piece.index + 1, tail, 0, True), "val"  # index + 1: no later piece exists to share it
+                return
+            if last and len(used) == 1:
+                split = ({"train", "val"} - used).pop()
+            used.add(split)
+            yield piece, split
+        if not used:
+            raise DataError("input is empty: it holds no text")
+
+    held: tuple[Piece, str] | None = None
+    for piece, split in assigned():
         if held is not None:
-            yield replace(held, eot=held.piece.doc_end or split != held.split)
-            used.add(held.split)
-        held = Planned(piece, split, True)
-    if held is None:
-        raise DataError("input is empty: it holds no text")
-    last = held.piece
-    if not used:
-        head, tail = cut_for_validation(last.text, val_fraction)
-        yield Planned(replace(last, text=head), "train", True)
-        yield Planned(Piece(last.index + 1, tail, 0, True), "val", True)  # index + 1: no later piece exists to share it
-    elif len(used) == 1:
-        yield replace(held, split=({"train", "val"} - used).pop())
-    else:
-        yield held
+            yield Planned(held[0], held[1], eot=held[0].doc_end or split != held[1])
+        held = (piece, split)
+    if held is not None:
+        yield Planned(held[0], held[1], eot=True)
 
 
 # ----------------------------------------------------------------------------- tokenizing in workers
