@@ -63,19 +63,22 @@ def uninterrupted(data_dir, tmp_path_factory) -> dict[str, torch.Tensor]:
 
 def test_killed_three_times_at_random_moments_ends_bit_identical(data_dir, uninterrupted, tmp_path):
     run_dir, rng = tmp_path / "run", random.Random(0)
+    killed_after: list[int] = []
     for _ in range(3):
         proc = start(data_dir, run_dir)
         wait_for_step(proc, run_dir, logged_step(run_dir))  # it is training, past where it was killed last time
         time.sleep(rng.uniform(0.0, 0.3))  # anywhere in a step, an evaluation or a checkpoint write
         proc.kill()
-        assert proc.wait() == -signal.SIGKILL  # killed mid-run, not after it had finished
+        killed_after.append(logged_step(run_dir))
+        assert proc.wait() == -signal.SIGKILL, proc.stderr.read()  # killed mid-run, not after it had finished
         for ckpt in step_dirs(run_dir):  # whatever it was doing, every published checkpoint is whole
             load_checkpoint(ckpt, with_trainer_state=True)
     (run_dir / "checkpoints" / ".step_00000099.tmp-left-by-a-kill").mkdir()
     proc = start(data_dir, run_dir)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()
     resumed = final_weights(run_dir)
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    differ = [k for k in uninterrupted if not torch.equal(resumed[k], uninterrupted[k])]
+    assert not differ, f"{differ} differ; kills after steps {killed_after}"
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # half-written copies cleared
 
 
