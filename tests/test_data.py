@@ -164,6 +164,12 @@ def test_bad_inputs_fail_with_the_file_named_and_nothing_written(tmp_path, setup
     assert not out.exists()
 
 
+def test_an_unwritable_output_is_named(tmp_path, corpus_dir):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match=r"cannot write to .*file/out \(Not a directory\)"):
+        prepare(tmp_path / "file" / "out", "gpt2", inputs=[corpus_dir], progress=False)
+
+
 def test_a_bad_file_after_shards_were_written_removes_them(tmp_path, corpus_dir):
     src = tmp_path / "in"
     src.mkdir()

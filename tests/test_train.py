@@ -113,6 +113,25 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_dir, dro
     assert steps == sorted(steps)  # no records duplicated by the resume
 
 
+def test_a_checkpoint_without_a_loader_cursor_resumes_with_a_warning(tmp_path, data_dir, monkeypatch):
+    """Checkpoints from before the shard loader kept a torch.Generator state under "sampler" instead."""
+    import gptlab.train
+
+    real = gptlab.train.save_checkpoint
+
+    def old_format(run_dir, step, model, model_config, tokenizer, cfg, trainer_state, **kw):
+        trainer_state = {**trainer_state, "sampler": torch.Generator().get_state()}
+        del trainer_state["loader"]
+        return real(run_dir, step, model, model_config, tokenizer, cfg, trainer_state, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(gptlab.train, "save_checkpoint", old_format)
+        train(TINY, tcfg(), data_dir, tmp_path / "run", stop_at=4, progress=False)
+    with pytest.warns(UserWarning, match="holds no data-loader position .* the data order starts over"):
+        result = train(None, None, data_dir, tmp_path / "run", resume=True, progress=False)
+    assert result.step == tcfg().max_steps
+
+
 def test_resume_without_checkpoint_starts_fresh(tmp_path, data_dir):
     train(TINY, tcfg(max_steps=3), data_dir, tmp_path / "a", progress=False)
     train(TINY, tcfg(max_steps=3), data_dir, tmp_path / "b", resume=True, progress=False)

@@ -535,9 +535,11 @@ def prepare(
             (out / META_FILE).unlink(missing_ok=True)  # incomplete from here until meta.json is written again
             write_atomic(out / TOKENIZER_FILE, json.dumps(tok.to_dict()).encode())
             splits = {s: SplitProgress() for s in SPLITS}
-    except GptlabError:
+    except (GptlabError, OSError) as err:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
+        if isinstance(err, OSError):
+            raise DataError(f"cannot write to {out} ({err.strerror or err})") from None
         raise
 
     def save_state() -> None:
