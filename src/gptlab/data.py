@@ -185,7 +185,7 @@ class Source:
         """What identifies this input, so a resumed prepare can tell whether it is still the same."""
         if self.corpus is not None:
             return {"corpus": self.corpus, "python": sys.version}
-        files = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in self.files]
+        files = [[str(f.resolve()), st.st_size, st.st_mtime_ns] for f, st in ((f, f.stat()) for f in self.files)]
         return {"files": files, "encoding": self.encoding, "text_field": self.text_field}
 
     def documents(self, piece_chars: int = PIECE_CHARS) -> Iterator[tuple[str, int, bool]]:
@@ -396,6 +396,11 @@ class _ShardWriter:
                     self._publish(piece.index + 1, 0, self.bytes, self.documents)
                 else:
                     self._publish(piece.index, pos, *before)
+
+    @property
+    def tokens_written(self) -> int:
+        """Tokens in published shards plus the shard in progress."""
+        return self.published.tokens + self._filled
 
     def finish(self, next_piece: int) -> None:
         if self._filled:
@@ -615,14 +620,12 @@ def _stream_into(
             yield p
 
     encoder = _Encoder(tok, token_dtype(tok.vocab_size), workers)
-    tokens = {s: w.published.tokens for s, w in writers.items()}
     try:
         for job, results in encoder.map(_jobs(todo(), JOB_CHARS)):
             for p, (ids, n_bytes) in zip(job, results):
                 writers[p.split].add(p, ids, n_bytes, eot)
-                tokens[p.split] += len(ids) + int(p.eot)
                 bar.update(p.piece.raw_bytes)
-            bar.set_postfix(tokens=f"{sum(tokens.values()):,}", refresh=False)
+            bar.set_postfix(tokens=f"{sum(w.tokens_written for w in writers.values()):,}", refresh=False)
         for w in writers.values():
             w.finish(n_pieces)
     finally:
