@@ -8,7 +8,14 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_GPT2 = REPO.parent / "shared" / "tokenizers" / "gpt2"
+# The GPT-2 tokenizer files the package ships (OpenAI's encoder.json and vocab.bpe under Hugging Face's
+# names). Reference tokenizers are built from them, so every test runs in a fresh clone; the checksums
+# are those of OpenAI's released files, so a damaged or edited copy fails instead of testing itself.
+GPT2_FILES = REPO / "src" / "gptlab" / "assets" / "gpt2"
+GPT2_SHA256 = {
+    "vocab.json": "a2d6a81348c03831f7cf229a74875a8a70d2dc3a08009208108a1d5cf426002d",
+    "merges.txt": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
 
 
 def small_text_corpus(n_bytes: int = 120_000) -> list[str]:
@@ -34,6 +41,16 @@ def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
 
 def tokens(shape: tuple[int, ...], vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="session")
+def gpt2_files() -> Path:
+    """The packaged GPT-2 vocab.json + merges.txt, checked against OpenAI's release."""
+    import hashlib
+
+    for name, digest in GPT2_SHA256.items():
+        assert hashlib.sha256((GPT2_FILES / name).read_bytes()).hexdigest() == digest, f"{GPT2_FILES / name} differs from OpenAI's file"
+    return GPT2_FILES
 
 
 @pytest.fixture

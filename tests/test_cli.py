@@ -98,6 +98,49 @@ def test_bad_input_gives_a_one_line_error_and_exit_2(tmp_path, corpus_dir, data_
     assert message in err
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, data_dir):
+    """A tiny checkpoint and its Hugging Face export."""
+    from gptlab.checkpoint import write_checkpoint_dir
+    from gptlab.config import GPTConfig
+    from gptlab.data import load_data
+    from gptlab.hf import export_hf
+    from gptlab.model import GPT
+
+    root = tmp_path_factory.mktemp("exported")
+    cfg = GPTConfig(vocab_size=512, block_size=32, n_layer=1, n_head=2, n_embd=32)
+    (root / "ckpt").mkdir()
+    write_checkpoint_dir(root / "ckpt", 0, GPT(cfg), cfg, load_data(data_dir).tokenizer())
+    export_hf(root / "ckpt", root / "hf")
+    return root / "ckpt", root / "hf"
+
+
+@pytest.mark.parametrize("out", ["/proc/nope", "{tmp}/file/sub", "/proc/self/nope/deeper"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["export-hf", "{ckpt}", "--out", "{out}"],
+        ["import-hf", "{hf}", "--out", "{out}"],
+        ["train", "--data", "{data}", "--out", "{out}", *TINY_MODEL, *TINY_TRAIN],
+        ["prepare", "--input", "{corpus}", "--tokenizer", "gpt2", "--out", "{out}", "-q"],
+        ["tokenizer", "train", "--input", "{corpus}", "--vocab-size", "300", "--out", "{out}/tok.json", "-q"],
+        ["plot", "{ckpt_run}", "--out", "{out}"],
+    ],
+    ids=lambda v: v[0] if isinstance(v, list) else None,
+)
+def test_an_output_that_cannot_be_created_gives_one_line_and_exit_2(tmp_path, corpus_dir, data_dir, exported, capsys, argv, out):
+    (tmp_path / "file").write_text("a file where a directory should be")
+    ckpt, hf = exported
+    run_dir = tmp_path / "run"
+    if argv[0] == "plot":  # a run with metrics to plot
+        assert run(capsys, "train", "--data", str(data_dir), "--out", str(run_dir), *TINY_MODEL, *TINY_TRAIN)[0] == 0
+    out = out.format(tmp=tmp_path)
+    fields = dict(tmp=tmp_path, corpus=corpus_dir, data=data_dir, ckpt=ckpt, hf=hf, out=out, ckpt_run=run_dir)
+    code, _, err = run(capsys, *[a.format(**fields) for a in argv])
+    assert code == 2 and err.startswith("gptlab: error: ") and err.count("\n") == 1, err
+    assert out.split("/")[1] in err or "file" in err
+
+
 def test_long_prompt_and_corrupted_checkpoint_through_the_cli(tmp_path, data_dir, capsys):
     run_dir = tmp_path / "run"
     assert run(capsys, "train", "--data", str(data_dir), "--out", str(run_dir), *TINY_MODEL, *TINY_TRAIN)[0] == 0

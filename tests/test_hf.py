@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_GPT2, randomize_, small_text_corpus, tokens
+import transformers  # a dev dependency: the reference must be there, not skipped
+from conftest import randomize_, small_text_corpus, tokens
 from safetensors.torch import load_file
 
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
@@ -27,7 +28,6 @@ from gptlab.hf import config_from_hf, config_to_hf, export_hf, import_hf, load_h
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer, WrappedTokenizer, load_hf_tokenizer
 
-transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB, CTX = 300, 80  # CTX leaves room for an 8-token prompt plus 64 generated tokens
@@ -212,10 +212,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def gpt2_dir() -> Path:
-    if not (SHARED_GPT2 / "vocab.json").is_file():
-        pytest.skip(f"no GPT-2 reference files at {SHARED_GPT2}")
-    return SHARED_GPT2
+def gpt2_dir(gpt2_files) -> Path:
+    return gpt2_files
 
 
 @pytest.mark.parametrize("files", ["vocab.json+merges.txt", "tokenizer.json"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import glob
+import hashlib
 import json
 import os
 import sysconfig
@@ -18,10 +19,6 @@ import gptlab.tokenizer as tokmod
 from gptlab.errors import ConfigError, TokenizerError
 from gptlab.tokenizer import EOT, GPT2_PATTERN, Tokenizer, load_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_GPT2 = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt2"
-ASSETS = REPO / "src" / "gptlab" / "assets" / "gpt2"
-needs_shared = pytest.mark.skipif(not (SHARED_GPT2 / "vocab.json").is_file(), reason=f"no GPT-2 reference files at {SHARED_GPT2}")
 
 HAND_TEXTS = [
     "Hello world",
@@ -88,11 +85,10 @@ def gpt2() -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def hf_gpt2():
-    if not (SHARED_GPT2 / "vocab.json").is_file():
-        pytest.skip(f"no GPT-2 reference files at {SHARED_GPT2}")
-    transformers = pytest.importorskip("transformers")
-    return transformers.GPT2TokenizerFast.from_pretrained(str(SHARED_GPT2))
+def hf_gpt2(gpt2_files):
+    import transformers  # a dev dependency: the reference must be there, not skipped
+
+    return transformers.GPT2TokenizerFast.from_pretrained(str(gpt2_files))
 
 
 def _corpus_docs() -> list[str]:
@@ -121,14 +117,21 @@ def trained() -> tuple[Tokenizer, object]:
 # ----------------------------------------------------------------------------- GPT-2 parity
 
 
-@needs_shared
-def test_packaged_assets_match_shared_files():
-    for name in ("vocab.json", "merges.txt"):
-        assert (ASSETS / name).read_bytes() == (SHARED_GPT2 / name).read_bytes(), name
+def test_packaged_assets_are_openai_files_and_what_gpt2_loads(gpt2_files):
+    from importlib import resources
+
+    import conftest
+
+    installed = resources.files("gptlab") / "assets" / "gpt2"
+    for name, digest in conftest.GPT2_SHA256.items():
+        data = (installed / name).read_bytes()  # what Tokenizer.gpt2() reads, wherever the package is installed
+        assert hashlib.sha256(data).hexdigest() == digest, name
+    assert len(json.loads((gpt2_files / "vocab.json").read_text(encoding="utf-8"))) == 50257
+    assert (gpt2_files / "merges.txt").read_text(encoding="utf-8").splitlines()[0] == "#version: 0.2"
 
 
-def test_gpt2_vocabulary(gpt2):
-    vocab = json.loads((ASSETS / "vocab.json").read_text(encoding="utf-8"))
+def test_gpt2_vocabulary(gpt2, gpt2_files):
+    vocab = json.loads((gpt2_files / "vocab.json").read_text(encoding="utf-8"))
     assert gpt2.name == "gpt2"
     assert gpt2.vocab_size == len(vocab) == 50257
     assert gpt2.eot_id == vocab[EOT] == 50256
@@ -237,7 +240,8 @@ def test_decode_of_any_ids(trained, ids):
 
 
 def test_decode_accepts_arrays_and_iterators(gpt2):
-    np = pytest.importorskip("numpy")
+    import numpy as np
+
     ids = gpt2.encode("Hello world<|endoftext|>")
     assert gpt2.decode(np.array(ids)) == gpt2.decode(iter(ids)) == "Hello world<|endoftext|>"
     assert gpt2.token_bytes(np.int64(995)) == b" world"

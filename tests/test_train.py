@@ -180,8 +180,10 @@ def test_bad_run_setups_fail_before_any_work(tmp_path, data_dir):
         train(TINY.replace(vocab_size=100), tcfg(), data_dir, tmp_path / "r2", progress=False)
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(GptlabError, match="not writable"):
+    with pytest.raises(GptlabError, match=f"run directory is not writable: {blocker} is a file, not a directory"):
         train(TINY, tcfg(), data_dir, blocker / "run", progress=False)
+    with pytest.raises(GptlabError, match="not writable: /proc/nope: No such file or directory"):  # refused even to root
+        train(TINY, tcfg(), data_dir, "/proc/nope", progress=False)
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
 
 

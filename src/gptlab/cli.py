@@ -46,8 +46,10 @@ TRAIN_FIELDS = (
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from gptlab.data import Source
+    from gptlab.fileio import check_writable
     from gptlab.tokenizer import EOT, Tokenizer
 
+    check_writable(Path(args.out).parent, "tokenizer's directory")  # before the training, not after
     texts = (text for text, _, _ in Source.of(args.input, args.corpus, args.encoding).documents())  # streamed: any corpus size
     specials = [EOT, *(s for s in args.special_tokens if s != EOT)]  # gptlab separates documents with EOT
     tok = Tokenizer.train(texts, vocab_size=args.vocab_size, special_tokens=specials, progress=not args.quiet)
@@ -461,6 +463,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except GptlabError as err:
         print(f"gptlab: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file-system problem no command anticipated: still one line, not a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"gptlab: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptlab: interrupted", file=sys.stderr)

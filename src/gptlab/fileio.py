@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from gptlab.errors import GptlabError
+
 
 def stage_file(directory: Path, write: Callable[[BinaryIO], object], name: str = "") -> Path:
     """A temporary file in `directory` filled by `write(f)` and flushed to disk; the caller renames it into place."""
@@ -38,6 +40,31 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def unwritable_reason(directory: Path) -> str | None:
+    """Why files cannot be written in `directory` (created if missing), or None when they can.
+
+    The reason names the path at fault: a file where a directory should be, a missing
+    parent, permissions, a read-only or special filesystem.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        blocker = next((p for p in (directory, *directory.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            return f"{blocker} is a file, not a directory"
+        return f"{directory}: {err.strerror or err}"
+    return None
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """Fail before any long work starts when `directory` (the `what` of a command) cannot be written."""
+    reason = unwritable_reason(directory)
+    if reason is not None:
+        raise GptlabError(f"the {what} is not writable: {reason}")
 
 
 def _umask() -> int:

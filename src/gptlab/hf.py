@@ -10,6 +10,7 @@ dict and tensor code), HF model directories on disk, the hub, then `load_hf`,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -30,7 +31,7 @@ from torch import Tensor
 from gptlab.checkpoint import load_checkpoint, write_checkpoint_dir
 from gptlab.config import GPTConfig
 from gptlab.errors import CheckpointError, ConfigError, GptlabError
-from gptlab.fileio import staged_dir
+from gptlab.fileio import staged_dir, unwritable_reason
 from gptlab.model import GPT, sinusoidal_positions
 from gptlab.tokenizer import EOT, AnyTokenizer, load_hf_tokenizer
 
@@ -451,10 +452,24 @@ def load_hf(src: str | os.PathLike[str], device: str | torch.device = "cpu", rev
 
 
 def _check_out(out: Path, force: bool) -> None:
+    """Refuse an output that cannot be written before any download, load or conversion."""
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out}: directory exists and is not empty (use --force to replace it)")
+    reason = unwritable_reason(out.parent)  # out itself appears by a rename from a sibling directory
+    if reason is not None:
+        raise CheckpointError(f"{out}: cannot be written ({reason})")
+
+
+@contextlib.contextmanager
+def _writing(out: Path):
+    """staged_dir(out), with a failed write (disk full, a filesystem that refuses renames) reported in one line."""
+    try:
+        with staged_dir(out) as tmp:
+            yield tmp
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"cannot write {out} ({getattr(err, 'strerror', None) or err}); nothing was written there") from None
 
 
 def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], revision: str | None = None, force: bool = False) -> HFModel:
@@ -465,7 +480,7 @@ def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], revision
     if loaded.tokenizer is None:
         raise CheckpointError(f"{loaded.directory}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt); a checkpoint needs one")
     source = {"hf_source": str(src), "hf_model_type": loaded.model_type, "hf_revision": revision}
-    with staged_dir(out) as tmp:
+    with _writing(out) as tmp:
         write_checkpoint_dir(tmp, 0, loaded.model, loaded.config, loaded.tokenizer, extra_meta={"source": source})
     return loaded
 
@@ -483,7 +498,7 @@ def export_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], force: 
     hf_sd = state_dict_to_hf(sd, cfg)
     if cfg.tie_weights:
         del hf_sd[_HEAD]  # HF re-ties it on load; safetensors cannot store one tensor twice
-    with staged_dir(out) as tmp:
+    with _writing(out) as tmp:
         _save_safetensors({k: v.contiguous() for k, v in hf_sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         generation = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}

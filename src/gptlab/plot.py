@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from gptlab.errors import DataError
+from gptlab.fileio import check_writable
 from gptlab.train import METRICS_FILE
 
 
@@ -38,7 +39,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
     records = read_metrics(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "plot directory")
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     lrs = [(r["step"], r["lr"]) for r in records if "lr" in r]

@@ -339,8 +339,11 @@ class _Vocabulary:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the one-file JSON form atomically: a reader sees the old file or the new one, never half."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        except OSError as err:
+            raise TokenizerError(f"{path}: cannot write the tokenizer ({err.strerror or err})") from None
 
 
 class Tokenizer(_Vocabulary):

@@ -19,7 +19,6 @@ import math
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -37,6 +36,7 @@ from gptlab.config import GPTConfig, TrainConfig
 from gptlab.data import ShardLoader, TokenData, check_block_size, load_data
 from gptlab.distributed import DistInfo, any_rank, full_state, grad_sync, load_optimizer_state, mean_over_ranks, setup, teardown, wrap
 from gptlab.errors import CheckpointError, ConfigError, GptlabError
+from gptlab.fileio import check_writable
 from gptlab.model import GPT
 
 METRICS_FILE = "metrics.jsonl"
@@ -213,16 +213,6 @@ def check_disk_space(run_dir: Path, model_config: GPTConfig) -> None:
         raise GptlabError(f"{run_dir}: {free / 1e6:,.0f} MB free on its disk, but one checkpoint needs about {need / 1e6:,.0f} MB")
 
 
-def check_writable(run_dir: Path) -> None:
-    """Fail before training if the run directory cannot be created or written."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise GptlabError(f"{run_dir}: run directory is not writable ({err.strerror or err})") from None
-
-
 def _record_step(line: str) -> float:
     """The step of one metrics.jsonl line; +inf for a blank or unparseable (torn) line."""
     try:
@@ -295,7 +285,7 @@ def train(
     if model_config is None or train_config is None:
         raise ConfigError("a fresh run needs both a model config and a train config")
     _check_compatible(model_config, data)
-    check_writable(run_dir)
+    check_writable(run_dir, "run directory")
     check_disk_space(run_dir, model_config)
     cfg = train_config
     info, device = setup(resolve_device(cfg.device))
