@@ -188,3 +188,38 @@ def test_sample_batches_streaming_stops_and_speculative(tmp_path, data_dir, caps
     (tmp_path / "bad.jsonl").write_text("{oops\n", encoding="utf-8")
     code, _, err = run(capsys, *base, "--batch-file", str(tmp_path / "bad.jsonl"))
     assert code == 2 and "bad.jsonl:1: not JSON" in err
+
+
+def test_train_with_only_max_steps_derives_the_warmup_and_says_so(tmp_path, data_dir, capsys):
+    # the bar a new user runs first: no --warmup-steps, a short run
+    base = ["train", "--data", str(data_dir), "--out", str(tmp_path / "run"), *TINY_MODEL, "--device", "cpu", "-q"]
+    code, out, err = run(capsys, *base, "--max-steps", "30")
+    assert code == 0, err
+    assert "schedule: 30 steps" in out and "warmup 3 steps (auto: a tenth of the steps" in out and "step 30: val loss" in out
+    code, _, err = run(capsys, *base[:4], str(tmp_path / "run2"), *base[5:], "--max-steps", "30", "--warmup-steps", "100")
+    assert code == 2 and "warmup_steps must be an integer in [0, max_steps=30], got 100" in err
+
+
+def test_duration_flags():
+    from gptlab.cli import duration
+
+    assert [duration(t) for t in ("600", "90s", "10m", "1.5h", "0.5m")] == [600.0, 90.0, 600.0, 5400.0, 30.0]
+    for bad in ("", "m", "ten minutes", "-5m", "0", "inf", "nan"):
+        with pytest.raises(__import__("argparse").ArgumentTypeError):
+            duration(bad)
+
+
+def test_train_time_budget_through_the_cli(tmp_path, data_dir, capsys):
+    import time
+
+    base = ["train", "--data", str(data_dir), "--out", str(tmp_path / "run"), *TINY_MODEL, "--device", "cpu", "--eval-batches", "2", "-q"]
+    t0 = time.perf_counter()
+    code, out, err = run(capsys, *base, "--time-budget", "5s")
+    seconds = time.perf_counter() - t0
+    assert code == 0, err
+    plan = next(line for line in out.splitlines() if line.startswith("time budget 5.0s"))
+    steps = int(plan.split("-> ")[1].split()[0])
+    assert f"schedule: {steps} steps" in out and (f"step {steps}: val loss" in out or "the time budget ended the run" in out)
+    assert seconds < 5.0 + 2.0, seconds  # on time, with slack for a busy machine
+    code, _, err = run(capsys, *base[:4], str(tmp_path / "run2"), *base[5:], "--time-budget", "5m", "--max-steps", "10")
+    assert code == 2 and "not both" in err

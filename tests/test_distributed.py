@@ -19,9 +19,9 @@ FLAGS = ["--vocab-size", "512", "--block-size", "32", "--n-layer", "2", "--n-hea
          "--eval-batches", "2", "--save-every", "10", "--log-every", "5", "--seed", "3", "--device", "cpu", "-q"]  # fmt: skip
 
 
-def torchrun(data_dir: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+def torchrun(data_dir: Path, run_dir: Path, *extra: str, flags: list[str] = FLAGS) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "gptlab", "train", "--data", str(data_dir), "--out", str(run_dir), *FLAGS, *extra]  # fmt: skip
+           "-m", "gptlab", "train", "--data", str(data_dir), "--out", str(run_dir), *flags, *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -85,6 +85,20 @@ def test_a_single_process_run_resumes_in_two(data_dir, reference, tmp_path):
     diff = max_diff(weights(tmp_path / "run"), weights(reference))
     print(f"\n1 -> 2 processes: max |param diff| after 20 steps = {diff:.2e}")
     assert diff <= 1e-6
+
+
+def test_a_short_run_without_warmup_flag_and_a_time_budget_under_torchrun(data_dir, tmp_path):
+    drop = {FLAGS.index("--max-steps"), FLAGS.index("--warmup-steps")}
+    flags = [f for i, f in enumerate(FLAGS) if i not in drop and i - 1 not in drop]  # each flag with its value
+    assert len(flags) == len(FLAGS) - 4
+    out = torchrun(data_dir, tmp_path / "short", "--max-steps", "10", flags=flags)  # the bar a new user runs
+    assert "warmup 1 steps (auto" in out.stdout and "step 10: val loss" in out.stdout
+    out = torchrun(data_dir, tmp_path / "budget", "--time-budget", "12s", flags=flags)
+    plan = [line for line in out.stdout.splitlines() if line.startswith("time budget 12.0s")]
+    assert len(plan) == 1, out.stdout  # both processes measured, one plan, reported once
+    steps = int(plan[0].split("-> ")[1].split()[0])
+    assert f"schedule: {steps} steps" in out.stdout and out.stdout.count("checkpoint:") == 1
+    assert (tmp_path / "budget" / "checkpoints").is_dir()
 
 
 def test_optimizer_state_loads_in_both_formats():

@@ -205,3 +205,114 @@ def test_activation_checkpointing_gives_the_same_weights_and_peak_memory_is_logg
     assert all(torch.equal(a[k], b[k]) for k in a)  # recomputed activations are the same numbers
     record = json.loads((tmp_path / "ckpt/metrics.jsonl").read_text().splitlines()[0])
     assert record["peak_mem_mb"] > 10 and plain.peak_mem_mb > 10
+
+
+# ----------------------------------------------------------------------------- warmup default and time budget
+
+
+def test_warmup_follows_the_run_length_unless_given():
+    assert [TrainConfig(max_steps=n).warmup for n in (5, 30, 999, 1000, 5000)] == [0, 3, 99, 100, 100]
+    assert TrainConfig(max_steps=30, warmup_steps=7).warmup == 7
+    with pytest.raises(ConfigError, match=r"warmup_steps must be an integer in \[0, max_steps=30\], got 100"):
+        TrainConfig(max_steps=30, warmup_steps=100)  # an explicit value that does not fit stays an error
+    no_warmup = TrainConfig(max_steps=5, lr=1.0, min_lr=0.0)
+    assert lr_at(0, no_warmup) == pytest.approx(1.0) and lr_at(5, no_warmup) == 0.0  # straight into the cosine
+
+
+class FakeClock:
+    """A clock that moves only when the test says: training steps and evaluations cost simulated seconds."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def simulated(monkeypatch):
+    """Simulated time for gptlab.train: each optimizer step costs `step_s` (calibration steps, which run
+    at learning rate 0, cost `calibration_step_s`), each evaluation batch `eval_batch_s`."""
+    import gptlab.train as trainmod
+
+    clock = FakeClock()
+    costs = {"calibration_step_s": 0.1, "step_s": 0.1, "eval_batch_s": 0.01}
+    real_step, real_eval = trainmod.train_step, trainmod.estimate_loss
+
+    def train_step(model, optimizer, *args, **kwargs):
+        out = real_step(model, optimizer, *args, **kwargs)
+        calibrating = optimizer.param_groups[0]["lr"] == 0.0
+        clock.now += costs["calibration_step_s" if calibrating else "step_s"]
+        return out
+
+    def estimate_loss(model, loader, n_batches, *args, **kwargs):
+        clock.now += n_batches * costs["eval_batch_s"]
+        return real_eval(model, loader, n_batches, *args, **kwargs)
+
+    monkeypatch.setattr(trainmod, "clock", clock)
+    monkeypatch.setattr(trainmod, "train_step", train_step)
+    monkeypatch.setattr(trainmod, "estimate_loss", estimate_loss)
+    return clock, costs
+
+
+def test_a_time_budget_plans_the_steps_and_leaves_the_run_as_a_plain_one(tmp_path, data_dir, simulated):
+    clock, costs = simulated
+    lines = []
+    t0 = clock.now
+    budget = train(TINY, tcfg(time_budget=6.0, warmup_steps=None, eval_every=10, save_every=20), data_dir, tmp_path / "budget", progress=False, report=lines.append)
+    plan = budget.plan
+    assert plan is not None and plan.step_s == pytest.approx(0.1) and plan.eval_s == pytest.approx(2 * 0.01)
+    assert budget.stopped_by is None and budget.step == budget.max_steps == plan.steps
+    # the plan uses the budget: calibration (7 steps at most) and the run end within it, with little left over
+    assert 0.9 * 6.0 <= clock.now - t0 <= 6.0
+    assert 40 <= plan.steps <= 52
+    summary = "\n".join(lines)
+    assert f"-> {plan.steps} steps" in summary and "time budget 6.0s" in summary
+    assert f"warmup {plan.steps // 10} steps (auto" in summary
+
+    # calibration left no trace: the same step count without a budget gives bit-identical weights
+    plain = train(TINY, tcfg(max_steps=plan.steps, warmup_steps=None, eval_every=10, save_every=20), data_dir, tmp_path / "plain", progress=False)
+    a, b = load_checkpoint(budget.checkpoint).model.state_dict(), load_checkpoint(plain.checkpoint).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "budget" / "run.json").read_text())["train_config"]["max_steps"] == plan.steps
+
+
+def test_a_slower_machine_cuts_the_schedule_and_still_evaluates_and_saves_on_time(tmp_path, data_dir, simulated):
+    clock, costs = simulated
+    costs["step_s"] = 0.3  # three times slower than calibrated, from the first real step on
+    t0 = clock.now
+    result = train(TINY, tcfg(time_budget=6.0, eval_every=1000, save_every=1000), data_dir, tmp_path / "run", progress=False)
+    assert result.stopped_by == "time budget" and result.step < result.max_steps == result.plan.steps
+    assert clock.now - t0 <= 6.0  # on time, final evaluation included
+    assert result.checkpoint == tmp_path / "run" / "checkpoints" / f"step_{result.step:08d}"
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == result.step and "val_loss" in records[-1] and result.val is not None
+    # cut, not stretched: the last step's learning rate is the planned schedule's
+    last_train = [r for r in records if "lr" in r][-1]
+    assert last_train["lr"] == pytest.approx(lr_at(result.step - 1, tcfg(max_steps=result.max_steps)))
+    assert load_checkpoint(result.checkpoint).train_config.max_steps == result.max_steps
+
+
+def test_a_resumed_run_keeps_its_schedule_and_takes_a_budget_only_when_given(tmp_path, data_dir, simulated):
+    clock, costs = simulated
+    run_dir = tmp_path / "run"
+    first = train(TINY, tcfg(time_budget=4.0), data_dir, run_dir, progress=False)
+    assert first.plan is not None and first.stopped_by is None
+    # the saved budget does not carry over: extending the schedule runs to its end
+    longer = first.max_steps + 30
+    resumed = train(None, None, data_dir, run_dir, resume=True, progress=False, resume_overrides={"max_steps": longer})
+    assert resumed.step == resumed.max_steps == longer and resumed.plan is None
+    # a budget given at the resume caps that session without changing the schedule
+    costs["step_s"] = 0.5
+    capped = train(None, None, data_dir, run_dir, resume=True, progress=False, resume_overrides={"max_steps": longer + 100, "time_budget": 3.0})
+    assert capped.stopped_by == "time budget" and capped.max_steps == longer + 100 and longer < capped.step < longer + 10
+
+
+def test_a_budget_too_short_for_one_step_is_refused(tmp_path, data_dir, simulated):
+    clock, costs = simulated
+    costs["calibration_step_s"] = costs["step_s"] = 2.0
+    with pytest.raises(ConfigError, match="leaves no time to train"):
+        train(TINY, tcfg(time_budget=7.0, warmup_steps=None), data_dir, tmp_path / "run", progress=False)  # calibration takes 6 s
+    costs["calibration_step_s"] = costs["step_s"] = 0.1
+    with pytest.raises(ConfigError, match=r"fits \d+ steps, fewer than warmup_steps \(500\)"):
+        train(TINY, tcfg(time_budget=5.0, warmup_steps=500, max_steps=1000), data_dir, tmp_path / "run2", progress=False)

@@ -37,8 +37,21 @@ MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", 
 TRAIN_FIELDS = (
     "batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
     "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "seed", "device", "dtype", "strategy",
-    "compile", "activation_checkpointing", "tf32", "max_bad_steps",
+    "compile", "activation_checkpointing", "tf32", "max_bad_steps", "time_budget",
 )  # fmt: skip
+
+
+def duration(text: str) -> float:
+    """A time span for argparse: '90' or '90s' seconds, '10m' minutes, '1.5h' hours."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, scale = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+    try:
+        seconds = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 600, 90s, 10m or 1.5h; got {text!r}") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"a duration must be positive, got {text!r}")
+    return seconds
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -143,12 +156,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot change the model when resuming {ckpt}: {', '.join(changed)} differ(s) from the checkpoint")
         model_cfg, train_cfg = None, None
     else:
+        if args.time_budget is not None and args.max_steps is not None:
+            raise ConfigError("--time-budget sets the number of steps of a new run; give it or --max-steps, not both")
         # Pad the vocabulary to a multiple of 64: the extra rows are never targets, and aligned shapes are faster.
         vocab = args.vocab_size or -(-data.vocab_size // 64) * 64
         model_cfg, train_cfg = GPTConfig(vocab_size=vocab, **model_fields), TrainConfig(**train_fields)
     result = train(
         model_cfg, train_cfg, args.data, args.out, resume=args.resume, stop_at=args.stop_at,
-        progress=not args.quiet, resume_overrides=train_fields,
+        progress=not args.quiet, resume_overrides=train_fields, report=print, started=args.started,
     )  # fmt: skip
     if os.environ.get("RANK", "0") == "0":  # under torchrun the main process reports
         _report_train(result)
@@ -163,12 +178,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _report_train(result: TrainResult) -> None:
-    if result.stopped_by is not None:
+    from gptlab.train import format_seconds
+
+    if result.stopped_by == "time budget":
+        print(f"the time budget ended the run at step {result.step} of {result.max_steps} (steps ran slower than planned): "
+              f"the schedule was cut short; --resume continues it")  # fmt: skip
+    elif result.stopped_by is not None:
         print(f"stopped by {result.stopped_by} after step {result.step}; continue with the same command and --resume")
     if result.val is not None:
         print(f"step {result.step}: val loss {result.val['loss']:.4f} | perplexity {result.val['perplexity']:.2f} | bpb {result.val['bpb']:.4f}")
     print(f"checkpoint: {result.checkpoint}")
-    print(f"throughput: {result.tokens_per_s:,.0f} tokens/s | peak memory {result.peak_mem_mb:,.0f} MiB")
+    print(f"throughput: {result.tokens_per_s:,.0f} tokens/s | peak memory {result.peak_mem_mb:,.0f} MiB | {format_seconds(result.seconds)} in all")
 
 
 def _read_batch_file(path: str) -> list[str]:
@@ -385,12 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--norm-placement", choices=["pre", "post"], help="pre-LN (GPT-2) or post-LN (GPT-1)")
     m.add_argument("--activation", choices=["gelu_tanh", "gelu", "relu", "silu"])
     o = t.add_argument_group("optimisation")
+    defaults = {"--max-steps": "optimizer steps (default 1000)", "--warmup-steps": "linear warmup steps (default: a tenth of the steps, at most 100)"}
     for flag, typ in (
         ("--batch-size", int), ("--grad-accum", int), ("--max-steps", int), ("--lr", float), ("--min-lr", float),
         ("--warmup-steps", int), ("--weight-decay", float), ("--grad-clip", float), ("--eval-every", int),
         ("--eval-batches", int), ("--save-every", int), ("--keep-last", int), ("--log-every", int), ("--seed", int),
     ):  # fmt: skip
-        o.add_argument(flag, type=typ)
+        o.add_argument(flag, type=typ, help=defaults.get(flag))
     o.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
     o.add_argument("--dtype", choices=["float32", "bfloat16"], help="autocast dtype (default float32)")
     o.add_argument("--strategy", choices=["ddp", "fsdp"], help="under torchrun: replicate (ddp, default) or shard (fsdp) the model")
@@ -398,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--activation-checkpointing", action="store_true", default=None, help="recompute activations in backward to save memory")
     o.add_argument("--no-tf32", dest="tf32", action="store_false", default=None, help="on CUDA, keep float32 matmuls in full float32")
     o.add_argument("--max-bad-steps", type=int, help="non-finite steps in a row (each skipped) before stopping (default 5)")
+    o.add_argument(
+        "--time-budget", type=duration, metavar="DURATION",
+        help="fit the run into this wall clock (600, 90s, 10m, 1.5h): the step time is measured and sets --max-steps; "
+        "the run stops by then even if steps slow down. With --resume it only caps this session",
+    )  # fmt: skip
 
     # sample
     t = command("sample", cmd_sample, "generate text from a checkpoint (KV cache, batches, streaming, speculative decoding)")
@@ -456,7 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import time
+
+    started = time.perf_counter()  # a time budget counts from here, torch's import included
     args = build_parser().parse_args(argv)
+    args.started = started
     from gptlab.errors import GptlabError
 
     try:

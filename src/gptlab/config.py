@@ -124,7 +124,13 @@ class TrainConfig(_Serializable):
 
     The effective batch is batch_size * grad_accum sequences of block_size tokens.
     The learning rate warms up linearly for warmup_steps, then follows a cosine
-    from lr down to min_lr at max_steps (Loshchilov & Hutter 2017).
+    from lr down to min_lr at max_steps (Loshchilov & Hutter 2017). Left unset,
+    warmup_steps follows the run's length (`auto_warmup`), so any max_steps is valid.
+
+    With time_budget (seconds), a fresh run measures its step time and replaces
+    max_steps with the number of steps that fit the budget, evaluation and checkpoints
+    included; every run, resumed ones too, stops by the budget's end (the schedule is
+    then cut short, never stretched), with a final evaluation and checkpoint.
     """
 
     batch_size: int = 8
@@ -132,7 +138,7 @@ class TrainConfig(_Serializable):
     max_steps: int = 1000
     lr: float = 6e-4
     min_lr: float = 6e-5
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: auto_warmup(max_steps)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -152,11 +158,18 @@ class TrainConfig(_Serializable):
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     tf32: bool = True  # on CUDA, float32 matmuls use TF32 tensor cores (10-bit mantissa products, float32 sums)
     max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient (each skipped) before the run stops
+    time_budget: float | None = None  # seconds of wall clock for the run, from the start of its setup
 
     def __post_init__(self) -> None:
         _positive_int(self, "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "max_bad_steps")
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.max_steps:
+        if self.warmup_steps is not None and (
+            not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or not 0 <= self.warmup_steps <= self.max_steps
+        ):
             raise ConfigError(f"warmup_steps must be an integer in [0, max_steps={self.max_steps}], got {self.warmup_steps!r}")
+        if self.time_budget is not None:
+            _in_range(self, "time_budget", 0.0, float("inf"), hi_open=True)
+            if self.time_budget <= 0:
+                raise ConfigError(f"time_budget must be a positive number of seconds, got {self.time_budget!r}")
         _in_range(self, "lr", 0.0, 10.0)
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
@@ -174,6 +187,18 @@ class TrainConfig(_Serializable):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
             raise ConfigError(f"device must be auto, cpu, cuda[:N] or mps; got {self.device!r}")
+
+
+    @property
+    def warmup(self) -> int:
+        """The warmup length in steps: warmup_steps if set, else auto_warmup(max_steps)."""
+        return auto_warmup(self.max_steps) if self.warmup_steps is None else self.warmup_steps
+
+
+def auto_warmup(max_steps: int) -> int:
+    """Default warmup: a tenth of the run, capped at 100 steps (the point where a small GPT's
+    Adam moments have settled; longer runs gain nothing from a longer ramp)."""
+    return min(100, max_steps // 10)
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,14 @@
 """`gptlab demo` (what `make demo` runs): the whole pipeline on Python's own documentation.
 
 Builds the pydoc corpus, trains a BPE tokenizer on it, writes token shards,
-trains a small GPT for a fixed time budget (the step count is fitted to this
-machine's measured speed, so the cosine schedule completes), evaluates it and
-samples from it.
+trains a small GPT for a fixed time budget (TrainConfig.time_budget: the step
+count is fitted to this machine's measured speed, so the cosine schedule
+completes), evaluates it and samples from it.
 """
 
 from __future__ import annotations
 
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -17,45 +16,28 @@ from pathlib import Path
 import torch
 
 from gptlab.config import GPTConfig, SampleConfig, TrainConfig
-from gptlab.data import ShardLoader, load_data, prepare
+from gptlab.data import load_data, prepare
 from gptlab.errors import ConfigError
 from gptlab.evaluate import evaluate_split
 from gptlab.generate import Engine
 from gptlab.model import GPT
-from gptlab.train import build_optimizer, fast_bf16, resolve_device, train, train_step
+from gptlab.train import fast_bf16, format_seconds, resolve_device, train
 
 DEMO_VOCAB = 4096
 DEMO_PROMPTS = ("The", "Return a list of", "This module provides")
 DEMO_MINUTES = 9.0  # corpus, tokenizer and training; with install, evaluation and sampling `make demo` takes ~10 min
 
 
-def demo_configs(vocab_size: int, device: torch.device) -> tuple[GPTConfig, TrainConfig]:
-    """A model small enough to learn English-looking documentation in minutes on two CPU cores."""
+def demo_configs(vocab_size: int, device: torch.device, seconds: float) -> tuple[GPTConfig, TrainConfig]:
+    """A model small enough to learn English-looking documentation in minutes on two CPU cores,
+    trained for `seconds` (the step count is fitted to the machine, see TrainConfig.time_budget)."""
     model = GPTConfig(vocab_size=vocab_size, block_size=256, n_layer=4, n_head=4, n_embd=256, dropout=0.0)
     dtype = "bfloat16" if fast_bf16(device) else "float32"
     trainer = TrainConfig(
-        batch_size=8, grad_accum=1, max_steps=1000, lr=2e-3, min_lr=2e-4, warmup_steps=50, weight_decay=0.1,
-        eval_every=250, eval_batches=20, save_every=250, keep_last=2, log_every=10, seed=1337, device=str(device), dtype=dtype,
+        batch_size=8, grad_accum=1, lr=2e-3, min_lr=2e-4, weight_decay=0.1, eval_every=250, eval_batches=20, save_every=500,
+        keep_last=2, log_every=10, seed=1337, device=str(device), dtype=dtype, time_budget=seconds,
     )  # fmt: skip
     return model, trainer
-
-
-def seconds_per_step(model_cfg: GPTConfig, cfg: TrainConfig, data_dir: Path, device: torch.device) -> float:
-    """Median time of six real training steps on a throw-away copy of the model.
-
-    The first steps are slow (allocator growth, optimizer state creation) and are not
-    timed; the median ignores a step that another process on the machine interrupted.
-    """
-    torch.manual_seed(0)
-    model = GPT(model_cfg).to(device)
-    opt = build_optimizer(model, cfg, device.type)
-    loader = ShardLoader(load_data(data_dir).shards("train"), model_cfg.block_size, cfg.batch_size, seed=0)
-    times = []
-    for _ in range(2 + 6):
-        t0 = time.perf_counter()
-        train_step(model, opt, loader, cfg, device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:])
 
 
 def run_demo(out: Path, minutes: float | None = None, progress: bool = True) -> None:
@@ -73,19 +55,15 @@ def run_demo(out: Path, minutes: float | None = None, progress: bool = True) -> 
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     print(f"      train {tr['tokens']:,} tokens ({tr['bytes'] / 1e6:.2f} MB), val {va['tokens']:,} tokens ({va['bytes'] / 1e6:.2f} MB)")
 
-    model_cfg, train_cfg = demo_configs(meta["vocab_size"], device)
-    step_s = seconds_per_step(model_cfg, train_cfg, data_dir, device)
     budget = max(60.0, minutes * 60 - (time.perf_counter() - t_start))
-    # leave ~8% of the budget for the periodic evaluations and checkpoints
-    steps = max(50, int(0.92 * budget / step_s))
-    train_cfg = train_cfg.replace(max_steps=steps, warmup_steps=min(100, steps // 10), eval_every=max(1, steps // 4), save_every=max(1, steps // 4))
+    model_cfg, train_cfg = demo_configs(meta["vocab_size"], device, budget)
     n_params = GPT(model_cfg).num_params()
     print(
         f"[2/4] training a {n_params / 1e6:.1f}M-parameter GPT ({model_cfg.n_layer} layers, {model_cfg.n_embd} wide) on {device} "
-        f"in {train_cfg.dtype}: {steps} steps of {train_cfg.batch_size}x{model_cfg.block_size} tokens (~{steps * step_s / 60:.1f} min) -> {run_dir}",
+        f"in {train_cfg.dtype} for {format_seconds(budget)}, the step count fitted to this machine's speed -> {run_dir}",
         flush=True,
     )
-    result = train(model_cfg, train_cfg, data_dir, run_dir, progress=progress)
+    result = train(model_cfg, train_cfg, data_dir, run_dir, progress=progress, report=lambda line: print(f"      {line}", flush=True))
 
     print("[3/4] evaluating on the whole validation split", flush=True)
     from gptlab.checkpoint import load_checkpoint
@@ -108,6 +86,6 @@ def run_demo(out: Path, minutes: float | None = None, progress: bool = True) -> 
     print(f"checkpoint:  {result.checkpoint}")
     print("next:")
     print(f"  sample again:    {py} -m gptlab sample --ckpt {run_dir} --prompt 'Return the' --max-new-tokens 200 --top-k 40")
-    print(f"  train longer:    {py} -m gptlab train --data {data_dir} --out {run_dir} --resume --max-steps {steps * 2}")
+    print(f"  train longer:    {py} -m gptlab train --data {data_dir} --out {run_dir} --resume --max-steps {result.max_steps * 2}")
     print(f"  evaluate:        {py} -m gptlab eval --ckpt {run_dir} --data {data_dir}")
     print(f"  plot curves:     {py} -m gptlab plot {run_dir}")

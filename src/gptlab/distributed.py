@@ -103,6 +103,15 @@ def mean_over_ranks(value: float, info: DistInfo, device: torch.device) -> float
     return float(t) / info.world_size
 
 
+def max_over_ranks(value: float, info: DistInfo, device: torch.device) -> float:
+    """The largest of a per-process number over all processes (e.g. the slowest process's step time)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """True on every process when it is true on any (e.g. one process received SIGTERM)."""
     if not info.enabled:

@@ -18,11 +18,12 @@ import json
 import math
 import shutil
 import signal
+import statistics
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,9 @@ from torch import nn
 from gptlab.checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint, step_dirs
 from gptlab.config import GPTConfig, TrainConfig
 from gptlab.data import ShardLoader, TokenData, check_block_size, load_data
-from gptlab.distributed import DistInfo, any_rank, full_state, grad_sync, load_optimizer_state, mean_over_ranks, setup, teardown, wrap
+from gptlab.distributed import (
+    DistInfo, any_rank, full_state, grad_sync, load_optimizer_state, max_over_ranks, mean_over_ranks, setup, teardown, wrap,
+)  # fmt: skip
 from gptlab.errors import CheckpointError, ConfigError, GptlabError
 from gptlab.fileio import check_writable
 from gptlab.model import GPT
@@ -83,12 +86,13 @@ def autocast_context(device: torch.device, dtype: str):
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_steps, then cosine decay from lr to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    """Linear warmup over cfg.warmup steps, then cosine decay from lr to min_lr at max_steps."""
+    warmup = cfg.warmup
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     if step >= cfg.max_steps:
         return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
@@ -240,6 +244,100 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+# ----------------------------------------------------------------------------- time budget
+
+clock = time.perf_counter  # what the time budget is measured with; tests substitute a simulated clock
+CALIBRATION_WARM_STEPS = 2  # untimed: allocator growth, optimizer state creation, compilation
+CALIBRATION_STEPS = 5  # timed, fewer when they would take over CALIBRATION_SHARE of the budget
+CALIBRATION_SHARE = 0.05
+PLAN_MARGIN = 0.97  # plan for 97% of the time left, so small timing noise does not cut the schedule
+SAVE_BYTES_PER_PARAM = 12  # float32 weights plus AdamW's two moments
+SAVE_BYTES_PER_S = 100e6  # assumed until the run's first checkpoint is timed
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """How a fresh run fits its time budget: measured costs, and the step count they allow."""
+
+    budget_s: float
+    setup_s: float  # from the start (see train's `started`) to the end of calibration
+    step_s: float  # median optimizer step (all micro-batches)
+    eval_s: float  # one evaluation of eval_batches batches (0 without a validation split)
+    save_s: float  # one checkpoint (estimated from its size)
+    steps: int
+
+    def describe(self, cfg: TrainConfig) -> str:
+        evals = f", an evaluation {self.eval_s:.2f} s every {cfg.eval_every} steps" if self.eval_s else ""
+        train_s = self.steps * self.step_s
+        return (
+            f"time budget {format_seconds(self.budget_s)}: setup and calibration took {self.setup_s:.1f} s; a step takes {self.step_s:.3f} s"
+            f"{evals}, a checkpoint ~{self.save_s:.2f} s -> {self.steps} steps (~{format_seconds(train_s)} of training)"
+        )
+
+
+def format_seconds(seconds: float) -> str:
+    """90 -> '1m30s', 3725 -> '1h02m05s', 7.5 -> '7.5s'."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def steps_for_budget(cfg: TrainConfig, seconds_left: float, step_s: float, eval_s: float, save_s: float) -> int:
+    """Optimizer steps that fit `seconds_left`, with an evaluation every eval_every steps, a checkpoint
+    every save_every, and a final evaluation and checkpoint at the end."""
+    per_step = step_s + eval_s / cfg.eval_every + save_s / cfg.save_every
+    return int(PLAN_MARGIN * (seconds_left - eval_s - save_s) / per_step)
+
+
+def checkpoint_seconds(model_config: GPTConfig) -> float:
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in GPT(model_config).parameters())
+    return 0.05 + SAVE_BYTES_PER_PARAM * n_params / SAVE_BYTES_PER_S
+
+
+def calibrate(
+    model: nn.Module, sync_target: nn.Module, cfg: TrainConfig, loader: ShardLoader, val_loader: ShardLoader | None,
+    device: torch.device, info: DistInfo, budget_s: float,
+) -> tuple[float, float]:
+    """(seconds per optimizer step, seconds per evaluation), measured on the run's own model and data.
+
+    The steps run with the learning rate at 0 through a throw-away optimizer: AdamW then
+    leaves every weight exactly as it was (decay multiplies by 1 - 0, the update is 0 times a
+    finite number), and the RNG and the loader's cursor are put back, so the run that follows
+    is bit-identical to one with the same step count and no calibration. Every process runs
+    the same number of steps; the slowest process's time counts.
+    """
+    rng = torch.get_rng_state()
+    rng_cuda = torch.cuda.get_rng_state() if device.type == "cuda" else None
+    position = loader.state()
+    optimizer = build_optimizer(model, cfg, device.type, fused=cfg.strategy != "fsdp" or not info.enabled)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    t_start, times = clock(), []
+    for i in range(CALIBRATION_WARM_STEPS + CALIBRATION_STEPS):
+        t0 = clock()
+        train_step(model, optimizer, loader, cfg, device, info, sync_target=sync_target)
+        if i >= CALIBRATION_WARM_STEPS:
+            times.append(clock() - t0)
+            if any_rank(clock() - t_start > CALIBRATION_SHARE * budget_s, info, device):
+                break
+    del optimizer
+    step_s = max_over_ranks(statistics.median(times), info, device)
+    eval_s = 0.0
+    if val_loader is not None:
+        n = min(2, cfg.eval_batches)
+        t0 = clock()
+        estimate_loss(model, val_loader, n, device, cfg.dtype, info)
+        eval_s = max_over_ranks((clock() - t0) * cfg.eval_batches / n, info, device)
+    torch.set_rng_state(rng)
+    if rng_cuda is not None:
+        torch.cuda.set_rng_state(rng_cuda)
+    loader.load_state(position)
+    return step_s, eval_s
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -250,8 +348,12 @@ class TrainResult:
     checkpoint: Path | None
     val: dict[str, float] | None
     tokens_per_s: float
-    stopped_by: str | None = None  # "SIGINT" or "SIGTERM" when a signal ended the run early (after a checkpoint)
+    # "SIGINT" or "SIGTERM" when a signal ended the run early, "time budget" when the budget did (after a checkpoint)
+    stopped_by: str | None = None
     peak_mem_mb: float = 0.0  # see peak_memory_mb
+    max_steps: int = 0  # the schedule's length (planned by the time budget when one was given)
+    seconds: float = 0.0  # wall clock from the start (see train's `started`) to the return
+    plan: BudgetPlan | None = None
 
 
 def train(
@@ -263,16 +365,24 @@ def train(
     stop_at: int | None = None,
     progress: bool = True,
     resume_overrides: dict[str, Any] | None = None,
+    report: Callable[[str], None] | None = None,
+    started: float | None = None,
 ) -> TrainResult:
     """Pretrain a GPT on a prepared data directory.
 
     With `resume`, continue from the run's latest checkpoint: its model and train
     configs are used (the ones passed may be None), with `resume_overrides` (e.g. a
     larger max_steps) applied to the train config; a run directory without a
-    checkpoint starts from scratch with the configs passed.
+    checkpoint starts from scratch with the configs passed. A time budget applies
+    only to the call that passes it: a resumed run keeps its schedule and stops by
+    the end of the budget given in resume_overrides, if any.
     `stop_at` ends the run after that step (with a checkpoint) without changing the
     schedule, which max_steps sets.
+    `report` receives the run summary (model, data, schedule, the time budget's plan)
+    as lines of text, on the main process only. The time budget counts from `started`
+    (a `clock()` reading, e.g. when the command began), by default from this call.
     """
+    t_enter = clock() if started is None else started
     run_dir = Path(run_dir)
     data = load_data(data_dir)
     ckpt = load_resumable(run_dir) if resume and run_dir.exists() else None
@@ -281,7 +391,8 @@ def train(
             changed = [k for k, v in model_config.to_dict().items() if ckpt.model_config.to_dict()[k] != v]
             raise ConfigError(f"cannot change the model when resuming {ckpt.path}: {', '.join(changed)} differ(s) from the checkpoint")
         model_config = ckpt.model_config
-        train_config = (ckpt.train_config or train_config or TrainConfig()).replace(**(resume_overrides or {}))
+        saved = (ckpt.train_config or train_config or TrainConfig()).replace(time_budget=None)
+        train_config = saved.replace(**(resume_overrides or {}))
     if model_config is None or train_config is None:
         raise ConfigError("a fresh run needs both a model config and a train config")
     _check_compatible(model_config, data)
@@ -290,7 +401,7 @@ def train(
     cfg = train_config
     info, device = setup(resolve_device(cfg.device))
     try:
-        result = _train(model_config, cfg, data, run_dir, ckpt, stop_at, progress, info, device)
+        result = _train(model_config, cfg, data, run_dir, ckpt, stop_at, progress, info, device, t_enter, report or (lambda line: None))
     except BaseException:
         teardown(info, clean=False)
         raise
@@ -298,11 +409,32 @@ def train(
     return result
 
 
+def describe_run(model_config: GPTConfig, cfg: TrainConfig, data: TokenData, n_params: int, device: torch.device, info: DistInfo) -> list[str]:
+    """The run summary printed before training: what is trained, on what, for how long."""
+    m = model_config
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * m.block_size
+    val = data.tokens("val")
+    warmup = f"warmup {cfg.warmup} steps"
+    if cfg.warmup_steps is None:
+        warmup += " (auto: a tenth of the steps, at most 100; --warmup-steps sets it)"
+    procs = f" x {info.world_size} processes ({cfg.strategy})" if info.enabled else ""
+    return [
+        f"model: {n_params / 1e6:.2f}M parameters, {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}, vocabulary {m.vocab_size}",
+        f"data: {data.tokens('train'):,} train tokens, " + (f"{val:,} val tokens" if val else "no validation split (evaluation off)") + f" in {data.path}",
+        f"schedule: {cfg.max_steps} steps of {tokens_per_step:,} tokens ({cfg.batch_size} x {cfg.grad_accum} x {m.block_size}), "
+        f"lr {cfg.lr:g} -> {cfg.min_lr:g} cosine, {warmup}",
+        f"device: {device}{procs}, {cfg.dtype}",
+    ]
+
+
 def _train(
-    model_config: GPTConfig, cfg: TrainConfig, data: TokenData, run_dir: Path, ckpt: Any, stop_at: int | None, progress: bool, info: DistInfo, device: torch.device
+    model_config: GPTConfig, cfg: TrainConfig, data: TokenData, run_dir: Path, ckpt: Any, stop_at: int | None, progress: bool, info: DistInfo,
+    device: torch.device, t_enter: float, report: Callable[[str], None],
 ) -> TrainResult:
     if cfg.dtype == "bfloat16" and not fast_bf16(device):
         warnings.warn(f"{device.type} has no native bfloat16 matmul here; bf16 autocast will run slower than float32", stacklevel=3)
+    if not info.is_main:
+        report = lambda line: None  # noqa: E731  (one summary per run, from the main process)
     torch.manual_seed(cfg.seed)  # parameter init and dropout draw from the global generator, alike in every process
     raw = GPT(model_config) if ckpt is None else ckpt.model
     raw.to(device)
@@ -313,8 +445,32 @@ def _train(
         torch.backends.cudnn.allow_tf32 = cfg.tf32
     wrapped = wrap(raw, cfg.strategy, info, device)  # what gradient sync talks to
     model = torch.compile(wrapped) if cfg.compile else wrapped  # what the loop calls
-    optimizer = build_optimizer(model, cfg, device.type, fused=cfg.strategy != "fsdp" or not info.enabled)
     loader = ShardLoader(data.shards("train"), model_config.block_size, cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    has_val = data.tokens("val") > 0
+
+    def val_loader() -> ShardLoader:
+        # a fresh loader each time: every evaluation scores the same batches, so values compare across steps
+        return ShardLoader(
+            data.shards("val"), model_config.block_size, cfg.batch_size, seed=cfg.seed + EVAL_SEED_OFFSET, rank=info.rank, world_size=info.world_size
+        )
+
+    plan = None
+    save_s = checkpoint_seconds(model_config)
+    if cfg.time_budget is not None and ckpt is None:
+        step_s, eval_s = calibrate(model, wrapped, cfg, loader, val_loader() if has_val else None, device, info, cfg.time_budget)
+        setup_s = max_over_ranks(clock() - t_enter, info, device)
+        steps = steps_for_budget(cfg, cfg.time_budget - setup_s, step_s, eval_s, save_s)
+        if steps < 1:
+            raise ConfigError(
+                f"time budget {format_seconds(cfg.time_budget)} leaves no time to train: setup and calibration took {setup_s:.1f} s, "
+                f"a step takes {step_s:.2f} s, an evaluation {eval_s:.2f} s and a checkpoint ~{save_s:.2f} s"
+            )
+        plan = BudgetPlan(cfg.time_budget, setup_s, step_s, eval_s, save_s, steps)
+        try:
+            cfg = cfg.replace(max_steps=steps)
+        except ConfigError:
+            raise ConfigError(f"the time budget fits {steps} steps, fewer than warmup_steps ({cfg.warmup_steps}); lower it or allow more time") from None
+    optimizer = build_optimizer(model, cfg, device.type, fused=cfg.strategy != "fsdp" or not info.enabled)
     tokenizer = data.tokenizer() if ckpt is None else ckpt.tokenizer
     start = 0
     if ckpt is not None:
@@ -329,6 +485,14 @@ def _train(
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
         start = ckpt.step
+    for line in describe_run(model_config, cfg, data, raw.num_params(non_embedding=False), device, info):
+        report(line)
+    if ckpt is not None:
+        report(f"resuming from {ckpt.path} (step {start})")
+    if plan is not None:
+        report(plan.describe(cfg))
+    elif cfg.time_budget is not None:
+        report(f"time budget {format_seconds(cfg.time_budget)}: the run stops by then, with a checkpoint, if the schedule has not ended")
     log = None
     if info.is_main:
         _write_run_info(run_dir, model_config, cfg, data)
@@ -336,11 +500,19 @@ def _train(
 
     end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
-    bpt = data.bytes_per_token("val")
+    bpt = data.bytes_per_token("val") if has_val else 1.0
     val_metrics: dict[str, float] | None = None
     last_ckpt: Path | None = ckpt.path if ckpt is not None else None
+    deadline = None if cfg.time_budget is None else t_enter + cfg.time_budget
+    # what the deadline check expects the next step, an evaluation and a checkpoint to take: the
+    # plan's figures, then the run's own (a slower machine is noticed at the next step)
+    step_est = plan.step_s if plan is not None else 0.0
+    eval_est = plan.eval_s if plan is not None else None
+    done_eval = done_save = -1  # the last step evaluated / saved
 
     def save(step: int) -> Path:
+        nonlocal save_s, done_save
+        t0 = clock()
         plain, optim_state = full_state(wrapped, optimizer, model_config, info)  # collective under FSDP
         path = checkpoint_path(run_dir, step)
         if plain is not None:
@@ -356,17 +528,28 @@ def _train(
                 raise CheckpointError(f"cannot write the step {step} checkpoint in {run_dir} ({err.strerror or err}); {kept}") from None
         if info.enabled:
             torch.distributed.barrier()  # no process runs ahead of a checkpoint still being written
+        save_s, done_save = max(save_s, clock() - t0), step
         return path
 
     def evaluate(step: int) -> dict[str, float]:
-        # a fresh loader each time: every evaluation scores the same batches, so values compare across steps
-        val_loader = ShardLoader(
-            data.shards("val"), model_config.block_size, cfg.batch_size, seed=cfg.seed + EVAL_SEED_OFFSET, rank=info.rank, world_size=info.world_size
-        )
-        metrics = loss_metrics(estimate_loss(model, val_loader, cfg.eval_batches, device, cfg.dtype, info), bpt)
+        nonlocal eval_est, done_eval
+        t0 = clock()
+        metrics = loss_metrics(estimate_loss(model, val_loader(), cfg.eval_batches, device, cfg.dtype, info), bpt)
         if log is not None:
             log.write({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
+        if bar is not None:
+            bar.write(f"step {step}: val loss {metrics['loss']:.4f} | ppl {metrics['perplexity']:.2f} | bpb {metrics['bpb']:.4f}")
+        eval_est, done_eval = clock() - t0, step
         return metrics
+
+    def out_of_time(step_s: float) -> bool:
+        """Whether one more step, then the final evaluation and checkpoint, would end past the deadline."""
+        nonlocal step_est
+        if deadline is None:
+            return False
+        step_est = max(step_s, 0.7 * step_est + 0.3 * step_s)  # a sudden slowdown counts at once, a speedup slowly
+        evaluation = (eval_est if eval_est is not None else cfg.eval_batches * step_est / (3 * cfg.grad_accum)) if has_val else 0.0
+        return clock() + step_est + evaluation + save_s > deadline
 
     bar = _progress_bar(start, cfg.max_steps, progress and info.is_main)
     t_window, tokens_window = time.perf_counter(), 0
@@ -374,12 +557,15 @@ def _train(
     bad_steps = 0
     signals: list[str] = []  # names of SIGINT/SIGTERM received; the loop saves and stops after the current step
     stopped_by = None
+    done = start
     with _stop_on_signals(signals):
         for step in range(start, end):
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            t_step = clock()
             train_loss, grad_norm, stepped = train_step(model, optimizer, loader, cfg, device, info, sync_target=wrapped)
+            step_s = clock() - t_step
             done = step + 1
             bad_steps = 0 if stepped else bad_steps + 1
             if not stepped:
@@ -403,23 +589,27 @@ def _train(
                 bar.update(1)
                 avg_tok_s = (done - start) * tokens_per_step / max(time.perf_counter() - t_start, 1e-9)
                 bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{avg_tok_s:,.0f}", refresh=False)
-            if done % cfg.eval_every == 0 or done == end:
+            if has_val and (done % cfg.eval_every == 0 or done == end):
                 val_metrics = evaluate(done)
-                if bar is not None:
-                    bar.write(f"step {done}: val loss {val_metrics['loss']:.4f} | ppl {val_metrics['perplexity']:.2f} | bpb {val_metrics['bpb']:.4f}")
             if done % cfg.save_every == 0 or done == end:
                 last_ckpt = save(done)
-            if any_rank(bool(signals), info, device):  # every process stops after the same step
-                if last_ckpt is None or last_ckpt.name != f"step_{done:08d}":
+            # every process stops after the same step: 2 = a signal (save and leave), 1 = out of time (evaluate, save, leave)
+            why = max_over_ranks(2.0 if signals else 1.0 if done < end and out_of_time(step_s) else 0.0, info, device)
+            if why:
+                if why == 1.0 and has_val and done_eval != done:
+                    val_metrics = evaluate(done)
+                if done_save != done:
                     last_ckpt = save(done)
-                stopped_by = signals[0] if signals else "a signal to another process"
+                stopped_by = "time budget" if why == 1.0 else signals[0] if signals else "a signal to another process"
                 break
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t_start
-    final_step = done if stopped_by is not None else max(start, end)
-    tokens_done = max(0, final_step - start) * tokens_per_step
-    return TrainResult(run_dir, final_step, last_ckpt, val_metrics, tokens_done / elapsed if elapsed > 0 else 0.0, stopped_by, peak_memory_mb(device))
+    tokens_done = max(0, done - start) * tokens_per_step
+    return TrainResult(
+        run_dir, done, last_ckpt, val_metrics, tokens_done / elapsed if elapsed > 0 else 0.0, stopped_by, peak_memory_mb(device),
+        cfg.max_steps, clock() - t_enter, plan,
+    )  # fmt: skip
 
 
 @contextmanager
