@@ -223,3 +223,24 @@ def test_train_time_budget_through_the_cli(tmp_path, data_dir, capsys):
     assert seconds < 5.0 + 2.0, seconds  # on time, with slack for a busy machine
     code, _, err = run(capsys, *base[:4], str(tmp_path / "run2"), *base[5:], "--time-budget", "5m", "--max-steps", "10")
     assert code == 2 and "not both" in err
+
+
+def test_prepare_prints_the_real_validation_share_and_allows_none(tmp_path, corpus_dir, capsys):
+    text = "".join(p.read_text() for p in sorted(corpus_dir.iterdir()))  # ~120 KB as one file, as a new user's own
+    (tmp_path / "one_file.txt").write_text(text, encoding="utf-8")
+    code, out, _ = run(capsys, "prepare", "--input", str(tmp_path / "one_file.txt"), "--tokenizer", "gpt2", "--val-fraction", "0.02",
+                       "--out", str(tmp_path / "d"), "-q")  # fmt: skip
+    share = float(out.split("validation share: ")[1].split("%")[0]) / 100
+    assert code == 0 and "(asked for 2.00%)" in out and abs(share - 0.02) < 0.004, out
+
+    code, out, _ = run(capsys, "prepare", "--input", str(corpus_dir), "--tokenizer", "train:300", "--val-fraction", "0",
+                       "--out", str(tmp_path / "d0"), "-q")  # fmt: skip
+    assert code == 0 and "validation: none" in out and "val: 0 tokens" in out
+    code, out, err = run(capsys, "train", "--data", str(tmp_path / "d0"), "--out", str(tmp_path / "r"), *TINY_MODEL, *TINY_TRAIN)
+    assert code == 0 and "no validation split (evaluation off)" in out and "val loss" not in out, err
+    code, _, err = run(capsys, "eval", "--ckpt", str(tmp_path / "r"), "--data", str(tmp_path / "d0"), "--device", "cpu", "-q")
+    assert code == 2 and "the val split holds no tokens" in err
+    code, out, _ = run(capsys, "eval", "--ckpt", str(tmp_path / "r"), "--text", str(tmp_path / "one_file.txt"), "--device", "cpu", "-q")
+    assert code == 0 and "bits per byte" in out
+    code, _, err = run(capsys, "prepare", "--input", str(corpus_dir), "--tokenizer", "gpt2", "--val-fraction", "1", "--out", str(tmp_path / "x"))
+    assert code == 2 and "val_fraction must be in [0, 1)" in err

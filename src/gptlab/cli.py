@@ -131,6 +131,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     total_mb = sum(info["bytes"] for info in meta["splits"].values()) / 1e6
     for split, info in meta["splits"].items():
         print(f"{split}: {info['tokens']:,} tokens from {info['documents']} documents ({info['bytes'] / 1e6:.2f} MB) in {len(info['shards'])} shard(s)")
+    if args.val_fraction > 0:
+        share = meta["splits"]["val"]["bytes"] / max(1, sum(info["bytes"] for info in meta["splits"].values()))
+        print(f"validation share: {share:.2%} of the text (asked for {args.val_fraction:.2%})")
+    else:
+        print("validation: none (--val-fraction 0); evaluate a held-out file with `gptlab eval --text FILE`")
     print(f"tokenizer {meta['tokenizer_name']} ({meta['vocab_size']} tokens), dtype {meta['dtype']} -> {args.out}")
     print(f"{total_mb:.2f} MB in {seconds:.1f} s ({total_mb / max(seconds, 1e-9):.2f} MB/s)")
     return 0
@@ -283,16 +288,31 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from gptlab.checkpoint import load_checkpoint
-    from gptlab.data import check_block_size, load_data
-    from gptlab.evaluate import evaluate_split
+    from gptlab.data import check_block_size, load_data, read_text_file
+    from gptlab.evaluate import evaluate_split, evaluate_text
+    from gptlab.tokenizer import EOT
     from gptlab.train import resolve_device
 
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.ckpt, device=device)
-    data = load_data(args.data)
-    check_block_size(data, 1)
-    m = evaluate_split(ckpt.model, data, args.split, args.batch_size, args.max_tokens, args.dtype, progress=not args.quiet)
-    print(f"{args.split} tokens: {m['tokens']:,}")
+    if args.text is not None:
+        text = read_text_file(args.text, args.encoding)  # before the checkpoint: a bad file fails fast
+        ckpt = load_checkpoint(args.ckpt, device=device)
+        m = evaluate_text(ckpt.model, ckpt.tokenizer, text, args.stride, args.batch_size, args.max_tokens, args.dtype, progress=not args.quiet)
+        block = ckpt.model.config.block_size
+        rule = "non-overlapping" if m["stride"] == block else f"each predicting {m['stride']} tokens with at least {block - m['stride'] + 1} of context"
+        print(f"text:            {args.text} ({m['tokens']:,} tokens, {m['bytes']:,} bytes, tokenizer {ckpt.tokenizer.name})")
+        first = "the first after <|endoftext|>" if EOT in ckpt.tokenizer.special_tokens else "but the first (no <|endoftext|> to start with)"
+        print(f"windows:         {m['windows']:,} of {block} tokens, stride {m['stride']} ({rule}); each token scored once, {first}")
+    else:
+        if args.stride is not None:
+            from gptlab.errors import ConfigError
+
+            raise ConfigError("--stride applies to --text; a data split is scored in non-overlapping windows")
+        ckpt = load_checkpoint(args.ckpt, device=device)
+        data = load_data(args.data)
+        check_block_size(data, 1)
+        m = evaluate_split(ckpt.model, data, args.split, args.batch_size, args.max_tokens, args.dtype, progress=not args.quiet)
+        print(f"{args.split} tokens: {m['tokens']:,}")
     print(f"loss:            {m['loss']:.4f}")
     print(f"perplexity:      {m['perplexity']:.2f}")
     print(f"bits per byte:   {m['bpb']:.4f}")
@@ -383,7 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--corpus", choices=["pydoc"], help="built-in corpus: Python's own documentation")
     t.add_argument("--tokenizer", required=True, help="gpt2, a tokenizer file, or train:N to train an N-token BPE")
     t.add_argument("--out", required=True, help="data directory to write; rerunning an interrupted prepare resumes it")
-    t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument(
+        "--val-fraction", type=float, default=0.1,
+        help="share of the text held out for validation, in [0, 1) (default 0.1; 0: everything to train)",
+    )  # fmt: skip
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--encoding", default="utf-8")
     t.add_argument("--text-field", default="text", help="the field of each .jsonl record that holds the text (default: text)")
@@ -449,10 +472,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ignore-eot", action="store_true", help="keep going past <|endoftext|>")
 
     # eval
-    t = command("eval", cmd_eval, "loss, perplexity and bits per byte on a data split")
+    t = command("eval", cmd_eval, "loss, perplexity and bits per byte of a data split or of any text file")
     t.add_argument("--ckpt", required=True)
-    t.add_argument("--data", required=True)
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="a prepared data directory: score one of its splits")
+    src.add_argument("--text", "--input", dest="text", metavar="FILE", help="a text file (.gz too), scored as one document under the checkpoint's tokenizer")
     t.add_argument("--split", choices=["val", "train"], default="val")
+    t.add_argument(
+        "--stride", type=int, help="with --text: tokens each window moves on and predicts (default: the context, i.e. non-overlapping "
+        "windows); smaller gives every token at least context - stride + 1 tokens of context, for context / stride times the compute",
+    )  # fmt: skip
+    t.add_argument("--encoding", default="utf-8", help="text encoding of --text")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--max-tokens", type=int, help="score only the first N tokens")
     t.add_argument("--device", default="auto")

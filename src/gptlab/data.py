@@ -14,6 +14,7 @@ fixed by the seed; its cursor is three integers, saved in every checkpoint.
 from __future__ import annotations
 
 import codecs
+import functools
 import gzip
 import hashlib
 import json
@@ -32,7 +33,7 @@ import torch
 
 from gptlab.errors import ConfigError, DataError, GptlabError
 from gptlab.fileio import set_default_mode, write_atomic
-from gptlab.tokenizer import AnyTokenizer, Tokenizer, WrappedTokenizer, encode_sized, load_tokenizer, read_tokenizer, split_at_line_breaks, start_encode_worker
+from gptlab.tokenizer import AnyTokenizer, Tokenizer, WrappedTokenizer, encode_sized, line_break_cut, load_tokenizer, read_tokenizer, start_encode_worker
 
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -56,6 +57,7 @@ class Piece:
     text: str
     raw_bytes: int  # input bytes it came from (progress: compressed bytes for .gz)
     doc_end: bool  # the last piece of its document
+    doc: int  # which document (counted from 0 in the input stream) it belongs to
 
 
 def _open(path: Path) -> tuple[BinaryIO, BinaryIO]:
@@ -96,22 +98,32 @@ def _decoded_blocks(path: Path, encoding: str) -> Iterator[tuple[str, int, bool]
                 return
 
 
-def _text_file_docs(path: Path, encoding: str, piece_chars: int) -> Iterator[tuple[str, int, bool]]:
+def _cut(text: str, size: Callable[[], int], final: bool) -> Iterator[tuple[str, bool]]:
+    """(piece, last) for the pieces of `text` (see tokenizer.line_break_cut), each `size()` chars
+    or a little more, `size` asked afresh for every piece. When not `final`, the text continues
+    beyond what is given: the rest after the last cut is yielded with last=None for the caller
+    to prepend to what follows."""
+    start = 0
+    while (cut := line_break_cut(text, start, size())) is not None:
+        yield text[start:cut], False
+        start = cut
+    yield text[start:], (True if final else None)  # type: ignore[misc]
+
+
+def _text_file_docs(path: Path, encoding: str, size: Callable[[], int]) -> Iterator[tuple[str, int, bool]]:
     """One document per file, in pieces cut where token ids cannot change; whitespace-only files give none."""
-    buffer, raw, emitted = "", 0, False
-    for text, raw_bytes, _ in _decoded_blocks(path, encoding):
-        buffer += text
+    rest, raw, emitted = "", 0, False
+    for text, raw_bytes, last in _decoded_blocks(path, encoding):
         raw += raw_bytes
-        if len(buffer) >= 2 * piece_chars:
-            *ready, buffer = split_at_line_breaks(buffer, piece_chars)
-            for part in ready:
-                yield part, raw, False
+        for piece, end in _cut(rest + text, size, last):
+            if end is None:  # the text goes on in the next block
+                rest = piece
+            elif end is False or emitted or piece.strip():
+                yield piece, raw, end
                 raw, emitted = 0, True
-    if emitted or buffer.strip():
-        yield buffer, raw, True
 
 
-def _jsonl_docs(path: Path, encoding: str, piece_chars: int, text_field: str) -> Iterator[tuple[str, int, bool]]:
+def _jsonl_docs(path: Path, encoding: str, size: Callable[[], int], text_field: str) -> Iterator[tuple[str, int, bool]]:
     """One document per line: the string in `text_field` of each JSON object (blank lines skipped)."""
     buffer, raw, line_no = "", 0, 0
     for text, raw_bytes, last in _decoded_blocks(path, encoding):
@@ -130,10 +142,14 @@ def _jsonl_docs(path: Path, encoding: str, piece_chars: int, text_field: str) ->
             if not isinstance(doc, str):
                 raise DataError(f"{path}:{line_no}: expected a JSON object with a string {text_field!r} field (set it with --text-field)")
             if doc.strip():
-                parts = split_at_line_breaks(doc, piece_chars)
-                for k, part in enumerate(parts):
-                    yield part, raw, k == len(parts) - 1
+                for piece, end in _cut(doc, size, final=True):
+                    yield piece, raw, end
                     raw = 0
+
+
+def read_text_file(path: str | Path, encoding: str = "utf-8") -> str:
+    """A whole text file (.gz read too); invalid text is an error naming the file and byte."""
+    return "".join(text for text, _, _ in _decoded_blocks(Path(path), encoding))
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -188,25 +204,37 @@ class Source:
         files = [[str(f.resolve()), st.st_size, st.st_mtime_ns] for f, st in ((f, f.stat()) for f in self.files)]
         return {"files": files, "encoding": self.encoding, "text_field": self.text_field}
 
-    def documents(self, piece_chars: int = PIECE_CHARS) -> Iterator[tuple[str, int, bool]]:
-        """(text, raw bytes, document ends) for every piece of every non-blank document, in a fixed order."""
+    def documents(self, unit: Callable[[int], int] = lambda chars: PIECE_CHARS) -> Iterator[tuple[str, int, bool]]:
+        """(text, raw bytes, document ends) for every piece of every non-blank document, in a fixed order.
+
+        Documents longer than a piece are cut into pieces of unit(chars in the pieces before) chars
+        or a little more, so the cuts depend only on the text, never on its file format or on how
+        it was read."""
+        chars = 0
+        size = lambda: unit(chars)  # noqa: E731  (reads `chars` as it grows)
+        for text, raw, end in self._documents(size):
+            chars += len(text)
+            yield text, raw, end
+
+    def _documents(self, size: Callable[[], int]) -> Iterator[tuple[str, int, bool]]:
         if self.corpus is not None:
             from gptlab.corpus import iter_pydoc_documents
 
             for doc in iter_pydoc_documents():
-                parts = split_at_line_breaks(doc, piece_chars)
-                for k, part in enumerate(parts):
-                    yield part, len(part.encode("utf-8", "surrogatepass")), k == len(parts) - 1
+                for piece, end in _cut(doc, size, final=True):
+                    yield piece, len(piece.encode("utf-8", "surrogatepass")), end
             return
         for path in self.files:
             if _is_jsonl(path):
-                yield from _jsonl_docs(path, self.encoding, piece_chars, self.text_field)
+                yield from _jsonl_docs(path, self.encoding, size, self.text_field)
             else:
-                yield from _text_file_docs(path, self.encoding, piece_chars)
+                yield from _text_file_docs(path, self.encoding, size)
 
-    def pieces(self, piece_chars: int = PIECE_CHARS) -> Iterator[Piece]:
-        for index, (text, raw, end) in enumerate(self.documents(piece_chars)):
-            yield Piece(index, text, raw, end)
+    def pieces(self, unit: Callable[[int], int] = lambda chars: PIECE_CHARS) -> Iterator[Piece]:
+        doc = 0
+        for index, (text, raw, end) in enumerate(self.documents(unit)):
+            yield Piece(index, text, raw, end, doc)
+            doc += int(end)
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -248,29 +276,58 @@ def _mark_last(items: Iterable[Piece]) -> Iterator[tuple[Piece, bool]]:
         yield held, True
 
 
+def check_val_fraction(val_fraction: float) -> None:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+
+
+def split_unit_chars(chars_before: int, val_fraction: float) -> int:
+    """The size of the next piece the split assigns, given the chars of the pieces before it.
+
+    Pieces stay at most 1/32 of the smaller split's share of the text so far (and at least
+    256 chars, at most PIECE_CHARS), so that split gets dozens of them and its share lands
+    within a few percent of the one asked for, at any corpus size, without knowing the size
+    in advance. With val_fraction 0 nothing needs balancing: pieces are as long as allowed.
+    """
+    smaller = min(val_fraction, 1.0 - val_fraction)
+    if smaller == 0:
+        return PIECE_CHARS
+    return max(256, min(PIECE_CHARS, int(smaller * chars_before / 32)))
+
+
 def plan_splits(pieces: Iterable[Piece], val_fraction: float, seed: int) -> Iterator[Planned]:
     """Assign every piece to train or val, streaming, and say where <|endoftext|> goes.
 
-    A piece goes to val when a hash of (seed, its index) falls below val_fraction, so the
-    choice needs no view of the whole corpus. If a split would stay empty, the last piece
-    goes to it; a corpus of one piece is cut at a line break instead. <|endoftext|>
-    follows a piece that ends its document, or whose document goes on in the other split.
+    The validation split tracks its target share of the characters seen so far: a piece of
+    n chars goes to val when val_chars + n * u < val_fraction * chars_so_far (this piece
+    included), u a uniform number fixed by a hash of (seed, its index). Val then never
+    differs from its share by more than one piece, whatever the corpus size, and the seed
+    decides which pieces it gets. If a split would stay empty at the last piece, that piece
+    is cut at a line break between the two; val_fraction 0 puts everything in train.
+    <|endoftext|> follows a piece that ends its document, or whose document goes on in the
+    other split.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    check_val_fraction(val_fraction)
 
     def assigned() -> Iterator[tuple[Piece, str]]:
         used: set[str] = set()
+        chars = val_chars = 0
         for piece, last in _mark_last(pieces):
-            split = "val" if _unit_hash(seed, piece.index) < val_fraction else "train"
-            if last and not used:
-                head, tail = cut_for_validation(piece.text, val_fraction)
+            n = len(piece.text)
+            target = val_fraction * (chars + n)
+            split = "val" if val_chars + n * _unit_hash(seed, piece.index) < target else "train"
+            if last and val_fraction > 0 and len(used | {split}) < 2:  # a split would stay empty: share this piece
+                tail = min(max((target - val_chars) / max(n, 1), 1e-9), 1.0 - 1e-9)
+                if used and piece.text.rfind("\n", 0, int(n * (1.0 - tail))) <= 0:  # no line break to cut at: it goes whole
+                    yield piece, ({"train", "val"} - used).pop()
+                    return
+                head, tail_text = cut_for_validation(piece.text, tail)
                 yield replace(piece, text=head, doc_end=True), "train"
-                yield Piece(piece.index + 1, tail, 0, True), "val"  # index + 1: no later piece exists to share it
+                yield Piece(piece.index + 1, tail_text, 0, True, piece.doc), "val"  # index + 1: no later piece exists to share it
                 return
-            if last and len(used) == 1:
-                split = ({"train", "val"} - used).pop()
             used.add(split)
+            chars += n
+            val_chars += n if split == "val" else 0
             yield piece, split
         if not used:
             raise DataError("input is empty: it holds no text")
@@ -354,13 +411,15 @@ def shard_name(split: str, number: int) -> str:
 class SplitProgress:
     """What a split has published, and where its stream resumes: the first token of piece
     `next_piece` past `skip_tokens` (its <|endoftext|> counted) not yet in a published shard.
-    bytes and documents count the pieces before `next_piece`."""
+    bytes and documents count the pieces before `next_piece`; last_doc is the document of the
+    last of them (a document cut across the splits counts once in each)."""
 
     shards: list[dict] = field(default_factory=list)
     next_piece: int = 0
     skip_tokens: int = 0
     bytes: int = 0
     documents: int = 0
+    last_doc: int = -1
 
     @property
     def tokens(self) -> int:
@@ -374,7 +433,8 @@ class _ShardWriter:
         self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
         self.published = progress  # what is on disk; saved by on_publish
         self.on_publish = on_publish
-        self.bytes, self.documents = progress.bytes, progress.documents  # running counts, in-progress shard included
+        # running counts, in-progress shard included
+        self.bytes, self.documents, self.last_doc = progress.bytes, progress.documents, progress.last_doc
         self._file: BinaryIO | None = None
         self._tmp: Path | None = None
         self._filled = 0
@@ -383,9 +443,10 @@ class _ShardWriter:
         piece = planned.piece
         tokens = np.append(ids, np.array([eot_id], self.dtype)) if planned.eot else ids
         offset = self.published.skip_tokens if piece.index == self.published.next_piece else 0
-        before = (self.bytes, self.documents)
+        before = (self.bytes, self.documents, self.last_doc)
         self.bytes += n_bytes
-        self.documents += int(planned.eot)
+        self.documents += int(piece.doc != self.last_doc)
+        self.last_doc = piece.doc
         pos = offset
         while pos < len(tokens):
             take = min(len(tokens) - pos, self.shard_tokens - self._filled)
@@ -393,7 +454,7 @@ class _ShardWriter:
             pos += take
             if self._filled == self.shard_tokens:
                 if pos == len(tokens):  # the piece is all published
-                    self._publish(piece.index + 1, 0, self.bytes, self.documents)
+                    self._publish(piece.index + 1, 0, self.bytes, self.documents, self.last_doc)
                 else:
                     self._publish(piece.index, pos, *before)
 
@@ -404,7 +465,7 @@ class _ShardWriter:
 
     def finish(self, next_piece: int) -> None:
         if self._filled:
-            self._publish(next_piece, 0, self.bytes, self.documents)
+            self._publish(next_piece, 0, self.bytes, self.documents, self.last_doc)
 
     def discard(self) -> None:
         """Drop the shard in progress (interrupted): a resume rewrites it from the saved position."""
@@ -422,7 +483,7 @@ class _ShardWriter:
         tokens.tofile(self._file)
         self._filled += len(tokens)
 
-    def _publish(self, next_piece: int, skip_tokens: int, n_bytes: int, documents: int) -> None:
+    def _publish(self, next_piece: int, skip_tokens: int, n_bytes: int, documents: int, last_doc: int) -> None:
         assert self._file is not None and self._tmp is not None
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -433,7 +494,7 @@ class _ShardWriter:
         self._file = self._tmp = None
         p = self.published
         p.shards.append({"file": name, "tokens": self._filled})
-        p.next_piece, p.skip_tokens, p.bytes, p.documents = next_piece, skip_tokens, n_bytes, documents
+        p.next_piece, p.skip_tokens, p.bytes, p.documents, p.last_doc = next_piece, skip_tokens, n_bytes, documents, last_doc
         self._filled = 0
         self.on_publish()
 
@@ -447,10 +508,10 @@ def _tokenizer_key(tokenizer: str | AnyTokenizer) -> str:
     return str(tokenizer)
 
 
-def _train_texts(source: Source, val_fraction: float, seed: int) -> Iterator[str]:
+def _train_texts(source: Source, val_fraction: float, seed: int, unit: Callable[[int], int]) -> Iterator[str]:
     """The training split's text, streamed, up to TOKENIZER_SAMPLE_CHARS: what `train:N` learns from."""
     chars = 0
-    for p in plan_splits(source.pieces(), val_fraction, seed):
+    for p in plan_splits(source.pieces(unit), val_fraction, seed):
         if p.split == "train":
             yield p.piece.text
             chars += len(p.piece.text)
@@ -458,14 +519,16 @@ def _train_texts(source: Source, val_fraction: float, seed: int) -> Iterator[str
                 return
 
 
-def _resolve_tokenizer(tokenizer: str | AnyTokenizer, source: Source, val_fraction: float, seed: int, progress: bool) -> AnyTokenizer:
+def _resolve_tokenizer(
+    tokenizer: str | AnyTokenizer, source: Source, val_fraction: float, seed: int, unit: Callable[[int], int], progress: bool
+) -> AnyTokenizer:
     if isinstance(tokenizer, (Tokenizer, WrappedTokenizer)):
         return tokenizer
     if tokenizer.startswith("train:"):
         size = tokenizer.split(":", 1)[1]
         if not size.isdigit():
             raise ConfigError(f"tokenizer spec {tokenizer!r}: expected train:N with N an integer vocabulary size")
-        return Tokenizer.train(_train_texts(source, val_fraction, seed), vocab_size=int(size), progress=progress)
+        return Tokenizer.train(_train_texts(source, val_fraction, seed, unit), vocab_size=int(size), progress=progress)
     return load_tokenizer(tokenizer)
 
 
@@ -512,13 +575,13 @@ def prepare(
         raise ConfigError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    check_val_fraction(val_fraction)
     source = Source.of(inputs, corpus, encoding, text_field)
+    unit = functools.partial(split_unit_chars, val_fraction=val_fraction)
     out = Path(out_dir)
     settings = {
         "source": source.fingerprint(), "tokenizer": _tokenizer_key(tokenizer), "val_fraction": val_fraction, "seed": seed,
-        "shard_tokens": shard_tokens, "piece_chars": PIECE_CHARS,
+        "shard_tokens": shard_tokens, "piece_chars": PIECE_CHARS, "split_rule": 2,
     }  # fmt: skip
     state = _read_state(out)
     resuming = state is not None and state["settings"] == settings and (out / TOKENIZER_FILE).is_file()
@@ -528,7 +591,7 @@ def prepare(
         warnings.warn(f"{out} holds an unfinished prepare of other inputs or settings; starting over", stacklevel=2)
     created = not out.exists()
     try:
-        tok = read_tokenizer(out / TOKENIZER_FILE) if resuming else _resolve_tokenizer(tokenizer, source, val_fraction, seed, progress)
+        tok = read_tokenizer(out / TOKENIZER_FILE) if resuming else _resolve_tokenizer(tokenizer, source, val_fraction, seed, unit, progress)
         eot = tok.eot_id  # before writing: a tokenizer without <|endoftext|> cannot separate documents
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp-*"):  # half-written files a killed prepare left behind
@@ -555,7 +618,7 @@ def prepare(
     dtype = token_dtype(tok.vocab_size)
     writers = {s: _ShardWriter(out, s, dtype, shard_tokens, splits[s], save_state) for s in SPLITS}
     try:
-        _stream_into(writers, source, tok, eot, val_fraction, seed, workers or _default_workers(source), progress)
+        _stream_into(writers, source, tok, eot, val_fraction, seed, unit, workers or _default_workers(source), progress)
     except GptlabError:  # bad input: resuming would meet it again, so nothing of this prepare is kept
         for w in writers.values():
             w.discard()
@@ -603,7 +666,8 @@ def prepare(
 
 
 def _stream_into(
-    writers: dict[str, _ShardWriter], source: Source, tok: AnyTokenizer, eot: int, val_fraction: float, seed: int, workers: int, progress: bool
+    writers: dict[str, _ShardWriter], source: Source, tok: AnyTokenizer, eot: int, val_fraction: float, seed: int,
+    unit: Callable[[int], int], workers: int, progress: bool,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -612,7 +676,7 @@ def _stream_into(
 
     def todo() -> Iterator[Planned]:
         nonlocal n_pieces
-        for p in plan_splits(source.pieces(), val_fraction, seed):
+        for p in plan_splits(source.pieces(unit), val_fraction, seed):
             n_pieces = p.piece.index + 1
             if p.piece.index < writers[p.split].published.next_piece:  # in a shard published before an interruption
                 bar.update(p.piece.raw_bytes)

@@ -140,25 +140,29 @@ def _decode_wtf8(data: bytes) -> str:
     return "".join(parts)
 
 
-def split_at_line_breaks(text: str, size: int) -> list[str]:
-    """Cut `text` into pieces of about `size` chars that encode to the same ids as the whole.
+def line_break_cut(text: str, start: int, size: int) -> int | None:
+    """Where the piece of `text` beginning at `start` ends if it is to hold about `size` chars
+    and encode to the same ids as it does inside the whole text; None if `text` holds no such place.
 
-    A cut goes just before a "\\n" whose preceding char is not whitespace. No GPT-2 pre-token
-    holds both a non-space char and "\\n" (only the whitespace alternatives match "\\n"), so a
-    pre-token ends there, and the regex needs no look-ahead past it: matching restarts at
-    the cut exactly as it would in the whole text. (`str.isspace` covers every Unicode
-    White_Space char the regex engines treat as `\\s`, so "not isspace" is safe.)
+    A cut goes just before the first "\\n" at or after start + size whose preceding char is not
+    whitespace. No GPT-2 pre-token holds both a non-space char and "\\n" (only the whitespace
+    alternatives match "\\n"), so a pre-token ends there, and the regex needs no look-ahead past
+    it: matching restarts at the cut exactly as it would in the whole text. (`str.isspace`
+    covers every Unicode White_Space char the regex engines treat as `\\s`, so "not isspace"
+    is safe.) Since the first such place is taken, a text that grows at its end keeps its
+    earlier cuts: a stream can be cut as it arrives.
     """
-    if len(text) <= size:
-        return [text]
+    cut = text.find("\n", start + size)
+    while cut != -1 and text[cut - 1].isspace():
+        cut = text.find("\n", cut + 1)
+    return None if cut == -1 else cut
+
+
+def split_at_line_breaks(text: str, size: int) -> list[str]:
+    """Cut `text` into pieces of about `size` chars that encode to the same ids as the whole (see line_break_cut)."""
     pieces: list[str] = []
     start = 0
-    while len(text) - start > size:
-        cut = text.find("\n", start + size)
-        while cut != -1 and text[cut - 1].isspace():
-            cut = text.find("\n", cut + 1)
-        if cut == -1:
-            break
+    while (cut := line_break_cut(text, start, size)) is not None:
         pieces.append(text[start:cut])
         start = cut
     pieces.append(text[start:])
