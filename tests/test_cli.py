@@ -244,3 +244,34 @@ def test_prepare_prints_the_real_validation_share_and_allows_none(tmp_path, corp
     assert code == 0 and "bits per byte" in out
     code, _, err = run(capsys, "prepare", "--input", str(corpus_dir), "--tokenizer", "gpt2", "--val-fraction", "1", "--out", str(tmp_path / "x"))
     assert code == 2 and "val_fraction must be in [0, 1)" in err
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `gptlab ...` command in the README's shell blocks (also after `|` or `torchrun ... -m`), as argv."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            words = words[len(words) - words[::-1].index("|") :] if "|" in words else words  # the command after a pipe
+            if "-m" in words and "gptlab" in words[words.index("-m") + 1 :][:1]:
+                commands.append(words[words.index("-m") + 2 :])
+            elif words[:1] == ["gptlab"]:
+                commands.append(words[1:])
+    return commands
+
+
+def test_every_command_in_the_readme_parses():
+    from gptlab.cli import build_parser
+
+    commands = readme_commands()
+    assert len(commands) >= 25 and any(c[:1] == ["train"] and "--time-budget" in c for c in commands)
+    for argv in commands:
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"README command does not parse: gptlab {' '.join(argv)}")
