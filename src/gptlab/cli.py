@@ -186,7 +186,7 @@ def _report_train(result: TrainResult) -> None:
     from gptlab.train import format_seconds
 
     if result.stopped_by == "time budget":
-        print(f"the time budget ended the run at step {result.step} of {result.max_steps} (steps ran slower than planned): "
+        print(f"the time budget ended the run at step {result.step} of {result.max_steps}, before its schedule's end: "
               f"the schedule was cut short; --resume continues it")  # fmt: skip
     elif result.stopped_by is not None:
         print(f"stopped by {result.stopped_by} after step {result.step}; continue with the same command and --resume")

@@ -121,6 +121,15 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def reshard(model: nn.Module) -> None:
+    """Put an FSDP-sharded model's sharded parameters back in place (a no-op for others).
+
+    FSDP keeps the root's gathered weights after a forward without backward (evaluation);
+    the optimizer and the state-dict helpers want the sharded parameters."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+
+
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, config: GPTConfig, info: DistInfo) -> tuple[GPT | None, dict[str, Any] | None]:
     """Unsharded model and optimizer state on CPU for the main process (None on the others).
 
@@ -129,10 +138,7 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, config: GPTCo
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-    if hasattr(model, "reshard"):
-        # FSDP keeps the root's gathered weights after a forward without backward (evaluation);
-        # the state-dict helpers want the sharded parameters the optimizer holds
-        model.reshard()
+    reshard(model)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
     if isinstance(model, nn.parallel.DistributedDataParallel):

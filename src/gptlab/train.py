@@ -36,7 +36,8 @@ from gptlab.checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save
 from gptlab.config import GPTConfig, TrainConfig
 from gptlab.data import ShardLoader, TokenData, check_block_size, load_data
 from gptlab.distributed import (
-    DistInfo, any_rank, full_state, grad_sync, load_optimizer_state, max_over_ranks, mean_over_ranks, setup, teardown, wrap,
+    DistInfo, any_rank, full_state, grad_sync, load_optimizer_state, max_over_ranks, mean_over_ranks, reshard, setup,
+    teardown, wrap,
 )  # fmt: skip
 from gptlab.errors import CheckpointError, ConfigError, GptlabError
 from gptlab.fileio import check_writable
@@ -331,6 +332,7 @@ def calibrate(
         t0 = clock()
         estimate_loss(model, val_loader, n, device, cfg.dtype, info)
         eval_s = max_over_ranks((clock() - t0) * cfg.eval_batches / n, info, device)
+        reshard(sync_target)
     torch.set_rng_state(rng)
     if rng_cuda is not None:
         torch.cuda.set_rng_state(rng_cuda)
@@ -414,7 +416,7 @@ def describe_run(model_config: GPTConfig, cfg: TrainConfig, data: TokenData, n_p
     m = model_config
     tokens_per_step = cfg.batch_size * cfg.grad_accum * m.block_size
     val = data.tokens("val")
-    warmup = f"warmup {cfg.warmup} steps"
+    warmup = f"warmup {cfg.warmup} step{'' if cfg.warmup == 1 else 's'}"
     if cfg.warmup_steps is None:
         warmup += " (auto: a tenth of the steps, at most 100; --warmup-steps sets it)"
     procs = f" x {info.world_size} processes ({cfg.strategy})" if info.enabled else ""
@@ -454,6 +456,8 @@ def _train(
             data.shards("val"), model_config.block_size, cfg.batch_size, seed=cfg.seed + EVAL_SEED_OFFSET, rank=info.rank, world_size=info.world_size
         )
 
+    # before any forward pass: FSDP swaps in gathered parameters for a forward without backward
+    optimizer = build_optimizer(model, cfg, device.type, fused=cfg.strategy != "fsdp" or not info.enabled)
     plan = None
     save_s = checkpoint_seconds(model_config)
     if cfg.time_budget is not None and ckpt is None:
@@ -470,7 +474,6 @@ def _train(
             cfg = cfg.replace(max_steps=steps)
         except ConfigError:
             raise ConfigError(f"the time budget fits {steps} steps, fewer than warmup_steps ({cfg.warmup_steps}); lower it or allow more time") from None
-    optimizer = build_optimizer(model, cfg, device.type, fused=cfg.strategy != "fsdp" or not info.enabled)
     tokenizer = data.tokenizer() if ckpt is None else ckpt.tokenizer
     start = 0
     if ckpt is not None:
