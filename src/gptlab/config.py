@@ -129,8 +129,9 @@ class TrainConfig(_Serializable):
 
     With time_budget (seconds), a fresh run measures its step time and replaces
     max_steps with the number of steps that fit the budget, evaluation and checkpoints
-    included; every run, resumed ones too, stops by the budget's end (the schedule is
-    then cut short, never stretched), with a final evaluation and checkpoint.
+    included, and stops by the budget's end if steps slow down (the schedule is then cut
+    short, never stretched), with a final evaluation and checkpoint. A resumed run keeps
+    its schedule; a budget given for the resume caps that session (see train.train).
     """
 
     batch_size: int = 8
@@ -196,8 +197,8 @@ class TrainConfig(_Serializable):
 
 
 def auto_warmup(max_steps: int) -> int:
-    """Default warmup: a tenth of the run, capped at 100 steps (the point where a small GPT's
-    Adam moments have settled; longer runs gain nothing from a longer ramp)."""
+    """Default warmup: a tenth of the run, at most 100 steps (gptlab's former fixed default, so
+    runs of 1000 steps or more keep the schedule they had; shorter ones now fit)."""
     return min(100, max_steps // 10)
 
 
