@@ -8,7 +8,7 @@ directory is self-describing. Memory stays bounded whatever the corpus size, and
 interrupted prepare resumes where it stopped.
 
 `ShardLoader` streams training windows across the shards (memory-mapped) in an order
-fixed by the seed; its cursor is three integers, saved in every checkpoint.
+fixed by the seed; its cursor is two integers, saved in every checkpoint.
 """
 
 from __future__ import annotations
