@@ -289,8 +289,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from gptlab.checkpoint import load_checkpoint
     from gptlab.data import check_block_size, load_data, read_text_file
+    from gptlab.errors import ConfigError
     from gptlab.evaluate import evaluate_split, evaluate_text
-    from gptlab.tokenizer import EOT
     from gptlab.train import resolve_device
 
     device = resolve_device(args.device)
@@ -301,12 +301,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         block = ckpt.model.config.block_size
         rule = "non-overlapping" if m["stride"] == block else f"each predicting {m['stride']} tokens with at least {block - m['stride'] + 1} of context"
         print(f"text:            {args.text} ({m['tokens']:,} tokens, {m['bytes']:,} bytes, tokenizer {ckpt.tokenizer.name})")
-        first = "the first after <|endoftext|>" if EOT in ckpt.tokenizer.special_tokens else "but the first (no <|endoftext|> to start with)"
+        first = "the first after <|endoftext|>" if m["after_eot"] else "but the first (no <|endoftext|> to start with)"
         print(f"windows:         {m['windows']:,} of {block} tokens, stride {m['stride']} ({rule}); each token scored once, {first}")
     else:
         if args.stride is not None:
-            from gptlab.errors import ConfigError
-
             raise ConfigError("--stride applies to --text; a data split is scored in non-overlapping windows")
         ckpt = load_checkpoint(args.ckpt, device=device)
         data = load_data(args.data)

@@ -114,11 +114,7 @@ def max_over_ranks(value: float, info: DistInfo, device: torch.device) -> float:
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """True on every process when it is true on any (e.g. one process received SIGTERM)."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(max_over_ranks(float(flag), info, device))
 
 
 def reshard(model: nn.Module) -> None:

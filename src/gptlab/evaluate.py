@@ -95,7 +95,7 @@ def evaluate_text(
     max_tokens: int | None = None,
     dtype: str = "float32",
     progress: bool = False,
-) -> dict[str, float]:
+) -> dict[str, float | bool]:
     """Loss, perplexity and bits per byte of `text` under `model`, by `rolling_windows`.
 
     The text is one document: its tokens follow <|endoftext|>, as every document in
@@ -144,6 +144,7 @@ def evaluate_text(
     return {
         **loss_metrics(total_nll / n_scored, max(n_bytes, 1) / n_scored),
         "tokens": n_scored,
+        "after_eot": eot is not None,  # whether the first token was scored, after <|endoftext|>
         "bytes": n_bytes,
         "windows": len(windows),
         "stride": stride,

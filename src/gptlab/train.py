@@ -204,15 +204,17 @@ def load_resumable(run_dir: Path) -> Checkpoint | None:
     return None
 
 
-def check_disk_space(run_dir: Path, model_config: GPTConfig) -> None:
-    """Fail before training when the run directory's disk cannot hold even one checkpoint.
-
-    A checkpoint holds the float32 weights and AdamW's two moments: about 12 bytes per
-    parameter. (A disk that fills up later fails at that save, keeping the previous one.)
-    """
+def checkpoint_bytes(model_config: GPTConfig) -> int:
+    """About what one checkpoint of this model takes: the float32 weights and AdamW's two moments, 12 bytes per parameter."""
     with torch.device("meta"):  # shapes only: nothing allocated or initialised
         n_params = sum(p.numel() for p in GPT(model_config).parameters())
-    need = 12 * n_params
+    return 12 * n_params
+
+
+def check_disk_space(run_dir: Path, model_config: GPTConfig) -> None:
+    """Fail before training when the run directory's disk cannot hold even one checkpoint.
+    (A disk that fills up later fails at that save, keeping the previous one.)"""
+    need = checkpoint_bytes(model_config)
     free = shutil.disk_usage(run_dir).free
     if free < need:
         raise GptlabError(f"{run_dir}: {free / 1e6:,.0f} MB free on its disk, but one checkpoint needs about {need / 1e6:,.0f} MB")
@@ -252,7 +254,6 @@ CALIBRATION_WARM_STEPS = 2  # untimed: allocator growth, optimizer state creatio
 CALIBRATION_STEPS = 5  # timed, fewer when they would take over CALIBRATION_SHARE of the budget
 CALIBRATION_SHARE = 0.05
 PLAN_MARGIN = 0.97  # plan for 97% of the time left, so small timing noise does not cut the schedule
-SAVE_BYTES_PER_PARAM = 12  # float32 weights plus AdamW's two moments
 SAVE_BYTES_PER_S = 100e6  # assumed until the run's first checkpoint is timed
 
 
@@ -290,12 +291,6 @@ def steps_for_budget(cfg: TrainConfig, seconds_left: float, step_s: float, eval_
     every save_every, and a final evaluation and checkpoint at the end."""
     per_step = step_s + eval_s / cfg.eval_every + save_s / cfg.save_every
     return int(PLAN_MARGIN * (seconds_left - eval_s - save_s) / per_step)
-
-
-def checkpoint_seconds(model_config: GPTConfig) -> float:
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in GPT(model_config).parameters())
-    return 0.05 + SAVE_BYTES_PER_PARAM * n_params / SAVE_BYTES_PER_S
 
 
 def calibrate(
@@ -459,7 +454,7 @@ def _train(
     # before any forward pass: FSDP swaps in gathered parameters for a forward without backward
     optimizer = build_optimizer(model, cfg, device.type, fused=cfg.strategy != "fsdp" or not info.enabled)
     plan = None
-    save_s = checkpoint_seconds(model_config)
+    save_s = 0.05 + checkpoint_bytes(model_config) / SAVE_BYTES_PER_S  # until the first checkpoint is timed
     if cfg.time_budget is not None and ckpt is None:
         step_s, eval_s = calibrate(model, wrapped, cfg, loader, val_loader() if has_val else None, device, info, cfg.time_budget)
         setup_s = max_over_ranks(clock() - t_enter, info, device)
