@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model as _load_safetensors_model
+from safetensors.torch import save_file as _save_safetensors
 from safetensors.torch import save_model as _save_safetensors_model
 
 from gptlab.config import GPTConfig, TrainConfig
@@ -43,6 +44,8 @@ MODEL_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
 TOKENIZER_FILE = "tokenizer.json"
 TRAINER_FILE = "trainer.pt"
+CORE_META_KEYS = ("format", "version", "step", "model_config", "train_config", "files", "metrics")  # the rest: extra_meta
+LORA_KEY = "lora"  # checkpoint.json entry of an adapter checkpoint (see gptlab.finetune.lora)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -88,8 +91,18 @@ def write_checkpoint_dir(
     metrics: dict[str, Any] | None = None,
     extra_meta: dict[str, Any] | None = None,
 ) -> None:
-    """Write a checkpoint's files into `directory` (empty; the caller publishes it, see fileio.staged_dir)."""
-    _save_safetensors_model(model, str(directory / MODEL_FILE))
+    """Write a checkpoint's files into `directory` (empty; the caller publishes it, see fileio.staged_dir).
+
+    With a "lora" entry in extra_meta (a LoRA fine-tuning run), model.safetensors holds only the
+    adapter; loading rebuilds the model from the base checkpoint it names.
+    """
+    lora = (extra_meta or {}).get(LORA_KEY)
+    if lora is not None:
+        from gptlab.finetune.lora import adapter_tensors  # LoRA builds on this module, so it is imported on use
+
+        _save_safetensors(adapter_tensors(model, lora), str(directory / MODEL_FILE))
+    else:
+        _save_safetensors_model(model, str(directory / MODEL_FILE))
     (directory / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict()))
     if trainer_state is not None:
         torch.save(trainer_state, directory / TRAINER_FILE)
@@ -122,6 +135,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     keep_last: int | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint for `step` atomically and return its directory; prune to the newest `keep_last`.
 
@@ -132,7 +146,7 @@ def save_checkpoint(
     for stale in itertools.chain(final.parent.glob(".step_*.tmp-*"), final.parent.glob(".step_*.old-*")):
         shutil.rmtree(stale, ignore_errors=True)
     with staged_dir(final) as tmp:
-        write_checkpoint_dir(tmp, step, model, model_config, tokenizer, train_config, trainer_state, metrics)
+        write_checkpoint_dir(tmp, step, model, model_config, tokenizer, train_config, trainer_state, metrics, extra_meta)
     write_atomic(Path(run_dir) / LATEST_FILE, f"{CKPT_SUBDIR}/{final.name}\n".encode())
     if keep_last is not None:
         for old in step_dirs(run_dir)[:-keep_last]:
@@ -178,8 +192,13 @@ def _verify(ckpt: Path, meta: dict[str, Any], names: list[str]) -> None:
             raise CheckpointError(f"{path}: corrupted (sha256 does not match the one recorded at save time)")
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", with_trainer_state: bool = False) -> Checkpoint:
-    """Load a checkpoint (or a run directory's latest). Verifies checksums; never executes pickled code."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", with_trainer_state: bool = False, merge_lora: bool = True) -> Checkpoint:
+    """Load a checkpoint (or a run directory's latest). Verifies checksums; never executes pickled code.
+
+    An adapter checkpoint (a LoRA run's) is rebuilt from its base; with merge_lora (the default:
+    what sampling, evaluation and export want) the adapters are folded into plain Linear
+    weights, otherwise the model keeps its LoRA layers (to resume training them).
+    """
     ckpt = find_checkpoint(path)
     if ckpt is None:
         raise CheckpointError(f"{path}: run directory has no checkpoint yet")
@@ -191,13 +210,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", with_t
         train_config = TrainConfig.from_dict(meta["train_config"]) if meta.get("train_config") else None
     except (KeyError, TypeError, ConfigError) as err:
         raise CheckpointError(f"{ckpt / META_FILE}: invalid config ({err})") from None
-    model = GPT(model_config)
-    try:
-        missing, unexpected = _load_safetensors_model(model, str(ckpt / MODEL_FILE), strict=False, device=str(device))
-    except (SafetensorError, RuntimeError, OSError) as err:
-        raise CheckpointError(f"{ckpt / MODEL_FILE}: cannot load weights ({err})") from None
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt / MODEL_FILE}: weights do not match the config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    if LORA_KEY in meta:
+        from gptlab.finetune.lora import load_adapter_checkpoint, merge_lora as merge  # LoRA builds on this module
+
+        model = load_adapter_checkpoint(ckpt / MODEL_FILE, meta[LORA_KEY], model_config, device)
+        if merge_lora:
+            merge(model)
+    else:
+        model = GPT(model_config)
+        try:
+            missing, unexpected = _load_safetensors_model(model, str(ckpt / MODEL_FILE), strict=False, device=str(device))
+        except (SafetensorError, RuntimeError, OSError) as err:
+            raise CheckpointError(f"{ckpt / MODEL_FILE}: cannot load weights ({err})") from None
+        if missing or unexpected:
+            raise CheckpointError(f"{ckpt / MODEL_FILE}: weights do not match the config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     model.to(device)
     tokenizer = read_tokenizer(ckpt / TOKENIZER_FILE)
     trainer_state = None

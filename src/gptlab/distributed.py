@@ -103,6 +103,16 @@ def mean_over_ranks(value: float, info: DistInfo, device: torch.device) -> float
     return float(t) / info.world_size
 
 
+def sum_over_ranks(values: dict[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:
+    """Each number of a per-process dict summed over all processes (every process has the same keys)."""
+    if not info.enabled:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
 def max_over_ranks(value: float, info: DistInfo, device: torch.device) -> float:
     """The largest of a per-process number over all processes (e.g. the slowest process's step time)."""
     if not info.enabled:
@@ -132,7 +142,11 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, config: GPTCo
     Every process must call it: with FSDP the parameters are gathered collectively. The
     optimizer state is keyed by parameter name, so it loads into any number of processes.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     reshard(model)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -159,6 +173,9 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     if all(isinstance(p, int) for group in state["param_groups"] for p in group["params"]):
         optimizer.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

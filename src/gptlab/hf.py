@@ -28,6 +28,7 @@ from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save_file as _save_safetensors
 from torch import Tensor
 
+from gptlab.chat import CHAT_TOKENS, HF_CHAT_TEMPLATE, IM_END
 from gptlab.checkpoint import load_checkpoint, write_checkpoint_dir
 from gptlab.config import GPTConfig
 from gptlab.errors import CheckpointError, ConfigError, GptlabError
@@ -451,7 +452,7 @@ def load_hf(src: str | os.PathLike[str], device: str | torch.device = "cpu", rev
     return HFModel(model, cfg, tokenizer, model_type, directory)
 
 
-def _check_out(out: Path, force: bool) -> None:
+def check_out_dir(out: Path, force: bool) -> None:
     """Refuse an output that cannot be written before any download, load or conversion."""
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory")
@@ -463,7 +464,7 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def _writing(out: Path):
+def writing(out: Path):
     """staged_dir(out), with a failed write (disk full, a filesystem that refuses renames) reported in one line."""
     try:
         with staged_dir(out) as tmp:
@@ -475,12 +476,12 @@ def _writing(out: Path):
 def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], revision: str | None = None, force: bool = False) -> HFModel:
     """Convert a HF GPT-2/GPT-1 model into a gptlab checkpoint directory at `out`; returns what it loaded."""
     out = Path(out)
-    _check_out(out, force)  # before any download or conversion
+    check_out_dir(out, force)  # before any download or conversion
     loaded = load_hf(src, revision=revision)
     if loaded.tokenizer is None:
         raise CheckpointError(f"{loaded.directory}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt); a checkpoint needs one")
     source = {"hf_source": str(src), "hf_model_type": loaded.model_type, "hf_revision": revision}
-    with _writing(out) as tmp:
+    with writing(out) as tmp:
         write_checkpoint_dir(tmp, 0, loaded.model, loaded.config, loaded.tokenizer, extra_meta={"source": source})
     return loaded
 
@@ -489,22 +490,38 @@ def export_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], force: 
     """Write a gptlab checkpoint (or run directory's latest) as a HF model directory that
     `AutoModelForCausalLM` and `AutoTokenizer` load with no custom code; returns it."""
     out = Path(out)
-    _check_out(out, force)
+    check_out_dir(out, force)
     loaded = load_checkpoint(ckpt)
-    tok = loaded.tokenizer
-    sd, cfg = hf_expressible(loaded.model.state_dict(), loaded.model_config)
+    with writing(out) as tmp:
+        write_hf_model(tmp, loaded.model, loaded.model_config, loaded.tokenizer)
+    return out
+
+
+def write_hf_model(tmp: Path, model: torch.nn.Module, model_config: GPTConfig, tok: AnyTokenizer) -> None:
+    """The files of a HF model directory (weights, config, generation config, tokenizer) into the empty directory `tmp`."""
+    sd, cfg = hf_expressible(model.state_dict(), model_config)
     eot = tok.special_tokens.get(EOT)
     hf_config = config_to_hf(cfg, eos_token_id=eot) | {"torch_dtype": "float32"}
     hf_sd = state_dict_to_hf(sd, cfg)
     if cfg.tie_weights:
         del hf_sd[_HEAD]  # HF re-ties it on load; safetensors cannot store one tensor twice
-    with _writing(out) as tmp:
-        _save_safetensors({k: v.contiguous() for k, v in hf_sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        generation = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        try:
-            tok.to_hf_files(tmp, model_max_length=cfg.block_size)
-        except GptlabError as err:
-            raise CheckpointError(f"cannot export the tokenizer: {err}") from None
-    return out
+    _save_safetensors({k: v.contiguous() for k, v in hf_sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    generation = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}
+    chat = all(t in tok.special_tokens for t in CHAT_TOKENS)
+    if chat:  # a chat model's turn ends at <|im_end|>: HF's generate stops there (and still at <|endoftext|>)
+        generation["eos_token_id"] = [tok.special_tokens[IM_END]] + ([eot] if eot is not None else [])
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    try:
+        tok.to_hf_files(tmp, model_max_length=cfg.block_size)
+    except GptlabError as err:
+        raise CheckpointError(f"cannot export the tokenizer: {err}") from None
+    if chat:
+        _add_chat_template(tmp / "tokenizer_config.json")
+
+
+def _add_chat_template(config_path: Path) -> None:
+    """Put gptlab's chat template in tokenizer_config.json, so `apply_chat_template` renders as gptlab does."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["chat_template"] = HF_CHAT_TEMPLATE
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")

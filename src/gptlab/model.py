@@ -171,6 +171,25 @@ class CacheStep:
         return ck[:, :, : self.kv_len], cv[:, :, : self.kv_len]
 
 
+def packed_positions_and_mask(segments: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions (B, T) and attention mask (B, 1, T, T) for rows that pack several sequences.
+
+    A sequence is a run of equal segment ids. Its tokens are numbered from 0 at its first
+    token, and a query attends to the keys at or before it in the same run: block-diagonal
+    causal attention, so packed sequences never see each other (as if each were alone).
+    """
+    B, T = segments.shape
+    t = torch.arange(T, device=segments.device)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]  # (B, T): where each run begins
+    first = torch.where(starts, t, 0).cummax(dim=1).values  # (B, T): index of the run's first token
+    positions = t - first
+    run = starts.cumsum(dim=1)  # (B, T): the run's number, so a segment id that comes back later is a new sequence
+    same = run[:, :, None] == run[:, None, :]  # (B, T, T)
+    causal = t[:, None] >= t[None, :]  # (T, T)
+    return positions, (same & causal).unsqueeze(1)  # (B, 1, T, T)
+
+
 # ----------------------------------------------------------------------------- layers
 
 
@@ -191,13 +210,13 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.dropout  # applied to the attention probabilities inside SDPA
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, step: CacheStep | None = None) -> Tensor:
+    def forward(self, x: Tensor, step: CacheStep | None = None, mask: Tensor | None = None) -> Tensor:
+        """`mask` (B, 1, T, T), True where a query may attend, replaces the causal mask (packed sequences)."""
         B, T, C = x.shape
         hs = C // self.n_head
         # views, not copies: SDPA accepts the strided (B, nh, T, hs) layout directly
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, hs).unbind(2)  # 3 x (B, T, nh, hs)
         q = q.transpose(1, 2)  # (B, nh, T, hs)
-        mask = None
         if step is None:
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
         else:
@@ -243,11 +262,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, step: CacheStep | None = None) -> Tensor:
+    def forward(self, x: Tensor, step: CacheStep | None = None, mask: Tensor | None = None) -> Tensor:
         if self.pre_ln:
-            x = x + self.attn(self.ln_1(x), step)
+            x = x + self.attn(self.ln_1(x), step, mask)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, step))
+        x = self.ln_1(x + self.attn(x, step, mask))
         return self.ln_2(x + self.mlp(x))
 
 
@@ -293,18 +312,27 @@ class GPT(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, segments: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab_size) for token ids (B, T), and the mean cross-entropy against targets (B, T).
 
         Targets equal to -100 are ignored. Position t's logits depend only on idx[:, :t+1].
+        `segments` (B, T) packs several sequences in a row: runs of equal ids are separate
+        sequences, each numbering its positions from 0 and attending only within itself, so
+        every sequence gets the logits it would get alone.
         """
         self._check_input(idx, targets)
         B, T = idx.shape
-        pos = self.pos_table[:T] if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight[:T]  # (T, C)
-        logits = self.lm_head(self._trunk(idx, pos, None))  # (B, T, V)
+        table = self.pos_table if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight
+        mask = None
+        if segments is None:
+            pos = table[:T]  # (T, C)
+        else:
+            positions, mask = packed_positions_and_mask(segments)
+            pos = table[positions]  # (B, T, C)
+        logits = self.lm_head(self._trunk(idx, pos, None, mask))  # (B, T, V)
         if targets is None:
             return logits, None
-        loss = cross_entropy(logits.view(B * T, -1), targets.view(B * T))
+        loss = cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
 
     def forward_cached(self, idx: Tensor, step: CacheStep, last: Tensor | None = None) -> Tensor:
@@ -322,16 +350,16 @@ class GPT(nn.Module):
             x = x[torch.arange(x.size(0), device=x.device), last]  # (B, C)
         return self.lm_head(x)
 
-    def _trunk(self, idx: Tensor, pos: Tensor, step: CacheStep | None) -> Tensor:
-        """Hidden states after the last layer (and ln_f), (B, T, C)."""
+    def _trunk(self, idx: Tensor, pos: Tensor, step: CacheStep | None, mask: Tensor | None = None) -> Tensor:
+        """Hidden states after the last layer (and ln_f), (B, T, C); `mask` as in CausalSelfAttention."""
         x = self.transformer.drop(self.transformer.wte(idx) + pos)  # (B, T, C)
         for block in self.transformer.h:
             if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
                 # keep only each block's input; its activations are recomputed in backward
                 # (Chen et al. 2016): about one block's activations in memory instead of all
-                x = torch.utils.checkpoint.checkpoint(block, x, step, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, step, mask, use_reentrant=False)
             else:
-                x = block(x, step)
+                x = block(x, step, mask)
         if "ln_f" in self.transformer:
             x = self.transformer.ln_f(x)
         return x
@@ -344,7 +372,9 @@ class GPT(nn.Module):
         or a hub name such as "gpt2" when the hub is reachable. `gptlab.hf.load_hf` also
         returns the tokenizer.
         """
-        from gptlab.hf import load_hf  # gptlab.hf builds on this module, so it is imported on use
+        from gptlab.hf import (
+            load_hf,  # gptlab.hf builds on this module, so it is imported on use
+        )
 
         return load_hf(source, device=device, revision=revision).model
 
@@ -391,3 +421,35 @@ class GPT(nn.Module):
         """
         cfg = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def with_new_tokens(model: GPT, ids: list[int], known: int, multiple: int = 64) -> GPT:
+    """`model` with trainable rows for new token ids (e.g. special tokens added for a chat template).
+
+    The token table (and an untied head) grows when an id does not fit, to a multiple of
+    `multiple` rows. Each new id's row starts at the mean of the `known` rows that real tokens
+    use (Hewitt 2021, "Initializing new word embeddings"): a new token then begins with an
+    average input embedding and, through the tied head, an output logit near the average
+    one, instead of a random row the model never trained, which can dominate the output.
+    Rows of ids a smaller tokenizer never used count as new when asked for. Returns `model`
+    itself, changed in place, when the table is big enough; otherwise a new GPT.
+    """
+    if not ids:
+        return model
+    if not 0 < known <= model.config.vocab_size or min(ids) < known:
+        raise InputError(f"new token ids {ids} must come after the {known} known ones (table of {model.config.vocab_size} rows)")
+    need = max(ids) + 1
+    if need > model.config.vocab_size:
+        grown = GPT(model.config.replace(vocab_size=-(-need // multiple) * multiple))
+        state = model.state_dict()
+        for name in ("transformer.wte.weight", "lm_head.weight"):
+            old = state[name]
+            state[name] = torch.cat([old, old.new_zeros(grown.config.vocab_size - old.size(0), old.size(1))])  # (V', C)
+        grown.load_state_dict(state)
+        grown.train(model.training)
+        model = grown.to(model.transformer.wte.weight.device)
+    with torch.no_grad():
+        tables = [model.transformer.wte.weight] + ([] if model.config.tie_weights else [model.lm_head.weight])
+        for table in tables:
+            table[ids] = table[:known].mean(dim=0)
+    return model

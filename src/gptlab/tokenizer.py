@@ -340,6 +340,19 @@ class _Vocabulary:
         """A decoder for ids that arrive one at a time (generation); `context` is the prompt's ids."""
         return TextStream(self, context)
 
+    def with_special_tokens(self, texts: Sequence[str]) -> tuple[AnyTokenizer, dict[str, int]]:
+        """This tokenizer plus the special tokens in `texts` it lacks, given the next free ids in order,
+        and {text: id} of those added (empty, and the tokenizer itself, when it has them all)."""
+        _check_special_tokens(list(texts), "with_special_tokens")
+        added = {}
+        for text in texts:
+            if text not in self._special:
+                added[text] = self.vocab_size + len(added)
+        return (self._plus_specials(added) if added else self), added  # type: ignore[return-value]
+
+    def _plus_specials(self, added: dict[str, int]) -> AnyTokenizer:
+        raise NotImplementedError
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the one-file JSON form atomically: a reader sees the old file or the new one, never half."""
         path = Path(path)
@@ -634,6 +647,9 @@ class Tokenizer(_Vocabulary):
             "special_tokens": dict(self._special),
         }
 
+    def _plus_specials(self, added: dict[str, int]) -> Tokenizer:
+        return Tokenizer(self._tokens, self._merges, self._special | added, name=self.name, pattern=self.pattern, source=f"tokenizer {self.name!r}")
+
     def to_hf_files(self, out_dir: str | os.PathLike[str], model_max_length: int) -> None:
         """Write vocab.json, merges.txt, tokenizer.json and tokenizer_config.json for transformers' GPT2Tokenizer.
 
@@ -872,6 +888,11 @@ class WrappedTokenizer(_Vocabulary):
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.FORMAT, "version": VERSION, "name": self.name, "tokenizer": self.hf_json, "hf_config": self.hf_config}
+
+    def _plus_specials(self, added: dict[str, int]) -> WrappedTokenizer:
+        flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        tokens = [*(self.hf_json.get("added_tokens") or []), *({"id": i, "content": t, **flags} for t, i in added.items())]
+        return WrappedTokenizer({**self.hf_json, "added_tokens": tokens}, self.name, self.hf_config, source=f"tokenizer {self.name!r}")
 
     def to_hf_files(self, out_dir: str | os.PathLike[str], model_max_length: int) -> None:
         """Write tokenizer.json and tokenizer_config.json as they were imported (new model_max_length)."""

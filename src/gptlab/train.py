@@ -27,21 +27,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from gptlab.checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint, step_dirs
+from gptlab.checkpoint import CORE_META_KEYS, Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint, step_dirs
 from gptlab.config import GPTConfig, TrainConfig
 from gptlab.data import ShardLoader, TokenData, check_block_size, load_data
 from gptlab.distributed import (
     DistInfo, any_rank, full_state, grad_sync, load_optimizer_state, max_over_ranks, mean_over_ranks, reshard, setup,
-    teardown, wrap,
+    sum_over_ranks, teardown, wrap,
 )  # fmt: skip
 from gptlab.errors import CheckpointError, ConfigError, GptlabError
 from gptlab.fileio import check_writable
 from gptlab.model import GPT
+from gptlab.tokenizer import AnyTokenizer
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_SEED_OFFSET = 1  # the val loader's seed is seed + 1, so its order is not the train order
@@ -123,43 +124,143 @@ def loss_metrics(loss: float, bytes_per_token: float) -> dict[str, float]:
     }
 
 
+# ----------------------------------------------------------------------------- objectives
+
+
+def _next_token_loss(model: nn.Module, batch: tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:
+    x, y = batch
+    return model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))[1]
+
+
+class Batches(Protocol):
+    """An endless, resumable stream of batches for one process (ShardLoader is one)."""
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]: ...
+
+    def state(self) -> dict[str, Any]: ...  # plain ints and tensors: checkpoints load it with weights_only
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
+
+
+class Objective(Protocol):
+    """What a run optimises: where its batches come from and the loss on one.
+
+    The loop (train) owns everything else: schedule, accumulation, clipping, evaluation
+    timing, checkpoints, resume, signals, time budget, torchrun. Pretraining is
+    `LanguageModeling`; supervised fine-tuning (gptlab.finetune.sft) and the alignment
+    losses are objectives too, so they get all of that without a second loop.
+    """
+
+    tokenizer: AnyTokenizer  # saved with every checkpoint
+    has_val: bool
+
+    def check(self, model_config: GPTConfig) -> None:
+        """Raise ConfigError when the model cannot train on this data (vocabulary, context length)."""
+
+    def batches(self, split: str, block_size: int, batch_size: int, seed: int, rank: int, world_size: int) -> Batches:
+        """This process's stream of `split` ("train" or "val") batches of rows up to block_size tokens."""
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:
+        """The scalar to minimise on one micro-batch (a mean, so accumulation divides it by grad_accum)."""
+
+    def score(self, model: nn.Module, batch: tuple[torch.Tensor, ...], device: torch.device) -> dict[str, float]:
+        """Sums over one held-out batch (e.g. loss and a count); summed over batches and processes, then `metrics`."""
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Validation metrics from the summed `score`s; "loss" first."""
+
+    def describe(self) -> list[str]:
+        """The run summary's lines about the data."""
+
+    def tokens_per_step(self, cfg: TrainConfig, block_size: int) -> int:
+        """Token positions per optimizer step, for throughput."""
+
+    def run_info(self) -> dict[str, Any]:
+        """What run.json records about the data (and checkpoint.json, when it says how to rebuild the run)."""
+
+
+class LanguageModeling:
+    """Pretraining: next-token prediction on a prepared data directory (gptlab prepare)."""
+
+    def __init__(self, data: TokenData) -> None:
+        self.data = data
+        self.tokenizer = data.tokenizer()
+        self.has_val = data.tokens("val") > 0
+        self._bpt = data.bytes_per_token("val") if self.has_val else 1.0
+
+    def check(self, model_config: GPTConfig) -> None:
+        if model_config.vocab_size < self.data.vocab_size:
+            raise ConfigError(
+                f"vocab_size ({model_config.vocab_size}) is smaller than the tokenizer's vocabulary ({self.data.vocab_size}) in {self.data.path}"
+            )
+        check_block_size(self.data, model_config.block_size)
+
+    def batches(self, split: str, block_size: int, batch_size: int, seed: int, rank: int, world_size: int) -> ShardLoader:
+        return ShardLoader(self.data.shards(split), block_size, batch_size, seed=seed, rank=rank, world_size=world_size)
+
+    loss = staticmethod(_next_token_loss)
+
+    def score(self, model: nn.Module, batch: tuple[torch.Tensor, ...], device: torch.device) -> dict[str, float]:
+        return {"loss": self.loss(model, batch, device).item(), "batches": 1.0}
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return loss_metrics(sums["loss"] / sums["batches"], self._bpt)
+
+    def describe(self) -> list[str]:
+        data, val = self.data, self.data.tokens("val")
+        return [
+            f"data: {data.tokens('train'):,} train tokens, " + (f"{val:,} val tokens" if val else "no validation split (evaluation off)") + f" in {data.path}"
+        ]
+
+    def tokens_per_step(self, cfg: TrainConfig, block_size: int) -> int:
+        return cfg.batch_size * cfg.grad_accum * block_size
+
+    def run_info(self) -> dict[str, Any]:
+        return {"data": str(self.data.path.resolve())}
+
+
 @torch.no_grad()
-def estimate_loss(model: nn.Module, loader: ShardLoader, n_batches: int, device: torch.device, dtype: str, info: DistInfo | None = None) -> float:
-    """Mean loss over the next n_batches of `loader` (eval mode: no dropout), averaged over processes."""
+def estimate_loss(
+    model: nn.Module, loader: Batches, n_batches: int, device: torch.device, dtype: str, info: DistInfo | None, objective: Objective
+) -> dict[str, float]:
+    """The objective's validation metrics over the next n_batches of `loader` (eval mode: no dropout), over all processes."""
     was_training = model.training
     model.eval()
-    total = 0.0
+    sums: dict[str, float] = {}
     for _ in range(n_batches):
-        x, y = loader.next_batch()
         with autocast_context(device, dtype):
-            _, loss = model(x.to(device), y.to(device))
-        total += loss.item()
+            scored = objective.score(model, loader.next_batch(), device)
+        for key, value in scored.items():
+            sums[key] = sums.get(key, 0.0) + value
     model.train(was_training)
-    return mean_over_ranks(total / n_batches, info or DistInfo(), device)
+    return objective.metrics(sum_over_ranks(sums, info or DistInfo(), device))
 
 
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    loader: ShardLoader,
+    loader: Batches,
     cfg: TrainConfig,
     device: torch.device,
     info: DistInfo | None = None,
     sync_target: nn.Module | None = None,
+    objective: Objective | None = None,
 ) -> tuple[float, float, bool]:
     """One optimizer step over cfg.grad_accum micro-batches.
 
     Returns the mean loss (over all processes), the pre-clip gradient norm, and whether the
     step was taken: a non-finite loss or gradient skips the update (the gradients are
     dropped), since one inf would otherwise turn the Adam moments and every weight into NaN.
-    sync_target is the DDP/FSDP module when `model` is a compiled wrapper of it.
+    sync_target is the DDP/FSDP module when `model` is a compiled wrapper of it. The loss is
+    the objective's (next-token prediction on (x, y) batches by default).
     """
+    loss_of = objective.loss if objective is not None else _next_token_loss
     loss_sum = 0.0
     for micro in range(cfg.grad_accum):
-        x, y = loader.next_batch()
+        batch = loader.next_batch()
         with grad_sync(sync_target or model, micro == cfg.grad_accum - 1):
             with autocast_context(device, cfg.dtype):
-                _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                loss = loss_of(model, batch, device)
             (loss / cfg.grad_accum).backward()  # the mean over micro-batches, as one large batch would give
         loss_sum += loss.item()
     # an infinite max_norm measures the norm and leaves the gradients as they are (scale 1)
@@ -190,12 +291,12 @@ def load_resumable(run_dir: Path) -> Checkpoint | None:
     an error when it has some but none loads, rather than silently starting over.
     """
     if (run_dir / "checkpoint.json").is_file():
-        return load_checkpoint(run_dir, with_trainer_state=True)
+        return load_checkpoint(run_dir, with_trainer_state=True, merge_lora=False)
     candidates = step_dirs(run_dir)[::-1]  # newest first
     problems = []
     for path in candidates:
         try:
-            return load_checkpoint(path, with_trainer_state=True)
+            return load_checkpoint(path, with_trainer_state=True, merge_lora=False)
         except CheckpointError as err:
             problems.append(str(err))
             warnings.warn(f"skipping a damaged checkpoint: {err}", stacklevel=2)
@@ -294,8 +395,8 @@ def steps_for_budget(cfg: TrainConfig, seconds_left: float, step_s: float, eval_
 
 
 def calibrate(
-    model: nn.Module, sync_target: nn.Module, cfg: TrainConfig, loader: ShardLoader, val_loader: ShardLoader | None,
-    device: torch.device, info: DistInfo, budget_s: float,
+    model: nn.Module, sync_target: nn.Module, cfg: TrainConfig, loader: Batches, val_loader: Batches | None,
+    device: torch.device, info: DistInfo, budget_s: float, objective: Objective,
 ) -> tuple[float, float]:
     """(seconds per optimizer step, seconds per evaluation), measured on the run's own model and data.
 
@@ -314,7 +415,7 @@ def calibrate(
     t_start, times = clock(), []
     for i in range(CALIBRATION_WARM_STEPS + CALIBRATION_STEPS):
         t0 = clock()
-        train_step(model, optimizer, loader, cfg, device, info, sync_target=sync_target)
+        train_step(model, optimizer, loader, cfg, device, info, sync_target=sync_target, objective=objective)
         if i >= CALIBRATION_WARM_STEPS:
             times.append(clock() - t0)
             if any_rank(clock() - t_start > CALIBRATION_SHARE * budget_s, info, device):
@@ -325,7 +426,7 @@ def calibrate(
     if val_loader is not None:
         n = min(2, cfg.eval_batches)
         t0 = clock()
-        estimate_loss(model, val_loader, n, device, cfg.dtype, info)
+        estimate_loss(model, val_loader, n, device, cfg.dtype, info, objective)
         eval_s = max_over_ranks((clock() - t0) * cfg.eval_batches / n, info, device)
         reshard(sync_target)
     torch.set_rng_state(rng)
@@ -356,7 +457,7 @@ class TrainResult:
 def train(
     model_config: GPTConfig | None,
     train_config: TrainConfig | None,
-    data_dir: str | Path,
+    data: str | Path | Objective,
     run_dir: str | Path,
     resume: bool = False,
     stop_at: int | None = None,
@@ -364,8 +465,15 @@ def train(
     resume_overrides: dict[str, Any] | None = None,
     report: Callable[[str], None] | None = None,
     started: float | None = None,
+    init_model: GPT | None = None,
+    checkpoint_meta: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Pretrain a GPT on a prepared data directory.
+    """Train a GPT: pretrain on a prepared data directory, or optimise any `Objective`.
+
+    A fresh run starts from `init_model` (e.g. a base model to fine-tune, possibly wrapped
+    with LoRA adapters) or, when None, from a randomly initialised GPT(model_config).
+    `checkpoint_meta` is added to every checkpoint's checkpoint.json (what the run is); a resumed
+    run keeps its checkpoint's by default.
 
     With `resume`, continue from the run's latest checkpoint: its model and train
     configs are used (the ones passed may be None), with `resume_overrides` (e.g. a
@@ -381,24 +489,29 @@ def train(
     """
     t_enter = clock() if started is None else started
     run_dir = Path(run_dir)
-    data = load_data(data_dir)
+    objective: Objective = LanguageModeling(load_data(data)) if isinstance(data, (str, Path)) else data
     ckpt = load_resumable(run_dir) if resume and run_dir.exists() else None
     if ckpt is not None:
         if model_config is not None and model_config != ckpt.model_config:
             changed = [k for k, v in model_config.to_dict().items() if ckpt.model_config.to_dict()[k] != v]
             raise ConfigError(f"cannot change the model when resuming {ckpt.path}: {', '.join(changed)} differ(s) from the checkpoint")
         model_config = ckpt.model_config
+        if checkpoint_meta is None:  # what the run is (e.g. a fine-tuning run's data and adapters) carries over
+            checkpoint_meta = {k: v for k, v in ckpt.meta.items() if k not in CORE_META_KEYS}
         saved = (ckpt.train_config or train_config or TrainConfig()).replace(time_budget=None)
         train_config = saved.replace(**(resume_overrides or {}))
     if model_config is None or train_config is None:
         raise ConfigError("a fresh run needs both a model config and a train config")
-    _check_compatible(model_config, data)
+    objective.check(model_config)
     check_writable(run_dir, "run directory")
     check_disk_space(run_dir, model_config)
     cfg = train_config
     info, device = setup(resolve_device(cfg.device))
     try:
-        result = _train(model_config, cfg, data, run_dir, ckpt, stop_at, progress, info, device, t_enter, report or (lambda line: None))
+        result = _train(
+            model_config, cfg, objective, run_dir, ckpt, stop_at, progress, info, device, t_enter, report or (lambda line: None), init_model,
+            checkpoint_meta or {},
+        )  # fmt: skip
     except BaseException:
         teardown(info, clean=False)
         raise
@@ -406,18 +519,21 @@ def train(
     return result
 
 
-def describe_run(model_config: GPTConfig, cfg: TrainConfig, data: TokenData, n_params: int, device: torch.device, info: DistInfo) -> list[str]:
+def describe_run(
+    model_config: GPTConfig, cfg: TrainConfig, objective: Objective, n_params: int, n_trainable: int, device: torch.device, info: DistInfo
+) -> list[str]:
     """The run summary printed before training: what is trained, on what, for how long."""
     m = model_config
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * m.block_size
-    val = data.tokens("val")
+    tokens_per_step = objective.tokens_per_step(cfg, m.block_size)
     warmup = f"warmup {cfg.warmup} step{'' if cfg.warmup == 1 else 's'}"
     if cfg.warmup_steps is None:
         warmup += " (auto: a tenth of the steps, at most 100; --warmup-steps sets it)"
     procs = f" x {info.world_size} processes ({cfg.strategy})" if info.enabled else ""
+    trained = f" ({n_trainable / 1e6:.3f}M trained, {100 * n_trainable / n_params:.2f}%)" if n_trainable != n_params else ""
     return [
-        f"model: {n_params / 1e6:.2f}M parameters, {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}, vocabulary {m.vocab_size}",
-        f"data: {data.tokens('train'):,} train tokens, " + (f"{val:,} val tokens" if val else "no validation split (evaluation off)") + f" in {data.path}",
+        f"model: {n_params / 1e6:.2f}M parameters{trained}, {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}, "
+        f"vocabulary {m.vocab_size}",
+        *objective.describe(),
         f"schedule: {cfg.max_steps} steps of {tokens_per_step:,} tokens ({cfg.batch_size} x {cfg.grad_accum} x {m.block_size}), "
         f"lr {cfg.lr:g} -> {cfg.min_lr:g} cosine, {warmup}",
         f"device: {device}{procs}, {cfg.dtype}",
@@ -425,15 +541,15 @@ def describe_run(model_config: GPTConfig, cfg: TrainConfig, data: TokenData, n_p
 
 
 def _train(
-    model_config: GPTConfig, cfg: TrainConfig, data: TokenData, run_dir: Path, ckpt: Any, stop_at: int | None, progress: bool, info: DistInfo,
-    device: torch.device, t_enter: float, report: Callable[[str], None],
+    model_config: GPTConfig, cfg: TrainConfig, objective: Objective, run_dir: Path, ckpt: Any, stop_at: int | None, progress: bool, info: DistInfo,
+    device: torch.device, t_enter: float, report: Callable[[str], None], init_model: GPT | None, checkpoint_meta: dict[str, Any],
 ) -> TrainResult:
     if cfg.dtype == "bfloat16" and not fast_bf16(device):
         warnings.warn(f"{device.type} has no native bfloat16 matmul here; bf16 autocast will run slower than float32", stacklevel=3)
     if not info.is_main:
         report = lambda line: None  # noqa: E731  (one summary per run, from the main process)
     torch.manual_seed(cfg.seed)  # parameter init and dropout draw from the global generator, alike in every process
-    raw = GPT(model_config) if ckpt is None else ckpt.model
+    raw = ckpt.model if ckpt is not None else init_model if init_model is not None else GPT(model_config)
     raw.to(device)
     raw.train()
     raw.checkpoint_blocks = cfg.activation_checkpointing
@@ -442,21 +558,20 @@ def _train(
         torch.backends.cudnn.allow_tf32 = cfg.tf32
     wrapped = wrap(raw, cfg.strategy, info, device)  # what gradient sync talks to
     model = torch.compile(wrapped) if cfg.compile else wrapped  # what the loop calls
-    loader = ShardLoader(data.shards("train"), model_config.block_size, cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
-    has_val = data.tokens("val") > 0
+    block = model_config.block_size
+    loader = objective.batches("train", block, cfg.batch_size, cfg.seed, info.rank, info.world_size)
+    has_val = objective.has_val
 
-    def val_loader() -> ShardLoader:
+    def val_loader() -> Batches:
         # a fresh loader each time: every evaluation scores the same batches, so values compare across steps
-        return ShardLoader(
-            data.shards("val"), model_config.block_size, cfg.batch_size, seed=cfg.seed + EVAL_SEED_OFFSET, rank=info.rank, world_size=info.world_size
-        )
+        return objective.batches("val", block, cfg.batch_size, cfg.seed + EVAL_SEED_OFFSET, info.rank, info.world_size)
 
     # before any forward pass: FSDP swaps in gathered parameters for a forward without backward
     optimizer = build_optimizer(model, cfg, device.type, fused=cfg.strategy != "fsdp" or not info.enabled)
     plan = None
     save_s = 0.05 + checkpoint_bytes(model_config) / SAVE_BYTES_PER_S  # until the first checkpoint is timed
     if cfg.time_budget is not None and ckpt is None:
-        step_s, eval_s = calibrate(model, wrapped, cfg, loader, val_loader() if has_val else None, device, info, cfg.time_budget)
+        step_s, eval_s = calibrate(model, wrapped, cfg, loader, val_loader() if has_val else None, device, info, cfg.time_budget, objective)
         setup_s = max_over_ranks(clock() - t_enter, info, device)
         steps = steps_for_budget(cfg, cfg.time_budget - setup_s, step_s, eval_s, save_s)
         if steps < 1:
@@ -469,7 +584,7 @@ def _train(
             cfg = cfg.replace(max_steps=steps)
         except ConfigError:
             raise ConfigError(f"the time budget fits {steps} steps, fewer than warmup_steps ({cfg.warmup_steps}); lower it or allow more time") from None
-    tokenizer = data.tokenizer() if ckpt is None else ckpt.tokenizer
+    tokenizer = objective.tokenizer if ckpt is None else ckpt.tokenizer
     start = 0
     if ckpt is not None:
         state = ckpt.trainer_state
@@ -483,7 +598,8 @@ def _train(
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
         start = ckpt.step
-    for line in describe_run(model_config, cfg, data, raw.num_params(non_embedding=False), device, info):
+    n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    for line in describe_run(model_config, cfg, objective, raw.num_params(non_embedding=False), n_trainable, device, info):
         report(line)
     if ckpt is not None:
         report(f"resuming from {ckpt.path} (step {start})")
@@ -493,12 +609,11 @@ def _train(
         report(f"time budget {format_seconds(cfg.time_budget)}: the run stops by then, with a checkpoint, if the schedule has not ended")
     log = None
     if info.is_main:
-        _write_run_info(run_dir, model_config, cfg, data)
+        _write_run_info(run_dir, model_config, cfg, objective)
         log = MetricsLog(run_dir / METRICS_FILE, truncate_after_step=start if ckpt is not None else None)
 
     end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
-    bpt = data.bytes_per_token("val") if has_val else 1.0
+    tokens_per_step = objective.tokens_per_step(cfg, model_config.block_size)
     val_metrics: dict[str, float] | None = None
     last_ckpt: Path | None = ckpt.path if ckpt is not None else None
     deadline = None if cfg.time_budget is None else t_enter + cfg.time_budget
@@ -519,8 +634,9 @@ def _train(
                 trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
             try:
                 path = save_checkpoint(
-                    run_dir, step, plain, model_config, tokenizer, cfg, trainer_state, metrics=val_metrics or {}, keep_last=cfg.keep_last
-                )
+                    run_dir, step, plain, model_config, tokenizer, cfg, trainer_state, metrics=val_metrics or {}, keep_last=cfg.keep_last,
+                    extra_meta=checkpoint_meta,
+                )  # fmt: skip
             except OSError as err:  # disk full, quota, permissions: the partial copy is gone, the previous one stays
                 kept = f"the previous checkpoint {last_ckpt} is kept" if last_ckpt is not None else "no earlier checkpoint exists"
                 raise CheckpointError(f"cannot write the step {step} checkpoint in {run_dir} ({err.strerror or err}); {kept}") from None
@@ -532,11 +648,11 @@ def _train(
     def evaluate(step: int) -> dict[str, float]:
         nonlocal eval_est, done_eval
         t0 = clock()
-        metrics = loss_metrics(estimate_loss(model, val_loader(), cfg.eval_batches, device, cfg.dtype, info), bpt)
+        metrics = estimate_loss(model, val_loader(), cfg.eval_batches, device, cfg.dtype, info, objective)
         if log is not None:
             log.write({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
         if bar is not None:
-            bar.write(f"step {step}: val loss {metrics['loss']:.4f} | ppl {metrics['perplexity']:.2f} | bpb {metrics['bpb']:.4f}")
+            bar.write(f"step {step}: val " + " | ".join(_format_metric(k, v) for k, v in metrics.items()))
         eval_est, done_eval = clock() - t0, step
         return metrics
 
@@ -562,7 +678,7 @@ def _train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t_step = clock()
-            train_loss, grad_norm, stepped = train_step(model, optimizer, loader, cfg, device, info, sync_target=wrapped)
+            train_loss, grad_norm, stepped = train_step(model, optimizer, loader, cfg, device, info, sync_target=wrapped, objective=objective)
             step_s = clock() - t_step
             done = step + 1
             bad_steps = 0 if stepped else bad_steps + 1
@@ -630,14 +746,13 @@ def _stop_on_signals(received: list[str]) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _check_compatible(cfg: GPTConfig, data: TokenData) -> None:
-    if cfg.vocab_size < data.vocab_size:
-        raise ConfigError(f"vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's vocabulary ({data.vocab_size}) in {data.path}")
-    check_block_size(data, cfg.block_size)
+def _format_metric(name: str, value: float) -> str:
+    short = {"perplexity": "ppl"}.get(name, name)
+    return f"{short} {value:.2f}" if name == "perplexity" else f"{short} {value:.4f}"
 
 
-def _write_run_info(run_dir: Path, model_config: GPTConfig, cfg: TrainConfig, data: TokenData) -> None:
-    info = {"model_config": model_config.to_dict(), "train_config": cfg.to_dict(), "data": str(data.path.resolve())}
+def _write_run_info(run_dir: Path, model_config: GPTConfig, cfg: TrainConfig, objective: Objective) -> None:
+    info = {"model_config": model_config.to_dict(), "train_config": cfg.to_dict(), **objective.run_info()}
     (run_dir / "run.json").write_text(json.dumps(info, indent=2))
 
 

@@ -1,0 +1,111 @@
+"""What the command groups share: argument helpers, the config fields flags map to, and the
+training flags that `train`, `sft` and the other training commands take alike."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the CLI imports torch-heavy modules lazily
+    from gptlab.train import TrainResult
+
+Register = Callable[..., argparse.ArgumentParser]  # command(name, handler, help, parent=...) in build_parser
+
+
+def read_stdin_if(value: str | None) -> str:
+    if value is None or value == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            from gptlab.errors import InputError
+
+            raise InputError("no text given: pass --prompt/--text or pipe text on stdin")
+        return sys.stdin.read()
+    return value
+
+
+def explicit(args: argparse.Namespace, names: Sequence[str]) -> dict:
+    """Options the user actually set (argparse defaults are None), keyed by config field name."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_encoding", "norm_placement", "activation")
+TRAIN_FIELDS = (
+    "batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
+    "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "seed", "device", "dtype", "strategy",
+    "compile", "activation_checkpointing", "tf32", "max_bad_steps", "time_budget",
+)  # fmt: skip
+
+
+def duration(text: str) -> float:
+    """A time span for argparse: '90' or '90s' seconds, '10m' minutes, '1.5h' hours."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, scale = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+    try:
+        seconds = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 600, 90s, 10m or 1.5h; got {text!r}") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"a duration must be positive, got {text!r}")
+    return seconds
+
+
+def add_model_flags(t: argparse.ArgumentParser) -> None:
+    """The model's shape and architecture (train: a new model; other commands take the base's)."""
+    m = t.add_argument_group("model (defaults: GPT-2 small, 124M)")
+    for flag, typ in (("--n-layer", int), ("--n-head", int), ("--n-embd", int), ("--block-size", int), ("--dropout", float)):
+        m.add_argument(flag, type=typ)
+    m.add_argument("--no-bias", dest="bias", action="store_false", default=None, help="no biases in Linear/LayerNorm")
+    m.add_argument("--pos-encoding", choices=["learned", "sinusoidal"])
+    m.add_argument("--norm-placement", choices=["pre", "post"], help="pre-LN (GPT-2) or post-LN (GPT-1)")
+    m.add_argument("--activation", choices=["gelu_tanh", "gelu", "relu", "silu"])
+
+
+def add_train_flags(t: argparse.ArgumentParser, defaults: dict[str, str] | None = None) -> None:
+    """Optimisation flags, as TrainConfig fields; `defaults` overrides the help text of flags whose default differs by command."""
+    o = t.add_argument_group("optimisation")
+    defaults = {
+        "--max-steps": "optimizer steps (default 1000)", "--warmup-steps": "linear warmup steps (default: a tenth of the steps, at most 100)",
+        **(defaults or {}),
+    }  # fmt: skip
+    for flag, typ in (
+        ("--batch-size", int), ("--grad-accum", int), ("--max-steps", int), ("--lr", float), ("--min-lr", float),
+        ("--warmup-steps", int), ("--weight-decay", float), ("--grad-clip", float), ("--eval-every", int),
+        ("--eval-batches", int), ("--save-every", int), ("--keep-last", int), ("--log-every", int), ("--seed", int),
+    ):  # fmt: skip
+        o.add_argument(flag, type=typ, help=defaults.get(flag))
+    o.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
+    o.add_argument("--dtype", choices=["float32", "bfloat16"], help="autocast dtype (default float32)")
+    o.add_argument("--strategy", choices=["ddp", "fsdp"], help="under torchrun: replicate (ddp, default) or shard (fsdp) the model")
+    o.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    o.add_argument("--activation-checkpointing", action="store_true", default=None, help="recompute activations in backward to save memory")
+    o.add_argument("--no-tf32", dest="tf32", action="store_false", default=None, help="on CUDA, keep float32 matmuls in full float32")
+    o.add_argument("--max-bad-steps", type=int, help="non-finite steps in a row (each skipped) before stopping (default 5)")
+    o.add_argument(
+        "--time-budget", type=duration, metavar="DURATION",
+        help="fit the run into this wall clock (600, 90s, 10m, 1.5h): the step time is measured and sets --max-steps; "
+        "the run stops by then even if steps slow down. With --resume it only caps this session",
+    )  # fmt: skip
+
+
+
+def _metric(name: str, value: float) -> str:
+    if name == "perplexity":
+        return f"perplexity {value:.2f}"
+    if name == "accuracy":
+        return f"token accuracy {value:.2%}"
+    return f"{name} {value:.4f}"
+
+
+def report_train(result: TrainResult) -> None:
+    from gptlab.train import format_seconds
+
+    if result.stopped_by == "time budget":
+        print(f"the time budget ended the run at step {result.step} of {result.max_steps}, before its schedule's end: "
+              f"the schedule was cut short; --resume continues it")  # fmt: skip
+    elif result.stopped_by is not None:
+        print(f"stopped by {result.stopped_by} after step {result.step}; continue with the same command and --resume")
+    if result.val is not None:
+        print(f"step {result.step}: val " + " | ".join(_metric(k, v) for k, v in result.val.items()))
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"throughput: {result.tokens_per_s:,.0f} tokens/s | peak memory {result.peak_mem_mb:,.0f} MiB | {format_seconds(result.seconds)} in all")

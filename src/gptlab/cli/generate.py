@@ -1,0 +1,124 @@
+"""Commands that generate text: sample (and chat)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gptlab.cli.common import Register, read_stdin_if
+
+
+def _read_batch_file(path: str) -> list[str]:
+    """Prompts from a file: one per line, or in a .jsonl file one JSON string or {"prompt": ...} per line."""
+    import json
+    from pathlib import Path
+
+    from gptlab.errors import InputError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read batch file {path}: {e}") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not path.endswith(".jsonl"):
+            prompts.append(line)
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str):
+            raise InputError(f'{path}:{n}: expected a JSON string or an object with a "prompt" string')
+        prompts.append(prompt)
+    if not prompts:
+        raise InputError(f"batch file {path} holds no prompts")
+    return prompts
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from gptlab.checkpoint import load_checkpoint
+    from gptlab.config import SampleConfig
+    from gptlab.errors import ConfigError, InputError
+    from gptlab.generate import Engine
+    from gptlab.tokenizer import EOT
+    from gptlab.train import fast_bf16, resolve_device
+
+    cfg = SampleConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        stop=tuple(args.stop), ignore_eot=args.ignore_eot, seed=args.seed, context_overflow="slide" if args.sliding_window else "error",
+    )  # fmt: skip
+    prompts = _read_batch_file(args.batch_file) if args.batch_file else [read_stdin_if(args.prompt)]
+    if args.batch_file and args.prompt is not None:
+        raise ConfigError("give either --prompt or --batch-file, not both")
+    if args.stream and len(prompts) > 1:
+        raise ConfigError("--stream prints one prompt's text as it is generated; use it without --batch-file")
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.ckpt, device=device)
+    tok = ckpt.tokenizer
+    draft = None
+    if args.draft_ckpt:
+        d = load_checkpoint(args.draft_ckpt, device=device)
+        if d.tokenizer.to_dict() != tok.to_dict():
+            raise ConfigError(f"the draft checkpoint {args.draft_ckpt} has a different tokenizer from {args.ckpt}; speculative decoding needs the same one")
+        draft = d.model
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": torch.bfloat16 if fast_bf16(device) else torch.float32}[args.dtype]
+    engine = Engine(ckpt.model, tok, draft=draft, draft_tokens=args.draft_tokens, dtype=dtype)
+    eot = tok.special_tokens.get(EOT)  # imported GPT-1 tokenizers have none
+    ids = []
+    for text in prompts:
+        row = tok.encode(text)
+        if not row:
+            if eot is None:
+                raise InputError(f"the prompt is empty and tokenizer {tok.name!r} has no {EOT} to start a document with")
+            row = [eot]  # an empty prompt starts a fresh document
+        ids.append(row)
+    # one seed per row, so rows differ from each other and every row reproduces
+    cfgs = [cfg.replace(seed=None if cfg.seed is None else cfg.seed + i) for i in range(len(ids))]
+    if args.stream:
+        sys.stdout.write(prompts[0])
+        for ev in engine.stream(ids, cfgs):
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        for i, (text, done) in enumerate(zip(prompts, engine.generate(ids, cfgs), strict=True)):
+            if len(prompts) > 1:
+                print(f"===== {i} ({done.finish_reason}, {len(done.token_ids)} tokens)")
+            sys.stdout.write(text + done.text + "\n")
+    st = engine.stats
+    rate = "" if st.acceptance_rate is None else f", draft acceptance {st.acceptance_rate:.0%}"
+    print(f"[{st.new_tokens} tokens in {st.seconds:.2f} s, {st.tokens_per_second:.1f} tokens/s{rate}]", file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, command: Register) -> None:
+    # sample
+    t = command("sample", cmd_sample, "generate text from a checkpoint (KV cache, batches, streaming, speculative decoding)")
+    t.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+    t.add_argument("--prompt", help="prompt text; '-' or omitted reads stdin")
+    t.add_argument("--batch-file", help="prompts to run as one batch: one per line, or a .jsonl file of strings / {\"prompt\": ...}")
+    t.add_argument("--max-new-tokens", type=int, default=256)
+    t.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    t.add_argument("--top-k", type=int)
+    t.add_argument("--top-p", type=float)
+    t.add_argument("--min-p", type=float, help="drop tokens less likely than min-p times the most likely one")
+    t.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty on tokens already seen (1.0: off)")
+    t.add_argument("--presence-penalty", type=float, default=0.0)
+    t.add_argument("--frequency-penalty", type=float, default=0.0)
+    t.add_argument("--stop", action="append", default=[], help="stop string, cut from the output (repeatable)")
+    t.add_argument("--seed", type=int, help="seed of the first prompt; prompt i of a batch uses seed + i")
+    t.add_argument("--stream", action="store_true", help="print text as it is generated")
+    t.add_argument("--draft-ckpt", help="a smaller model with the same tokenizer for speculative decoding")
+    t.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
+    t.add_argument("--sliding-window", action="store_true", help="keep going past the context: a long prompt keeps its end and the window slides")
+    t.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="weights while generating; auto is bfloat16 where matmuls run it natively")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--ignore-eot", action="store_true", help="keep going past <|endoftext|>")
+
