@@ -104,7 +104,7 @@ def test_eval_text_through_the_cli(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     expected = evaluate_text(model, tok, text, stride=8)
     assert code == 0 and f"loss:            {expected['loss']:.4f}" in out and f"bits per byte:   {expected['bpb']:.4f}" in out
-    assert f"stride 8 (each predicting 8 tokens with at least 9 of context)" in out and "the first after <|endoftext|>" in out
+    assert "stride 8 (each predicting 8 tokens with at least 9 of context)" in out and "the first after <|endoftext|>" in out
     code = main(["eval", "--ckpt", str(ckpt), "--input", str(tmp_path / "held.txt"), "--device", "cpu", "-q"])
     assert code == 0 and "stride 16 (non-overlapping)" in capsys.readouterr().out
 

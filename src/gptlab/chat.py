@@ -120,3 +120,20 @@ class ChatTemplate:
 def add_chat_tokens(tokenizer: AnyTokenizer) -> tuple[AnyTokenizer, dict[str, int]]:
     """The tokenizer with <|im_start|> and <|im_end|> (given the next free ids when missing), and {text: id} of those added."""
     return tokenizer.with_special_tokens(CHAT_TOKENS)
+
+
+def fit_history(template: ChatTemplate, messages: list[dict[str, str]], room: int) -> list[dict[str, str]]:
+    """The most recent turns of `messages` whose generation prompt takes at most `room` tokens.
+
+    Oldest exchanges go first; a leading system message and the last user message stay.
+    An InputError when even those do not fit.
+    """
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    while len(template.generation_prompt(system + turns)) > room:
+        if len(turns) <= 1:
+            raise InputError(f"the message needs {len(template.generation_prompt(system + turns))} tokens with its template; the model has room for {room}")
+        turns = turns[1:]
+        while turns and turns[0]["role"] != "user":  # an exchange starts at a user message
+            turns = turns[1:]
+    return system + turns
