@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo chat-demo test bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(PY) -m gptlab demo --out $(DEMO_DIR)
+
+# fine-tunes the demo's model (pretraining it first when runs/demo has none) into a chat model
+chat-demo: install
+	$(PY) -m gptlab demo --chat --out $(DEMO_DIR)
 
 test: install
 	$(PY) -m pytest -q tests

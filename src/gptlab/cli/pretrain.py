@@ -184,9 +184,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gptlab.demo import run_demo
+    from gptlab.demo import run_chat_demo, run_demo
 
-    run_demo(Path(args.out), minutes=args.minutes, progress=not args.quiet)
+    if args.chat:
+        run_chat_demo(Path(args.out), pretrain_minutes=args.minutes, sft_minutes=args.sft_minutes, progress=not args.quiet)
+    else:
+        run_demo(Path(args.out), minutes=args.minutes, progress=not args.quiet)
     return 0
 
 
@@ -275,3 +278,8 @@ def register(sub: argparse._SubParsersAction, command: Register) -> None:
     t = command("demo", cmd_demo, "the whole pipeline on the built-in pydoc corpus: tokenizer, shards, training, sampling")
     t.add_argument("--out", default="runs/demo")
     t.add_argument("--minutes", type=float, help="time budget for corpus, tokenizer and training (default 9)")
+    t.add_argument(
+        "--chat", action="store_true",
+        help="then fine-tune the demo's model into a chat model on the built-in instruction sets and compare the two (reuses --out's pretrained run)",
+    )  # fmt: skip
+    t.add_argument("--sft-minutes", type=float, help="with --chat: time budget for the fine-tuning (default 8)")

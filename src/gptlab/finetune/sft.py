@@ -551,3 +551,25 @@ def sft(
     return train(
         model.config, train_cfg, objective, run_dir, progress=progress, report=report, started=started, init_model=model, checkpoint_meta=meta
     )
+
+
+@torch.no_grad()
+def evaluate_conversations(model: nn.Module, encoded: Encoded, packing: bool = True, batch_size: int = 16, dtype: str = "float32") -> dict[str, float]:
+    """Exact loss, perplexity and token accuracy over every trained token of `encoded`, each conversation scored once."""
+    from gptlab.train import autocast_context
+
+    device = next(model.parameters()).device
+    block = model.config.block_size
+    batches = ConversationBatches(encoded, block, batch_size, seed=0, packing=packing)
+    rows = batches.rows_of_epoch(0)
+    objective = SFTObjective(None, SFTConfig(data=("-",), packing=packing), encoded, None, block)  # type: ignore[arg-type]
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    for s in range(0, len(rows), batch_size):
+        with autocast_context(device, dtype):
+            scored = objective.score(model, batches.collate(rows[s : s + batch_size]), device)
+        for key, value in scored.items():
+            sums[key] = sums.get(key, 0.0) + value
+    model.train(was_training)
+    return objective.metrics(sums)
