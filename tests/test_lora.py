@@ -358,3 +358,32 @@ def test_write_peft_adapter_checks_the_config_and_the_output(tmp_path: Path) -> 
     assert not (tmp_path / "full" / "keep").exists()
     written = json.loads((tmp_path / "full" / "adapter_config.json").read_text())
     assert written["target_modules"] == ["attn.c_attn"] and written["lora_alpha"] == 16.0 and written["fan_in_fan_out"] is True
+
+
+@pytest.mark.parametrize(("bits", "tie"), [(4, True), (8, True), (4, False)])
+def test_qlora_holds_the_whole_frozen_base_quantized_and_merges_back_to_a_plain_gpt(bits: int, tie: bool) -> None:
+    from gptlab.finetune.quant import QuantizedEmbedding, frozen_base_bytes
+
+    cfg = GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=4, n_embd=128, tie_weights=tie)
+    model = gpt(cfg)
+    fp32 = 4 * sum(p.numel() for p in model.parameters())
+    idx = tokens((2, 16), 512, seed=3)
+    reference = logits(model, idx)
+    apply_lora(model, LoRAConfig(r=4, base_bits=bits))
+    assert isinstance(model.transformer.wte, QuantizedEmbedding)
+    if tie:
+        assert model.lm_head is model.transformer.wte.table  # one quantized matrix for the lookup and the head
+    share = frozen_base_bytes(model) / fp32
+    assert share <= (0.30 if bits == 4 else 0.45), share  # NF4: 0.5625 bytes a weight; float32 LayerNorms and positions remain
+    # the quantized model computes nearly what the float one did, and only the adapters train
+    assert (logits(model, idx) - reference).norm() / reference.norm() < (0.2 if bits == 4 else 0.02)
+    loss = model(idx, idx)[1]
+    loss.backward()
+    assert all((p.grad is not None) == ("lora_" in n) for n, p in model.named_parameters())
+    randomize_adapters_(model, 1)
+    adapted = logits(model, idx)
+    merge_lora(model)
+    assert type(model.transformer.wte) is torch.nn.Embedding and all(type(m) is not LoRALinear for m in model.modules())
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tie
+    assert set(model.state_dict()) == set(GPT(cfg).state_dict())
+    torch.testing.assert_close(logits(model, idx), adapted, rtol=0, atol=1e-5)

@@ -305,11 +305,15 @@ def load_resumable(run_dir: Path) -> Checkpoint | None:
     return None
 
 
+def parameter_count(model_config: GPTConfig) -> int:
+    """Parameters of GPT(model_config), a tied matrix counted once (the model's shape, however its weights are stored)."""
+    with torch.device("meta"):  # shapes only: nothing allocated or initialised
+        return sum(p.numel() for p in GPT(model_config).parameters())
+
+
 def checkpoint_bytes(model_config: GPTConfig) -> int:
     """About what one checkpoint of this model takes: the float32 weights and AdamW's two moments, 12 bytes per parameter."""
-    with torch.device("meta"):  # shapes only: nothing allocated or initialised
-        n_params = sum(p.numel() for p in GPT(model_config).parameters())
-    return 12 * n_params
+    return 12 * parameter_count(model_config)
 
 
 def check_disk_space(run_dir: Path, model_config: GPTConfig) -> None:
@@ -599,7 +603,7 @@ def _train(
             torch.cuda.set_rng_state(state["rng_cuda"])
         start = ckpt.step
     n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    for line in describe_run(model_config, cfg, objective, raw.num_params(non_embedding=False), n_trainable, device, info):
+    for line in describe_run(model_config, cfg, objective, parameter_count(model_config), n_trainable, device, info):
         report(line)
     if ckpt is not None:
         report(f"resuming from {ckpt.path} (step {start})")

@@ -169,6 +169,45 @@ def quantize_linear(linear: nn.Linear, bits: int = 4, block_size: int = 64) -> Q
     return module
 
 
+class QuantizedEmbedding(nn.Module):
+    """A frozen token table stored block-quantized: the rows of `table`, a bias-free QuantizedLinear (num, dim).
+
+    A tied output head is that same QuantizedLinear, so the one quantized matrix serves both
+    the lookup and the head, as the float one did. When block_size divides dim, a lookup
+    dequantizes only the rows it reads; otherwise the whole table.
+    """
+
+    def __init__(self, table: QuantizedLinear) -> None:
+        super().__init__()
+        self.table = table
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+
+    @property
+    def weight(self) -> Tensor:
+        return self.table.weight
+
+    def forward(self, idx: Tensor) -> Tensor:
+        t = self.table
+        if self.embedding_dim % t.block_size:
+            return t.dequantized()[idx]
+        blocks = self.embedding_dim // t.block_size
+        absmax = t.absmax.view(self.num_embeddings, blocks)[idx.reshape(-1)].reshape(-1)  # (N * blocks,)
+        if t.bits == 4:
+            codes = t.qweight.view(self.num_embeddings, -1)[idx.reshape(-1)].reshape(-1)  # (N * dim / 2,): two codes a byte
+            rows = dequantize_nf4(codes, absmax, (idx.numel(), self.embedding_dim))
+        else:
+            codes = t.qweight.view(self.num_embeddings, -1)[idx.reshape(-1)].reshape(-1)  # (N * dim,)
+            rows = dequantize_int8(codes, absmax, (idx.numel(), self.embedding_dim))
+        return rows.view(*idx.shape, self.embedding_dim)  # (..., dim)
+
+
+def quantize_embedding(embedding: nn.Embedding, bits: int = 4, block_size: int = 64) -> QuantizedEmbedding:
+    """A QuantizedEmbedding holding `embedding`'s table in `bits` (4: NF4, 8: int8)."""
+    as_linear = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False, device="meta")
+    as_linear.weight = embedding.weight  # (num, dim) is a Linear's (out, in)
+    return QuantizedEmbedding(quantize_linear(as_linear, bits, block_size))
+
+
 def frozen_base_bytes(module: nn.Module) -> int:
     """Bytes of a module's frozen state: parameters that do not require grad and persistent buffers.
 

@@ -531,14 +531,19 @@ def sft(
     meta: dict[str, Any] = {"sft": cfg.to_dict(), "base": {"path": str(start.ckpt.path.resolve()), "step": start.ckpt.step}}
     if lora is not None:
         from gptlab.finetune.lora import adapter_meta, apply_lora, trainable_parameters
+        from gptlab.finetune.quant import frozen_base_bytes
 
         if train_cfg.strategy == "fsdp":
             raise ConfigError("LoRA runs replicate the frozen base in every process: use --strategy ddp (the default)")
+        fp32_bytes = 4 * sum(p.numel() for p in model.parameters())  # the base in float32 (parameters() yields a tied matrix once)
         wrapped = apply_lora(model, lora, seed)
         trained, total = trainable_parameters(model)
-        bits = {None: "as it is", 4: "in NF4 (QLoRA)", 8: "in int8"}[lora.base_bits]
-        lines.append(f"LoRA: rank {lora.r}, alpha {lora.alpha:g} on {len(wrapped)} Linear layers ({', '.join(lora.targets)}); "
-                     f"{trained:,} of {total:,} parameters train; the frozen base is kept {bits}")  # fmt: skip
+        base_bytes = frozen_base_bytes(model)
+        bits = {None: "", 4: " in NF4 (QLoRA)", 8: " in int8"}[lora.base_bits]
+        lines.append(
+            f"LoRA: rank {lora.r}, alpha {lora.alpha:g} on {len(wrapped)} Linear layers ({', '.join(lora.targets)}); {trained:,} parameters train; "
+            f"the frozen base{bits} takes {base_bytes / 2**20:,.1f} MiB ({base_bytes / fp32_bytes:.0%} of its {fp32_bytes / 2**20:,.1f} MiB in float32)"
+        )
         meta["lora"] = adapter_meta(lora, start.ckpt.path, start.ckpt.meta, start.ckpt.tokenizer.vocab_size, start.added)
     if "max_steps" not in train_fields:
         train_cfg = train_cfg.replace(max_steps=plan_steps(objective, train_cfg, model.config.block_size))
