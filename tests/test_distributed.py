@@ -125,3 +125,41 @@ def test_optimizer_state_loads_in_both_formats():
         load_optimizer_state(model, fresh, saved)
         for p in model.parameters():
             assert torch.equal(fresh.state[p]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+
+
+@pytest.fixture(scope="module")
+def sft_inputs(tmp_path_factory) -> Path:
+    """A tiny base checkpoint and conversations whose replies differ in length (so ranks hold different token counts)."""
+    import json
+
+    from conftest import small_text_corpus
+    from gptlab.checkpoint import save_checkpoint
+    from gptlab.model import GPT
+    from gptlab.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("sft")
+    tok = Tokenizer.train(small_text_corpus(30_000), vocab_size=400, progress=False)
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=448, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    save_checkpoint(root / "base", 0, base, base.config, tok)
+    rows = [
+        {"messages": [{"role": "user", "content": f"item {i}?"}, {"role": "assistant", "content": "yes " * (1 + i % 5)}]} for i in range(64)
+    ]
+    (root / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora-r", "4"]], ids=["full", "lora"])
+def test_sft_in_two_processes_matches_one(sft_inputs, lora, tmp_path):
+    from gptlab.cli import main
+
+    args = ["--ckpt", str(sft_inputs / "base"), "--data", str(sft_inputs / "chats.jsonl"), "--val-fraction", "0", "--batch-size", "4",
+            "--grad-accum", "2", "--max-steps", "6", "--lr", "3e-3", "--seed", "3", "--device", "cpu", "-q", *lora]  # fmt: skip
+    assert main(["sft", "--out", str(tmp_path / "one"), *args]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gptlab", "sft", "--out", str(tmp_path / "two"), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, two = weights(tmp_path / "one", 6), weights(tmp_path / "two", 6)
+    adapter_only = set(one) == {k for k in one if "lora_" in k} | {"added_tokens.wte"}  # and the chat tokens' rows
+    assert adapter_only == bool(lora)
+    assert max_diff(one, two) < 1e-5

@@ -342,3 +342,42 @@ def test_with_new_tokens_then_chat_template_round_trip(tok: Tokenizer) -> None:
     r = ChatTemplate(tok).render(CONVS[0])
     assert grown(torch.tensor([r.ids]))[0].shape == (1, len(r.ids), 448)
     assert F.softmax(grown(torch.tensor([r.ids]))[0][0, -1], -1).sum().item() == pytest.approx(1.0)
+
+
+def test_a_step_is_the_mean_over_every_trained_token_however_it_is_accumulated(tok: Tokenizer) -> None:
+    from gptlab.config import TrainConfig
+    from gptlab.train import build_optimizer, train_step
+
+    convs = [CONVS[0], CONVS[1], CONVS[2], [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a much longer reply " * 3}]]
+    enc = encoded(tok, convs)
+    objective = SFTObjective(tok, SFTConfig(data=("x",), packing=False), enc, None, 160)
+    grads = []
+    for batch_size, accum in ((4, 1), (1, 4), (2, 2)):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=448, block_size=160, n_layer=1, n_head=2, n_embd=32))
+        cfg = TrainConfig(batch_size=batch_size, grad_accum=accum, grad_clip=0.0)
+        loader = ConversationBatches(enc, 160, batch_size, seed=0, packing=False)
+        optimizer = build_optimizer(model, cfg, "cpu")
+        optimizer.step = lambda: None  # keep the gradients: compare them, not the update
+        optimizer.zero_grad = lambda set_to_none=True: None
+        loss, _, _ = train_step(model, optimizer, loader, cfg, torch.device("cpu"), objective=objective)
+        grads.append((loss, torch.cat([p.grad.flatten() for p in model.parameters()])))
+    # the conversations' reply lengths differ, so a plain mean of micro-batch means would differ here
+    for loss, grad in grads[1:]:
+        assert loss == pytest.approx(grads[0][0], rel=1e-5)
+        torch.testing.assert_close(grad, grads[0][1], rtol=1e-4, atol=1e-7)
+
+
+def test_a_classifier_run_fine_tunes_into_a_chat_model(base_and_data: Path, tmp_path: Path, capsys) -> None:
+    from gptlab.checkpoint import HEAD_KEY
+    from gptlab.finetune.heads import HeadSpec, TaskModel
+
+    root = base_and_data
+    plain = load_checkpoint(root / "base")
+    spec = HeadSpec(task="classify", labels=("no", "yes"))
+    classifier = TaskModel.from_gpt(plain.model, spec, seed=0)
+    save_checkpoint(tmp_path / "cls", 0, classifier, plain.model_config, plain.tokenizer, extra_meta={HEAD_KEY: spec.to_dict()})
+    code, text, err = run(capsys, "sft", "--ckpt", str(tmp_path / "cls"), "--data", str(root / "train.jsonl"), "--out", str(tmp_path / "chat"), "--max-steps", "2", "-q")
+    assert code == 0, err
+    assert "task head is left out" in text
+    assert type(load_checkpoint(tmp_path / "chat").model) is GPT

@@ -46,6 +46,7 @@ TOKENIZER_FILE = "tokenizer.json"
 TRAINER_FILE = "trainer.pt"
 CORE_META_KEYS = ("format", "version", "step", "model_config", "train_config", "files", "metrics")  # the rest: extra_meta
 LORA_KEY = "lora"  # checkpoint.json entry of an adapter checkpoint (see gptlab.finetune.lora)
+HEAD_KEY = "task_head"  # checkpoint.json entry of a model with a task head (see gptlab.finetune.heads)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -217,7 +218,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", with_t
         if merge_lora:
             merge(model)
     else:
-        model = GPT(model_config)
+        if HEAD_KEY in meta:
+            from gptlab.finetune.heads import task_model_for  # task heads build on this module, so it is imported on use
+
+            model = task_model_for(model_config, meta[HEAD_KEY], ckpt / META_FILE)
+        else:
+            model = GPT(model_config)
         try:
             missing, unexpected = _load_safetensors_model(model, str(ckpt / MODEL_FILE), strict=False, device=str(device))
         except (SafetensorError, RuntimeError, OSError) as err:

@@ -149,6 +149,8 @@ class Objective(Protocol):
     timing, checkpoints, resume, signals, time budget, torchrun. Pretraining is
     `LanguageModeling`; supervised fine-tuning (gptlab.finetune.sft) and the alignment
     losses are objectives too, so they get all of that without a second loop.
+    An objective whose batches average over varying counts (e.g. trained tokens) also has
+    `weight(batch) -> int`, the count; see train_step.
     """
 
     tokenizer: AnyTokenizer  # saved with every checkpoint
@@ -253,19 +255,38 @@ def train_step(
     dropped), since one inf would otherwise turn the Adam moments and every weight into NaN.
     sync_target is the DDP/FSDP module when `model` is a compiled wrapper of it. The loss is
     the objective's (next-token prediction on (x, y) batches by default).
+
+    Every micro-batch of pretraining holds the same number of targets, so the mean of the
+    micro-batch means is the batch mean. An objective whose batches hold varying numbers of
+    targets (conversations: only the replies count) has a `weight(batch)`, the count its loss
+    averages over; each micro-batch's mean is then weighted by its share of the count over all
+    micro-batches and processes, so the step's gradient is that of the mean over every target
+    of the step, as one process with one large batch would compute it.
     """
+    info = info or DistInfo()
     loss_of = objective.loss if objective is not None else _next_token_loss
+    weight_of = getattr(objective, "weight", None)
+    batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
+    shares = None
+    if weight_of is not None:
+        weights = [float(weight_of(batch)) for batch in batches]
+        total = sum_over_ranks({"weight": sum(weights)}, info, device)["weight"]
+        # DDP averages gradients over processes: scale by world_size so the average is the sum
+        shares = [w * info.world_size / total if total else 0.0 for w in weights]
     loss_sum = 0.0
-    for micro in range(cfg.grad_accum):
-        batch = loader.next_batch()
+    for micro, batch in enumerate(batches):
         with grad_sync(sync_target or model, micro == cfg.grad_accum - 1):
             with autocast_context(device, cfg.dtype):
                 loss = loss_of(model, batch, device)
-            (loss / cfg.grad_accum).backward()  # the mean over micro-batches, as one large batch would give
-        loss_sum += loss.item()
+            if shares is None:
+                (loss / cfg.grad_accum).backward()  # the mean over micro-batches, as one large batch would give
+                loss_sum += loss.item()
+            else:
+                (loss * shares[micro]).backward()
+                loss_sum += loss.item() * shares[micro]
     # an infinite max_norm measures the norm and leaves the gradients as they are (scale 1)
     grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-    mean_loss = mean_over_ranks(loss_sum / cfg.grad_accum, info or DistInfo(), device)
+    mean_loss = mean_over_ranks(loss_sum / cfg.grad_accum if shares is None else loss_sum, info, device)
     stepped = math.isfinite(mean_loss) and math.isfinite(grad_norm)
     if stepped:
         optimizer.step()

@@ -21,10 +21,16 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gptlab.checkpoint import LORA_KEY, find_checkpoint, read_checkpoint_meta
+    from gptlab.checkpoint import HEAD_KEY, LORA_KEY, find_checkpoint, read_checkpoint_meta
     from gptlab.hf import export_hf
 
     ckpt = find_checkpoint(args.ckpt) if Path(args.ckpt).is_dir() else None
+    if ckpt is not None and HEAD_KEY in read_checkpoint_meta(ckpt):
+        from gptlab.finetune.heads import export_task_hf
+
+        out, arch = export_task_hf(ckpt, args.out, force=args.force)
+        print(f"exported the task model to {out}: transformers.{arch}.from_pretrained loads it (config.json's gptlab_task gives the input format)")
+        return 0
     if ckpt is not None and LORA_KEY in read_checkpoint_meta(ckpt) and not args.merged:
         from gptlab.finetune.lora import export_adapter_hf
 

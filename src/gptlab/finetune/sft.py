@@ -44,7 +44,7 @@ from gptlab.config import (
     _Serializable,
 )
 from gptlab.errors import ConfigError, DataError, InputError
-from gptlab.model import IGNORE_INDEX
+from gptlab.model import GPT, IGNORE_INDEX
 from gptlab.tokenizer import AnyTokenizer
 
 SHAPES = {
@@ -367,6 +367,10 @@ class SFTObjective:
         """Mean cross-entropy over the micro-batch's trained (assistant) tokens."""
         return model(*(t.to(device, non_blocking=True) for t in batch))[1]
 
+    def weight(self, batch: tuple[Tensor, ...]) -> int:
+        """The trained tokens of a batch, which `loss` averages over (train_step weights micro-batches by it)."""
+        return int((batch[1] != IGNORE_INDEX).sum())
+
     def score(self, model: nn.Module, batch: tuple[Tensor, ...], device: torch.device) -> dict[str, float]:
         x, y, *segments = (t.to(device) for t in batch)
         logits = model(x, None, *segments)[0]  # (B, T, V)
@@ -433,6 +437,11 @@ def start_model(base: str | Path, device: str | torch.device = "cpu") -> Start:
     tokenizer, added = add_chat_tokens(ckpt.tokenizer)
     lines = [f"base: {ckpt.path} (step {ckpt.step}, tokenizer {ckpt.tokenizer.name})"]
     model = ckpt.model
+    if type(model) is not GPT:  # a model that extends GPT (a task head's, gptlab.finetune.heads): its language model
+        plain = GPT(model.config).to(device)
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in plain.state_dict()})
+        model = plain
+        lines.append("the base's task head is left out: chat fine-tuning trains its language model")
     if added:
         rows = model.config.vocab_size
         model = with_new_tokens(model, sorted(added.values()), known=ckpt.tokenizer.vocab_size)
