@@ -291,6 +291,13 @@ def test_lora_sft_stores_the_adapter_alone_merges_and_exports_to_peft(base_and_d
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, adapter(x)[0], rtol=0, atol=1e-4)
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").encode("<|im_end|>") == [401]
+    # and back: the PEFT directory imports as a gptlab adapter checkpoint on the exported base
+    code, text, err = run(capsys, "import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported"))
+    assert code == 0, err
+    imported = load_checkpoint(tmp_path / "imported", merge_lora=False)
+    assert imported.meta["lora"]["config"]["r"] == 4
+    with torch.no_grad():
+        torch.testing.assert_close(imported.model.eval()(x)[0], adapter(x)[0], rtol=0, atol=1e-5)
 
 
 def test_bad_fine_tuning_input_is_one_line_and_exit_2(base_and_data: Path, tmp_path: Path, capsys) -> None:

@@ -107,7 +107,7 @@ def write_checkpoint_dir(
     (directory / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict()))
     if trainer_state is not None:
         torch.save(trainer_state, directory / TRAINER_FILE)
-    files = {p.name: _sha256(p) for p in sorted(directory.iterdir())}
+    files = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.is_file()}
     meta = {
         "format": FORMAT,
         "version": 1,

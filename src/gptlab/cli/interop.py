@@ -8,8 +8,19 @@ from gptlab.cli.common import Register
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gptlab.errors import ConfigError
     from gptlab.hf import import_hf
 
+    if (Path(args.src) / "adapter_config.json").is_file():
+        from gptlab.finetune.lora import import_peft_adapter
+
+        out = import_peft_adapter(args.src, args.out, base=args.base, force=args.force)
+        print(f"imported the PEFT LoRA adapter {args.src} as a gptlab adapter checkpoint: {out} (merge-lora, sample, chat and sft take it)")
+        return 0
+    if args.base is not None:
+        raise ConfigError("--base applies to a PEFT adapter directory (one with adapter_config.json)")
     loaded = import_hf(args.src, args.out, revision=args.revision, force=args.force)
     cfg, tok = loaded.config, loaded.tokenizer
     print(f"imported {args.src} ({loaded.model_type}): {loaded.model.num_params(non_embedding=False):,} parameters, {cfg.n_layer} layers, "
@@ -45,10 +56,11 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction, command: Register) -> None:
     # Hugging Face interop
-    t = command("import-hf", cmd_import_hf, "convert a Hugging Face GPT-2 or GPT-1 model (local directory or hub name) into a gptlab checkpoint")
+    t = command("import-hf", cmd_import_hf, "convert a Hugging Face GPT-2 or GPT-1 model (local directory or hub name), or a PEFT LoRA adapter for one, into a gptlab checkpoint")
     t.add_argument("src", help="directory with config.json + model.safetensors/pytorch_model.bin, or a hub name such as gpt2 (needs network)")
     t.add_argument("--out", required=True, help="checkpoint directory to write")
     t.add_argument("--revision", help="hub branch, tag or commit (hub names only)")
+    t.add_argument("--base", help="for a PEFT LoRA adapter directory: its base as a gptlab checkpoint (default: import the adapter's base_model_name_or_path)")
     t.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     t = command("export-hf", cmd_export_hf, "write a checkpoint as a Hugging Face model directory (config.json, model.safetensors, tokenizer)")
     t.add_argument("ckpt", help="run directory or checkpoint directory")

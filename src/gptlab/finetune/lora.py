@@ -610,3 +610,34 @@ def merge_lora_checkpoint(ckpt: str | os.PathLike[str], out: str | os.PathLike[s
     with writing(out) as tmp:
         write_checkpoint_dir(tmp, loaded.step, loaded.model, loaded.model_config, loaded.tokenizer, metrics=loaded.meta.get("metrics"), extra_meta={"source": source})
     return out
+
+
+def import_peft_adapter(adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, force: bool = False) -> Path:
+    """Turn a PEFT LoRA adapter for GPT-2/GPT-1 into a gptlab adapter checkpoint at `out`; returns it.
+
+    The base is the gptlab checkpoint `base`, or else the adapter's base_model_name_or_path
+    (a local HF directory, or a hub name when online) imported into out/base. The adapter
+    checkpoint then loads, samples, chats, merges and fine-tunes further like one gptlab trained.
+    """
+    from gptlab.checkpoint import load_checkpoint, read_checkpoint_meta, write_checkpoint_dir
+    from gptlab.hf import import_hf, writing
+
+    directory, out = Path(adapter_dir), Path(out)
+    check_out_dir(out, force)
+    cfg, tensors = read_peft_adapter(directory)  # before any import: a bad adapter fails fast
+    with writing(out) as tmp:
+        if base is None:
+            source = _read_adapter_config(directory).get("base_model_name_or_path")
+            if not isinstance(source, str) or not source:
+                raise CheckpointError(f"{directory}: adapter_config.json names no base_model_name_or_path; pass the base checkpoint (--base)")
+            import_hf(source, tmp / BASE_SUBDIR)
+            base_dir = out / BASE_SUBDIR  # where it will be once `out` is in place
+        else:
+            base_dir = Path(base)
+        loaded = load_checkpoint(tmp / BASE_SUBDIR if base is None else base_dir)
+        apply_lora(loaded.model, cfg)
+        load_lora_state_dict(loaded.model, tensors)
+        meta = adapter_meta(cfg, loaded.path if base is not None else base_dir, read_checkpoint_meta(loaded.path), loaded.tokenizer.vocab_size, {})
+        source_meta = {"peft_adapter": str(directory.resolve())}
+        write_checkpoint_dir(tmp, 0, loaded.model, loaded.model_config, loaded.tokenizer, extra_meta={"lora": meta, "source": source_meta})
+    return out
