@@ -28,10 +28,13 @@ chat-demo: install
 test: install
 	$(PY) -m pytest -q tests
 
+# the peers compared against (TRL for fine-tuning) come from the bench extra, never the core install
 bench: install
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[bench]"
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/tokenizer_speed.py
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/finetune.py
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info

@@ -388,3 +388,31 @@ def test_a_classifier_run_fine_tunes_into_a_chat_model(base_and_data: Path, tmp_
     assert code == 0, err
     assert "task head is left out" in text
     assert type(load_checkpoint(tmp_path / "chat").model) is GPT
+
+
+def test_chat_needs_a_chat_model(base_and_data: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr("sys.stdin", _Lines("hello\n"))
+    code, out, err = run(capsys, "chat", "--ckpt", str(base_and_data / "base"))
+    assert code == 2 and "lacks the chat token(s) <|im_start|>, <|im_end|>" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_held_out_evaluation_scores_every_conversation_exactly_once(tok: Tokenizer, model: GPT, packing: bool) -> None:
+    from gptlab.config import TrainConfig
+    from gptlab.finetune.sft import eval_batches_for, evaluate_conversations
+    from gptlab.train import estimate_loss
+
+    enc = encoded(tok, CONVS * 5)  # 15 conversations: batches of 4 leave a partial last one
+    objective = SFTObjective(tok, SFTConfig(data=("x",), packing=packing), enc, enc, 160)
+    cfg = TrainConfig(batch_size=4)
+    n = eval_batches_for(objective, cfg, 160)
+    sums = {}
+    loader = objective.batches("val", 160, 4, seed=1, rank=0, world_size=1)
+    with torch.no_grad():
+        for _ in range(n + 2):  # more batches than needed add nothing
+            for k, v in objective.score(model, loader.next_batch(), torch.device("cpu")).items():
+                sums[k] = sums.get(k, 0.0) + v
+    assert sums["tokens"] == enc.targets
+    exact = evaluate_conversations(model, enc, packing=packing, batch_size=4)
+    assert objective.metrics(sums)["loss"] == pytest.approx(exact["loss"], rel=1e-5)
+    assert estimate_loss(model, objective.batches("val", 160, 4, 1, 0, 1), n, torch.device("cpu"), "float32", None, objective)["loss"] == pytest.approx(exact["loss"], rel=1e-5)

@@ -93,7 +93,7 @@ def run_demo(out: Path, minutes: float | None = None, progress: bool = True) -> 
 
 # ----------------------------------------------------------------------------- chat demo
 
-CHAT_SFT_MINUTES = 8.0
+CHAT_SFT_MINUTES = 11.0
 CHAT_CHECKED = ("arithmetic", "sorting", "spelling")  # built-in sets whose answers exact match scores
 CHAT_EVAL_ROWS = 100  # test questions per checked set
 CHAT_TURNS = (

@@ -282,4 +282,4 @@ def register(sub: argparse._SubParsersAction, command: Register) -> None:
         "--chat", action="store_true",
         help="then fine-tune the demo's model into a chat model on the built-in instruction sets and compare the two (reuses --out's pretrained run)",
     )  # fmt: skip
-    t.add_argument("--sft-minutes", type=float, help="with --chat: time budget for the fine-tuning (default 8)")
+    t.add_argument("--sft-minutes", type=float, help="with --chat: time budget for the fine-tuning (default 11)")

@@ -277,12 +277,15 @@ class ConversationBatches:
 
     Epoch e visits the conversations in the permutation keyed by (seed, e) and packs them
     (or not) into rows. As ShardLoader, batch_size is the global batch: every process walks
-    the same row sequence and takes its own slice of each batch.
+    the same row sequence and takes its own slice of each batch. With `exact` (held-out
+    scoring) there is one epoch: after its last row come rows of padding alone, so batches
+    covering the epoch score every conversation exactly once.
     """
 
     def __init__(
-        self, encoded: Encoded, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, packing: bool = True
-    ) -> None:
+        self, encoded: Encoded, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, packing: bool = True,
+        exact: bool = False,
+    ) -> None:  # fmt: skip
         if batch_size % world_size:
             raise ConfigError(f"batch_size ({batch_size}) must be divisible by the number of processes ({world_size})")
         longest = max(len(ids) - 1 for ids, _ in encoded.rows)
@@ -290,7 +293,7 @@ class ConversationBatches:
             raise ConfigError(f"a conversation has {longest} positions, more than the model's block_size ({block_size}); lower max_len")
         self.encoded = encoded
         self.lengths = [len(ids) - 1 for ids, _ in encoded.rows]  # positions: inputs ids[:-1], targets ids[1:]
-        self.block_size, self.batch_size, self.seed, self.packing = block_size, batch_size, seed, packing
+        self.block_size, self.batch_size, self.seed, self.packing, self.exact = block_size, batch_size, seed, packing, exact
         self.local = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.epoch, self.row = 0, 0
         self._rows: list[list[int]] | None = None
@@ -303,8 +306,11 @@ class ConversationBatches:
         return len(self.rows_of_epoch(0))
 
     def next_batch(self) -> tuple[Tensor, ...]:
-        groups = []
+        groups: list[list[int]] = []
         for _ in range(self.batch_size):
+            if self.exact and self.epoch > 0:
+                groups.append([])  # a row of padding: nothing scored
+                continue
             if self._rows is None:
                 self._rows = self.rows_of_epoch(self.epoch)
             groups.append(self._rows[self.row])
@@ -315,7 +321,7 @@ class ConversationBatches:
 
     def collate(self, groups: list[list[int]]) -> tuple[Tensor, ...]:
         """(x, y, segments) of packed rows padded to block_size, or (x, y) of single conversations padded to the longest."""
-        width = self.block_size if self.packing else max(self.lengths[g[0]] for g in groups)
+        width = self.block_size if self.packing else max((self.lengths[g[0]] for g in groups if g), default=1)
         x = torch.zeros(len(groups), width, dtype=torch.long)
         y = torch.full((len(groups), width), IGNORE_INDEX, dtype=torch.long)
         seg = torch.zeros(len(groups), width, dtype=torch.long)
@@ -361,7 +367,7 @@ class SFTObjective:
         encoded = self.train_set if split == "train" else self.val_set
         if encoded is None:
             raise DataError("no held-out conversations")
-        return ConversationBatches(encoded, block_size, batch_size, seed, rank, world_size, self.cfg.packing)
+        return ConversationBatches(encoded, block_size, batch_size, seed, rank, world_size, self.cfg.packing, exact=split != "train")
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, ...], device: torch.device) -> Tensor:
         """Mean cross-entropy over the micro-batch's trained (assistant) tokens."""
@@ -482,7 +488,7 @@ def plan_steps(objective: SFTObjective, cfg: TrainConfig, block_size: int) -> in
 
 
 def eval_batches_for(objective: SFTObjective, cfg: TrainConfig, block_size: int, cap: int = 100) -> int:
-    """Batches that score every held-out conversation once (at most `cap`)."""
+    """Batches that score every held-out conversation exactly once (at most `cap`: then the first ones)."""
     if objective.val_set is None:
         return cfg.eval_batches
     rows = ConversationBatches(objective.val_set, block_size, cfg.batch_size, cfg.seed, packing=objective.cfg.packing).rows_per_epoch()
