@@ -347,6 +347,25 @@ class ConversationBatches:
 # ----------------------------------------------------------------------------- objective
 
 
+def score_batch(model: nn.Module, batch: tuple[Tensor, ...], device: torch.device) -> dict[str, float]:
+    """Summed loss, correct argmax predictions and count over the trained tokens of one batch."""
+    x, y, *segments = (t.to(device) for t in batch)
+    logits = model(x, None, *segments)[0]  # (B, T, V)
+    trained = y != IGNORE_INDEX
+    picked, targets = logits[trained].float(), y[trained]  # (N, V), (N,)
+    return {
+        "loss_sum": F.cross_entropy(picked, targets, reduction="sum").item(),
+        "correct": (picked.argmax(dim=-1) == targets).sum().item(),
+        "tokens": float(trained.sum().item()),
+    }
+
+
+def reply_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """Loss, perplexity and per-token accuracy on the trained tokens from summed `score_batch` results."""
+    loss = sums["loss_sum"] / max(sums["tokens"], 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": sums["correct"] / max(sums["tokens"], 1.0)}
+
+
 class SFTObjective:
     """Next-token loss on the assistant's tokens of conversations (see train.Objective)."""
 
@@ -378,19 +397,10 @@ class SFTObjective:
         return int((batch[1] != IGNORE_INDEX).sum())
 
     def score(self, model: nn.Module, batch: tuple[Tensor, ...], device: torch.device) -> dict[str, float]:
-        x, y, *segments = (t.to(device) for t in batch)
-        logits = model(x, None, *segments)[0]  # (B, T, V)
-        trained = y != IGNORE_INDEX
-        picked, targets = logits[trained].float(), y[trained]  # (N, V), (N,)
-        return {
-            "loss_sum": F.cross_entropy(picked, targets, reduction="sum").item(),
-            "correct": (picked.argmax(dim=-1) == targets).sum().item(),
-            "tokens": float(trained.sum().item()),
-        }
+        return score_batch(model, batch, device)
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        loss = sums["loss_sum"] / max(sums["tokens"], 1.0)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": sums["correct"] / max(sums["tokens"], 1.0)}
+        return reply_metrics(sums)
 
     def describe(self) -> list[str]:
         t = self.train_set
@@ -582,14 +592,13 @@ def evaluate_conversations(model: nn.Module, encoded: Encoded, packing: bool = T
     block = model.config.block_size
     batches = ConversationBatches(encoded, block, batch_size, seed=0, packing=packing)
     rows = batches.rows_of_epoch(0)
-    objective = SFTObjective(None, SFTConfig(data=("-",), packing=packing), encoded, None, block)  # type: ignore[arg-type]
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
     for s in range(0, len(rows), batch_size):
         with autocast_context(device, dtype):
-            scored = objective.score(model, batches.collate(rows[s : s + batch_size]), device)
+            scored = score_batch(model, batches.collate(rows[s : s + batch_size]), device)
         for key, value in scored.items():
             sums[key] = sums.get(key, 0.0) + value
     model.train(was_training)
-    return objective.metrics(sums)
+    return reply_metrics(sums)
