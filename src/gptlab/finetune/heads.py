@@ -584,11 +584,6 @@ def build_objective(tokenizer: AnyTokenizer, cfg: TaskConfig, block_size: int, s
 DEFAULTS = {"lr": 6.25e-5, "min_lr": 0.0, "weight_decay": 0.01, "batch_size": 8}
 
 
-def plan_steps(objective: TaskObjective, cfg: TrainConfig) -> int:
-    """Optimizer steps for objective.cfg.epochs passes over the training examples."""
-    return max(1, math.ceil(objective.cfg.epochs * len(objective.train_set.examples) / (cfg.batch_size * cfg.grad_accum)))
-
-
 def eval_batches_for(objective: TaskObjective, cfg: TrainConfig, cap: int = 100) -> int:
     """Batches that score every held-out example once (at most `cap`)."""
     if objective.val_set is None:
@@ -613,7 +608,8 @@ def finetune_task(
     checkpoint in run_dir, the run continues with the data and settings saved in it (base and
     cfg may be None).
     """
-    from gptlab.checkpoint import find_checkpoint, load_checkpoint, read_checkpoint_meta
+    from gptlab.checkpoint import load_checkpoint
+    from gptlab.finetune.runs import check_fresh, find_resumed, schedule
     from gptlab.model import with_new_tokens
     from gptlab.tokenizer import read_tokenizer
     from gptlab.train import train
@@ -622,24 +618,14 @@ def finetune_task(
     if train_fields.get("strategy") == "fsdp":
         # FSDP's checkpoints reassemble a plain GPT (distributed.full_state), which would drop the head
         raise ConfigError("task-head runs cannot use --strategy fsdp (its checkpoints hold a plain GPT, without the head): use ddp, the default")
-    ckpt_dir = find_checkpoint(run_dir) if resume and run_dir.is_dir() else None
-    if ckpt_dir is not None:
-        meta = read_checkpoint_meta(ckpt_dir)
-        if RUN_KEY not in meta or HEAD_KEY not in meta:
-            raise ConfigError(f"{ckpt_dir} is not a task-head checkpoint (no {RUN_KEY!r} settings in checkpoint.json)")
-        saved = TaskConfig.from_dict(meta[RUN_KEY])
-        if cfg is not None and cfg != saved:
-            changed = [k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v]
-            raise ConfigError(f"cannot change the data or task when resuming {ckpt_dir}: {', '.join(changed)} differ(s) from the checkpoint")
-        spec = head_spec(meta[HEAD_KEY], ckpt_dir / "checkpoint.json")
-        block = GPTConfig.from_dict(meta["model_config"]).block_size
-        seed = (meta.get("train_config") or {}).get("seed", TrainConfig().seed)
-        objective = build_objective(read_tokenizer(ckpt_dir / "tokenizer.json"), saved, block, seed, labels=spec.labels)
+    resumed = find_resumed(run_dir, RUN_KEY, TaskConfig, cfg, "task-head") if resume else None
+    if resumed is not None:
+        if HEAD_KEY not in resumed.meta:
+            raise ConfigError(f"{resumed.path} is not a task-head checkpoint (no {HEAD_KEY!r} entry in checkpoint.json)")
+        spec = head_spec(resumed.meta[HEAD_KEY], resumed.path / "checkpoint.json")
+        objective = build_objective(read_tokenizer(resumed.path / "tokenizer.json"), resumed.settings, resumed.block_size, resumed.seed, labels=spec.labels)
         return train(None, None, objective, run_dir, resume=True, progress=progress, resume_overrides=train_fields, report=report, started=started)
-    if base is None or cfg is None:
-        raise ConfigError("a new task-head run needs a base checkpoint (--ckpt), data (--data) and a task (--task)")
-    if train_fields.get("time_budget") is not None and train_fields.get("max_steps") is not None:
-        raise ConfigError("--time-budget sets the number of steps of a new run; give it or --max-steps, not both")
+    check_fresh(base, cfg, train_fields, "a base checkpoint (--ckpt), data (--data) and a task (--task)")
     ckpt = load_checkpoint(base)
     tokenizer, added = ckpt.tokenizer.with_special_tokens(TASK_TOKENS)
     model = ckpt.model
@@ -655,13 +641,7 @@ def finetune_task(
     spec = HeadSpec(cfg.task, objective.labels, cfg.head_dropout)
     model = TaskModel.from_gpt(model, spec, seed)
     lines.append(f"head: Linear({model.config.n_embd} -> {spec.n_outputs}, no bias) on the hidden state at {EXTRACT}, dropout {spec.dropout:g} before it")
-    train_cfg = TrainConfig(**(DEFAULTS | train_fields))
-    if "max_steps" not in train_fields:
-        train_cfg = train_cfg.replace(max_steps=plan_steps(objective, train_cfg))
-    if "eval_batches" not in train_fields:
-        train_cfg = train_cfg.replace(eval_batches=eval_batches_for(objective, train_cfg))
-    if "eval_every" not in train_fields:
-        train_cfg = train_cfg.replace(eval_every=max(1, min(train_cfg.eval_every, train_cfg.max_steps // 5)))
+    train_cfg = schedule(DEFAULTS, train_fields, cfg.epochs, lambda c: len(objective.train_set.examples), lambda c: eval_batches_for(objective, c))
     meta = {HEAD_KEY: spec.to_dict(), RUN_KEY: cfg.to_dict(), "base": {"path": str(ckpt.path.resolve()), "step": ckpt.step}}
     for line in lines:
         report(line)

@@ -491,10 +491,23 @@ def _is_builtin(spec: str) -> bool:
     return is_builtin(spec)
 
 
-def plan_steps(objective: SFTObjective, cfg: TrainConfig, block_size: int) -> int:
-    """Optimizer steps for objective.cfg.epochs passes over the training conversations."""
-    rows = ConversationBatches(objective.train_set, block_size, cfg.batch_size, cfg.seed, packing=objective.cfg.packing).rows_per_epoch()
-    return max(1, math.ceil(objective.cfg.epochs * rows / (cfg.batch_size * cfg.grad_accum)))
+def attach_lora(model: Any, lora: Any, seed: int, start: Start, train_cfg: TrainConfig) -> tuple[dict[str, Any], str]:
+    """Wrap `model` (the started base) with LoRA adapters, in place: checkpoint.json's "lora" entry and a summary line."""
+    from gptlab.finetune.lora import adapter_meta, apply_lora, trainable_parameters
+    from gptlab.finetune.quant import frozen_base_bytes
+
+    if train_cfg.strategy == "fsdp":
+        raise ConfigError("LoRA runs replicate the frozen base in every process: use --strategy ddp (the default)")
+    fp32_bytes = 4 * sum(p.numel() for p in model.parameters())  # the base in float32 (parameters() yields a tied matrix once)
+    wrapped = apply_lora(model, lora, seed)
+    trained, _ = trainable_parameters(model)
+    base_bytes = frozen_base_bytes(model)
+    bits = {None: "", 4: " in NF4 (QLoRA)", 8: " in int8"}[lora.base_bits]
+    line = (
+        f"LoRA: rank {lora.r}, alpha {lora.alpha:g} on {len(wrapped)} Linear layers ({', '.join(lora.targets)}); {trained:,} parameters train; "
+        f"the frozen base{bits} takes {base_bytes / 2**20:,.1f} MiB ({base_bytes / fp32_bytes:.0%} of its {fp32_bytes / 2**20:,.1f} MiB in float32)"
+    )
+    return adapter_meta(lora, start.ckpt.path, start.ckpt.meta, start.ckpt.tokenizer.vocab_size, start.added), line
 
 
 def eval_batches_for(objective: SFTObjective, cfg: TrainConfig, block_size: int, cap: int = 100) -> int:
@@ -524,58 +537,32 @@ def sft(
     passes unless given (or a time budget sets it). With `resume` and a checkpoint in run_dir,
     the run continues with the data and settings saved in it (base, cfg and lora may be None).
     """
-    from gptlab.checkpoint import find_checkpoint, read_checkpoint_meta
+    from gptlab.finetune.runs import check_fresh, find_resumed, schedule
     from gptlab.tokenizer import read_tokenizer
     from gptlab.train import train
 
     run_dir = Path(run_dir)
-    ckpt_dir = find_checkpoint(run_dir) if resume and run_dir.is_dir() else None
-    if ckpt_dir is not None:
-        meta = read_checkpoint_meta(ckpt_dir)
-        if "sft" not in meta:
-            raise ConfigError(f"{ckpt_dir} is not a fine-tuning checkpoint (no sft settings in checkpoint.json); resume it with gptlab train")
-        saved = SFTConfig.from_dict(meta["sft"])
-        if lora is not None and meta.get("lora", {}).get("config") != lora.to_dict():
-            raise ConfigError(f"cannot change the LoRA settings when resuming {ckpt_dir}")
-        if cfg is not None and cfg != saved:
-            changed = [k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v]
-            raise ConfigError(f"cannot change the data when resuming {ckpt_dir}: {', '.join(changed)} differ(s) from the checkpoint")
-        block = GPTConfig.from_dict(meta["model_config"]).block_size
-        seed = (meta.get("train_config") or {}).get("seed", TrainConfig().seed)
-        objective = build_objective(read_tokenizer(ckpt_dir / "tokenizer.json"), saved, block, seed)
+    resumed = find_resumed(run_dir, "sft", SFTConfig, cfg, "fine-tuning (sft)") if resume else None
+    if resumed is not None:
+        if lora is not None and resumed.meta.get("lora", {}).get("config") != lora.to_dict():
+            raise ConfigError(f"cannot change the LoRA settings when resuming {resumed.path}")
+        objective = build_objective(read_tokenizer(resumed.path / "tokenizer.json"), resumed.settings, resumed.block_size, resumed.seed)
         return train(None, None, objective, run_dir, resume=True, progress=progress, resume_overrides=train_fields, report=report, started=started)
-    if base is None or cfg is None:
-        raise ConfigError("a new fine-tuning run needs a base checkpoint (--ckpt) and data (--data)")
-    if train_fields.get("time_budget") is not None and train_fields.get("max_steps") is not None:
-        raise ConfigError("--time-budget sets the number of steps of a new run; give it or --max-steps, not both")
+    check_fresh(base, cfg, train_fields, "a base checkpoint (--ckpt) and data (--data)")
     start = start_model(base)
     model, lines = start.model, start.lines
     seed = train_fields.get("seed", TrainConfig().seed)
     objective = build_objective(start.tokenizer, cfg, model.config.block_size, seed)
-    train_cfg = TrainConfig(**((LORA_DEFAULTS if lora is not None else FULL_DEFAULTS) | train_fields))
+    block = model.config.block_size
+    train_cfg = schedule(
+        LORA_DEFAULTS if lora is not None else FULL_DEFAULTS, train_fields, cfg.epochs,
+        lambda c: ConversationBatches(objective.train_set, block, c.batch_size, c.seed, packing=cfg.packing).rows_per_epoch(),
+        lambda c: eval_batches_for(objective, c, block),
+    )  # fmt: skip
     meta: dict[str, Any] = {"sft": cfg.to_dict(), "base": {"path": str(start.ckpt.path.resolve()), "step": start.ckpt.step}}
     if lora is not None:
-        from gptlab.finetune.lora import adapter_meta, apply_lora, trainable_parameters
-        from gptlab.finetune.quant import frozen_base_bytes
-
-        if train_cfg.strategy == "fsdp":
-            raise ConfigError("LoRA runs replicate the frozen base in every process: use --strategy ddp (the default)")
-        fp32_bytes = 4 * sum(p.numel() for p in model.parameters())  # the base in float32 (parameters() yields a tied matrix once)
-        wrapped = apply_lora(model, lora, seed)
-        trained, total = trainable_parameters(model)
-        base_bytes = frozen_base_bytes(model)
-        bits = {None: "", 4: " in NF4 (QLoRA)", 8: " in int8"}[lora.base_bits]
-        lines.append(
-            f"LoRA: rank {lora.r}, alpha {lora.alpha:g} on {len(wrapped)} Linear layers ({', '.join(lora.targets)}); {trained:,} parameters train; "
-            f"the frozen base{bits} takes {base_bytes / 2**20:,.1f} MiB ({base_bytes / fp32_bytes:.0%} of its {fp32_bytes / 2**20:,.1f} MiB in float32)"
-        )
-        meta["lora"] = adapter_meta(lora, start.ckpt.path, start.ckpt.meta, start.ckpt.tokenizer.vocab_size, start.added)
-    if "max_steps" not in train_fields:
-        train_cfg = train_cfg.replace(max_steps=plan_steps(objective, train_cfg, model.config.block_size))
-    if "eval_batches" not in train_fields:
-        train_cfg = train_cfg.replace(eval_batches=eval_batches_for(objective, train_cfg, model.config.block_size))
-    if "eval_every" not in train_fields:
-        train_cfg = train_cfg.replace(eval_every=max(1, min(train_cfg.eval_every, train_cfg.max_steps // 5)))
+        meta["lora"], line = attach_lora(model, lora, seed, start, train_cfg)
+        lines.append(line)
     for line in lines:
         report(line)
     return train(
