@@ -559,7 +559,8 @@ def describe_run(
         f"model: {n_params / 1e6:.2f}M parameters{trained}, {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}, "
         f"vocabulary {m.vocab_size}",
         *objective.describe(),
-        f"schedule: {cfg.max_steps} steps of {tokens_per_step:,} tokens ({cfg.batch_size} x {cfg.grad_accum} x {m.block_size}), "
+        f"schedule: {cfg.max_steps} steps of {tokens_per_step:,} tokens ({cfg.batch_size} x {cfg.grad_accum} x {m.block_size}"
+        f"{'' if tokens_per_step == cfg.batch_size * cfg.grad_accum * m.block_size else ' positions at most'}), "
         f"lr {cfg.lr:g} -> {cfg.min_lr:g} cosine, {warmup}",
         f"device: {device}{procs}, {cfg.dtype}",
     ]

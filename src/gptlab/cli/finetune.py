@@ -8,7 +8,7 @@ import os
 from gptlab.cli.common import TRAIN_FIELDS, Register, add_train_flags, explicit, report_train
 
 
-def _files(values: list[str] | None) -> tuple[str, ...]:
+def files(values: list[str] | None) -> tuple[str, ...]:
     """--data a.jsonl,b.jsonl --data c.jsonl -> ("a.jsonl", "b.jsonl", "c.jsonl")."""
     return tuple(part for value in values or () for part in value.split(",") if part)
 
@@ -19,7 +19,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
     cfg = None
     if args.data:
-        fields = {"data": _files(args.data), "val_data": _files(args.val_data), "packing": not args.no_packing}
+        fields = {"data": files(args.data), "val_data": files(args.val_data), "packing": not args.no_packing}
         fields |= {k: v for k, v in (("val_fraction", args.val_fraction), ("max_len", args.max_len), ("epochs", args.epochs)) if v is not None}
         cfg = SFTConfig(**fields)
     lora = None
@@ -55,7 +55,7 @@ def cmd_finetune_cls(args: argparse.Namespace) -> int:
 
     cfg = None
     if args.data:
-        fields = {"task": args.task, "data": _files(args.data), "val_data": _files(args.val_data)}
+        fields = {"task": args.task, "data": files(args.data), "val_data": files(args.val_data)}
         optional = (("val_fraction", args.val_fraction), ("lm_weight", args.lm_weight), ("epochs", args.epochs), ("head_dropout", args.head_dropout))
         cfg = TaskConfig(**fields, **{k: v for k, v in optional if v is not None})
     result = finetune_task(args.ckpt, cfg, explicit(args, TRAIN_FIELDS), args.out, resume=args.resume, progress=not args.quiet, started=args.started)
