@@ -691,14 +691,14 @@ def _train(
         evaluation = (eval_est if eval_est is not None else cfg.eval_batches * step_est / (3 * cfg.grad_accum)) if has_val else 0.0
         return clock() + step_est + evaluation + save_s > deadline
 
-    bar = _progress_bar(start, cfg.max_steps, progress and info.is_main)
+    bar = progress_bar(start, cfg.max_steps, progress and info.is_main)
     t_window, tokens_window = time.perf_counter(), 0
     t_start = time.perf_counter()
     bad_steps = 0
     signals: list[str] = []  # names of SIGINT/SIGTERM received; the loop saves and stops after the current step
     stopped_by = None
     done = start
-    with _stop_on_signals(signals):
+    with stop_on_signals(signals):
         for step in range(start, end):
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -753,7 +753,7 @@ def _train(
 
 
 @contextmanager
-def _stop_on_signals(received: list[str]) -> Iterator[None]:
+def stop_on_signals(received: list[str]) -> Iterator[None]:
     """While training, SIGINT and SIGTERM append their name to `received` instead of killing the process.
 
     The loop then writes a checkpoint and returns, so Ctrl-C or a scheduler's preemption loses
@@ -782,9 +782,10 @@ def _write_run_info(run_dir: Path, model_config: GPTConfig, cfg: TrainConfig, ob
     (run_dir / "run.json").write_text(json.dumps(info, indent=2))
 
 
-def _progress_bar(start: int, total: int, enabled: bool):
+def progress_bar(start: int, total: int, enabled: bool, desc: str = "train"):
+    """A step bar with rate and ETA (None when disabled)."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)

@@ -1,4 +1,4 @@
-"""Alignment commands: dpo."""
+"""Alignment commands: dpo, grpo, reward (train, score)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,66 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grpo(args: argparse.Namespace) -> int:
+    from gptlab.align.grpo import GRPOConfig, grpo
+    from gptlab.train import format_seconds
+
+    cfg = None
+    if args.prompts:
+        optional = (("group_size", args.group_size), ("prompts_per_step", args.prompts_per_step), ("max_new_tokens", args.max_new_tokens),
+                    ("temperature", args.temperature), ("clip", args.clip), ("beta", args.beta), ("updates_per_rollout", args.updates_per_rollout),
+                    ("eval_prompts", args.eval_prompts))  # fmt: skip
+        fields = {"prompts": files(args.prompts), "val_prompts": files(args.val_prompts), "reward": args.reward or ""}
+        cfg = GRPOConfig(**fields, **{k: v for k, v in optional if v is not None})
+    result = grpo(args.policy, cfg, explicit(args, TRAIN_FIELDS), args.out, resume=args.resume, progress=not args.quiet)
+    if result.stopped_by is not None:
+        print(f"stopped by {result.stopped_by} after step {result.step}; continue with the same command and --resume")
+    if result.val is not None:
+        print(f"step {result.step}: held-out mean reward {result.val['reward']:.4f}")
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"{format_seconds(result.seconds)} in all")
+    return 0
+
+
+def cmd_reward_train(args: argparse.Namespace) -> int:
+    from gptlab.align.reward import RewardConfig, train_reward
+
+    cfg = None
+    if args.data:
+        fields = {"data": files(args.data), "val_data": files(args.val_data)}
+        optional = (("val_fraction", args.val_fraction), ("max_len", args.max_len), ("epochs", args.epochs), ("margin", args.margin),
+                    ("center_weight", args.center_weight), ("head_dropout", args.head_dropout))  # fmt: skip
+        cfg = RewardConfig(**fields, **{k: v for k, v in optional if v is not None})
+    result = train_reward(args.ckpt, cfg, explicit(args, TRAIN_FIELDS), args.out, resume=args.resume, progress=not args.quiet, started=args.started)
+    if os.environ.get("RANK", "0") == "0":
+        report_train(result)
+    return 0
+
+
+def cmd_reward_score(args: argparse.Namespace) -> int:
+    from gptlab.align.pairs import Pair
+    from gptlab.align.reward import load_reward_model, read_scoring_data, score_conversations
+    from gptlab.train import resolve_device
+
+    ckpt = load_reward_model(args.ckpt, resolve_device(args.device))
+    rows = read_scoring_data(args.data)
+    if isinstance(rows[0], Pair):
+        pairs: list[Pair] = rows  # type: ignore[assignment]
+        conversations = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+        scores = score_conversations(ckpt.model, ckpt.tokenizer, conversations, args.batch_size).tolist()
+        chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
+        for c, r in zip(chosen, rejected):
+            print(f"chosen {c:.4f}\trejected {r:.4f}\tmargin {c - r:+.4f}")
+        gaps = [c - r for c, r in zip(chosen, rejected)]
+        print(f"{len(pairs)} pairs: accuracy {sum(g > 0 for g in gaps) / len(gaps):.2%}, mean margin {sum(gaps) / len(gaps):.4f}, "
+              f"mean reward {sum(scores) / len(scores):.4f}")  # fmt: skip
+    else:
+        conversations = [[*row.prompt, {"role": "assistant", "content": row.completion}] for row in rows]  # type: ignore[union-attr]
+        for score in score_conversations(ckpt.model, ckpt.tokenizer, conversations, args.batch_size).tolist():
+            print(f"{score:.4f}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction, command: Register) -> None:
     t = command("dpo", cmd_dpo, "direct preference optimisation (Rafailov et al. 2023) of a chat model on preference pairs")
     t.add_argument("--policy", help="the chat model to optimise (an sft run or checkpoint); also the frozen reference")
@@ -45,3 +105,57 @@ def register(sub: argparse._SubParsersAction, command: Register) -> None:
         "--lr": "peak learning rate (default 5e-6)", "--min-lr": "final learning rate (default 5e-7)",
         "--weight-decay": "AdamW decoupled weight decay (default 0)",
     })  # fmt: skip
+
+    t = command("grpo", cmd_grpo, "group relative policy optimisation (Shao et al. 2024) of a chat model against a reward function")
+    t.add_argument("--policy", help="the chat model to optimise (an sft run or checkpoint); also the frozen reference")
+    t.add_argument("--prompts", action="append", metavar="FILE[,FILE]", help='JSONL {"prompt": str | messages, "answer": optional} or builtin:NAME')
+    t.add_argument("--val-prompts", action="append", metavar="FILE[,FILE]", help="held-out prompts (default: a built-in set's test split)")
+    t.add_argument("--reward", help="py:MODULE:FUNCTION, py:FILE.py:FUNCTION (fn(prompt, completion[, reference]) -> float), builtin:exact, builtin:length")
+    t.add_argument("--group-size", type=int, help="replies sampled per prompt (default 8)")
+    t.add_argument("--prompts-per-step", type=int, help="prompts per step (default 4)")
+    t.add_argument("--max-new-tokens", type=int, help="longest reply (default 32)")
+    t.add_argument("--temperature", type=float, help="sampling temperature of the rollouts (default 1)")
+    t.add_argument("--clip", type=float, help="PPO clip range of the probability ratio (default 0.2)")
+    t.add_argument("--beta", type=float, help="KL penalty toward the reference (default 0.04; 0: no reference)")
+    t.add_argument("--updates-per-rollout", type=int, help="optimizer steps on each batch of rollouts (default 1)")
+    t.add_argument("--eval-prompts", type=int, help="held-out prompts scored at each evaluation (default 100)")
+    t.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
+    add_train_flags(t, {
+        "--max-steps": "rollout-and-update steps (default 100)", "--lr": "peak learning rate (default 1e-5)",
+        "--min-lr": "final learning rate (default 1e-6)", "--weight-decay": "AdamW decoupled weight decay (default 0)",
+        "--eval-every": "steps between held-out evaluations (default 20)", "--save-every": "steps between checkpoints (default 50)",
+    })  # fmt: skip
+
+    # reward
+    rp = sub.add_parser("reward", help="train and run reward models (RLHF stage 2) on preference pairs")
+    rsub = rp.add_subparsers(dest="reward_command", required=True, metavar="ACTION")
+    t = command("train", cmd_reward_train, "train a reward model: a scalar head on a chat model, Bradley-Terry loss on preference pairs", rsub)
+    t.add_argument("--ckpt", help="the model to start from: an sft run (or a base model: the chat tokens are added)")
+    t.add_argument(
+        "--data", action="append", metavar="FILE[,FILE]",
+        help='JSONL pairs {"prompt", "chosen", "rejected"} (strings or messages; or whole conversations without "prompt"), or builtin:NAME',
+    )  # fmt: skip
+    t.add_argument("--val-data", action="append", metavar="FILE[,FILE]", help="held-out pairs (default: a built-in set's test split, else --val-fraction)")
+    t.add_argument("--val-fraction", type=float, help="share of --data held out when there is no --val-data (default 0.05)")
+    t.add_argument("--margin", type=float, help="reward gap m in -log sigmoid(r_w - r_l - m) (default 0)")
+    t.add_argument("--center-weight", type=float, help="weight c of the centring term c (r_w + r_l)^2 that keeps rewards near 0 (default 0)")
+    t.add_argument("--head-dropout", type=float, help="dropout before the reward head (default 0)")
+    t.add_argument("--max-len", type=int, help="tokens a rendered conversation may have; longer pairs are skipped (default: the context)")
+    t.add_argument("--epochs", type=float, help="passes over the pairs, which set --max-steps (default 1)")
+    t.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out with its saved data and settings")
+    add_train_flags(t, {
+        "--max-steps": "optimizer steps (default: --epochs passes over the pairs)",
+        "--lr": "peak learning rate (default 1e-5)", "--min-lr": "final learning rate (default 1e-6)",
+        "--weight-decay": "AdamW decoupled weight decay (default 0)",
+    })  # fmt: skip
+    t = command("score", cmd_reward_score, "score replies with a reward model: preference pairs, or prompt/completion rows", rsub)
+    t.add_argument("--ckpt", required=True, help="a reward model (a reward train run or checkpoint)")
+    t.add_argument(
+        "--data", required=True, metavar="FILE",
+        help='JSONL pairs {"prompt", "chosen", "rejected"} (a line per pair and the accuracy), builtin:NAME (its test split), '
+        'or {"prompt", "completion"} rows (a score per row)',
+    )  # fmt: skip
+    t.add_argument("--batch-size", type=int, default=16, help="conversations per forward pass (default 16)")
+    t.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")

@@ -1,4 +1,5 @@
-"""Built-in instruction sets for supervised fine-tuning, generated offline and deterministically.
+"""Built-in instruction sets for supervised fine-tuning, generated offline and deterministically,
+and the preference pairs and prompt sets for alignment derived from them.
 
 `gptlab sft --data builtin:NAME` trains on one of them, and the chat demo scores a base
 model against its fine-tuned version on the checkable ones. Each is generated from
@@ -26,12 +27,25 @@ Rows are in the OpenAI chat format, with the subtask ("set/subtask") that made t
 Each set has a "train" and a "test" split (4000 / 400 rows for the checkable sets); no
 question is in both. A row's answer to score is its last assistant message, and it can
 be scored by `exact_match` when `checkable(row["task"].split("/")[0])`.
+
+Alignment reuses each set's questions, split for split, so nothing a fine-tuned model was
+trained on turns up in an alignment test split (see `gptlab.datasets.preferences`):
+
+    load_preferences(NAME, split)  every set: {"prompt": [messages], "chosen": answer,
+                                    "rejected": a wrong answer, "task": "set/subtask"}
+    load_prompts(NAME, split)      the checkable sets and a mix of those three only (stdlib's
+                                    answers cannot be checked): {"prompt": [messages],
+                                    "answer": the reference a reward checks, "task": ...}
+
+"prompt" is the conversation up to the question scored: the row's messages less its last
+answer. A spec "builtin:NAME" names any of them: `parse_builtin(spec, kind)`, or
+`parse_builtin_preferences(spec)` and `parse_builtin_prompts(spec)`.
 """
 
 from __future__ import annotations
 
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from gptlab.errors import InputError
 
@@ -42,7 +56,24 @@ BUILTIN_PREFIX = "builtin:"
 SPLITS = ("train", "test")
 _CHECKABLE = frozenset({"arithmetic", "sorting", "spelling"})
 _NAMES = ("arithmetic", "mix", "sorting", "spelling", "stdlib")
+# Prompt sets are for rewards that check the answer: stdlib has none, and their mix holds the
+# three checkable sets only.
+_PROMPT_NAMES = ("arithmetic", "mix", "sorting", "spelling")
 MIX_SEED = 5
+
+Kind = Literal["sft", "preferences", "prompts"]
+# kind -> (what its sets are called in messages, their names)
+_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sft": ("dataset", _NAMES),
+    "preferences": ("preference set", _NAMES),
+    "prompts": ("prompt set", _PROMPT_NAMES),
+}
+
+
+def _kind(kind: Kind) -> tuple[str, tuple[str, ...]]:
+    if kind not in _KINDS:  # a caller's bug, not the user's input
+        raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+    return _KINDS[kind]
 
 
 def builtin_names() -> list[str]:
@@ -50,10 +81,30 @@ def builtin_names() -> list[str]:
     return sorted(_NAMES)
 
 
-def _check_name(name: str) -> str:
-    if name not in _NAMES:
-        raise InputError(f"unknown built-in dataset {name!r}; valid names: {', '.join(builtin_names())}")
+def preference_names() -> list[str]:
+    """The names of the built-in preference sets, sorted: one per built-in set."""
+    return sorted(_kind("preferences")[1])
+
+
+def prompt_names() -> list[str]:
+    """The names of the built-in prompt sets, sorted: the checkable sets and their mix."""
+    return sorted(_kind("prompts")[1])
+
+
+def _check_name(name: str, kind: Kind = "sft") -> str:
+    noun, names = _kind(kind)
+    if name not in names:
+        valid = ", ".join(sorted(names))
+        if name in _NAMES:  # stdlib: a known set, but a reward could not check its answers
+            raise InputError(f"built-in set {name!r} has no {noun}: its answers cannot be checked; valid names: {valid}")
+        raise InputError(f"unknown built-in {noun} {name!r}; valid names: {valid}")
     return name
+
+
+def _check_split(name: str, split: str, kind: Kind) -> str:
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r} for built-in {_kind(kind)[0]} {name!r}; valid splits: {', '.join(SPLITS)}")
+    return split
 
 
 def is_builtin(spec: str) -> bool:
@@ -61,11 +112,23 @@ def is_builtin(spec: str) -> bool:
     return spec.startswith(BUILTIN_PREFIX)
 
 
-def parse_builtin(spec: str) -> str:
-    """The set name in "builtin:NAME"; InputError when it is not a built-in spec or NAME is unknown."""
+def parse_builtin(spec: str, kind: Kind = "sft") -> str:
+    """The set name in "builtin:NAME"; InputError when it is not a built-in spec or NAME is
+    not a set of that kind ("sft": `load_builtin`, "preferences", "prompts")."""
     if not is_builtin(spec):
-        raise InputError(f"{spec!r} is not a built-in dataset; expected {BUILTIN_PREFIX}NAME with NAME one of: {', '.join(builtin_names())}")
-    return _check_name(spec[len(BUILTIN_PREFIX) :])
+        noun, names = _kind(kind)
+        raise InputError(f"{spec!r} is not a built-in {noun}; expected {BUILTIN_PREFIX}NAME with NAME one of: {', '.join(sorted(names))}")
+    return _check_name(spec[len(BUILTIN_PREFIX) :], kind)
+
+
+def parse_builtin_preferences(spec: str) -> str:
+    """The preference set name in "builtin:NAME": `parse_builtin(spec, "preferences")`."""
+    return parse_builtin(spec, "preferences")
+
+
+def parse_builtin_prompts(spec: str) -> str:
+    """The prompt set name in "builtin:NAME": `parse_builtin(spec, "prompts")`."""
+    return parse_builtin(spec, "prompts")
 
 
 def checkable(name: str) -> bool:
@@ -97,7 +160,26 @@ def load_builtin(name: str, split: str = "train") -> list[dict]:
 
     Generated on first use (under a second per set) and cached for the rest of the process.
     """
-    _check_name(name)
-    if split not in SPLITS:
-        raise InputError(f"unknown split {split!r} for built-in dataset {name!r}; valid splits: {', '.join(SPLITS)}")
+    _check_split(_check_name(name), split, "sft")
     return [example.to_row() for example in getattr(_splits(name), split)]
+
+
+def load_preferences(name: str, split: str = "train") -> list[dict]:
+    """The preference pairs of one split, one per row of `load_builtin(name, split)`, as fresh
+    dicts: {"prompt": [messages], "chosen": str, "rejected": str, "task": "set/subtask"}.
+
+    "chosen" is the set's answer; "rejected" a plausible wrong one for the checkable sets, and
+    another question's answer of the same subtask and split for stdlib.
+    """
+    from gptlab.datasets.preferences import preference_rows
+
+    return preference_rows(name, _check_split(_check_name(name, "preferences"), split, "preferences"))
+
+
+def load_prompts(name: str, split: str = "train") -> list[dict]:
+    """The prompts of one split of a checkable set (or of the mix of those three), as fresh dicts:
+    {"prompt": [messages], "answer": str, "task": "set/subtask"}; `exact_match(reply, answer)`
+    scores a reply."""
+    from gptlab.datasets.preferences import prompt_rows
+
+    return prompt_rows(name, _check_split(_check_name(name, "prompts"), split, "prompts"))

@@ -1,0 +1,128 @@
+"""GRPO: group advantages and the clipped, KL-penalised loss by hand; rollouts through the engine; a toy
+problem with a known optimum solved in a bounded number of steps; resume; bad rewards."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import small_text_corpus
+from gptlab.align.grpo import grpo_loss, group_advantages
+from gptlab.align.rollout import collate_rollouts, sample_replies, token_logprobs
+from gptlab.chat import ChatTemplate, add_chat_tokens
+from gptlab.checkpoint import save_checkpoint
+from gptlab.cli import main
+from gptlab.config import GPTConfig, SampleConfig
+from gptlab.model import GPT, IGNORE_INDEX
+from gptlab.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_group_advantages_by_hand() -> None:
+    a = group_advantages([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, None, 5.0], group_size=4)
+    # group 1: mean 0.5, population std 0.5; group 2 scores 2, 2, 5 (the None is left out): mean 3, std sqrt(2)
+    x = 0.5 / (0.5 + 1e-4)
+    assert a[:4].tolist() == pytest.approx([x, -x, -x, x])
+    s = math.sqrt(6 / 3)  # deviations -1, -1, 2: variance 6 / 3
+    assert a[4:].tolist() == pytest.approx([-1 / (s + 1e-4), -1 / (s + 1e-4), 0.0, 2 / (s + 1e-4)])
+    assert group_advantages([3.0] * 4, 4).abs().max() == 0  # a group that agrees teaches nothing
+
+
+def test_grpo_loss_by_hand() -> None:
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    adv = torch.tensor([1.0, -2.0])
+    # on-policy (old = current): ratio 1, nothing clipped, and without a reference the loss is -mean over replies of A
+    loss, stats = grpo_loss(logp, logp.detach(), None, mask, adv, clip=0.2, beta=0.0)
+    assert loss.item() == pytest.approx(-(1.0 + -2.0) / 2) and stats["clip_fraction"] == 0.0
+    loss.backward()
+    # d/d logp of -A * exp(logp - old) at ratio 1 is -A, averaged over each reply's tokens, then over replies
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.25, -0.25, 0.0], [1.0, 0.0, 0.0]]))
+    # off-policy: ratio e^0.5 > 1.2 is clipped for a positive advantage; k3 KL against a reference by hand
+    old = logp.detach() - 0.5
+    ref = logp.detach() - 1.0
+    loss, stats = grpo_loss(logp.detach(), old, ref, mask, adv, clip=0.2, beta=0.1)
+    k3 = math.exp(-1.0) + 1.0 - 1
+    ratio = math.exp(0.5)
+    first = -min(ratio * 1.0, 1.2 * 1.0) + 0.1 * k3  # every token of reply 1 alike
+    second = -min(ratio * -2.0, 1.2 * -2.0) + 0.1 * k3
+    assert loss.item() == pytest.approx((first + second) / 2, rel=1e-6)
+    assert stats["clip_fraction"] == pytest.approx(1.0) and stats["kl"] == pytest.approx(k3, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory) -> Path:
+    """A chat model that answers "colour of NAME?" with one of four colours, each about as likely, and prompts for it."""
+    root = tmp_path_factory.mktemp("grpo")
+    tok, _ = add_chat_tokens(Tokenizer.train(small_text_corpus(30_000), vocab_size=400, progress=False))
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=448, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    save_checkpoint(root / "base", 0, base, base.config, tok)
+    names, palette = ["ada", "bob", "cy", "dee", "eve", "fay"], ["red", "blue", "green", "black"]
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"messages": [{"role": "user", "content": f"colour of {names[i]}?"}, {"role": "assistant", "content": palette[int(c)]}]}
+        for i in range(len(names)) for c in torch.randint(0, 4, (60,), generator=g)
+    ]  # fmt: skip
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["sft", "--ckpt", str(root / "base"), "--data", str(root / "sft.jsonl"), "--out", str(root / "sft"), "--max-steps", "120",
+            "--lr", "1e-2", "--val-fraction", "0", "-q"]  # fmt: skip
+    assert main(argv) == 0
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"colour of {n}?", "answer": "red"}) + "\n" for n in names))
+    return root
+
+
+def test_rollouts_sample_groups_and_score_only_the_replies(colours: Path) -> None:
+    from gptlab.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(colours / "sft")
+    template = ChatTemplate(ckpt.tokenizer)
+    prompts = [[{"role": "user", "content": "colour of ada?"}], [{"role": "user", "content": "colour of bob?"}]]
+    roll = sample_replies(ckpt.model, template, prompts, 4, SampleConfig(max_new_tokens=6, temperature=1.0), seed=5)
+    assert len(roll) == 8 and roll.prompts[3] == prompts[0] and roll.prompts[4] == prompts[1]
+    assert all(r[-1] == template.end_id for r, done in zip(roll.reply_ids, roll.finished, strict=True) if done)
+    again = sample_replies(ckpt.model, template, prompts, 4, SampleConfig(max_new_tokens=6, temperature=1.0), seed=5)
+    assert again.reply_ids == roll.reply_ids  # seeded: a run reproduces
+    x, y = collate_rollouts(roll)
+    lp = token_logprobs(ckpt.model.eval(), x, y)
+    for i in range(len(roll)):
+        assert (y[i] != IGNORE_INDEX).sum() == len(roll.reply_ids[i])
+        # the summed log-prob of a reply equals the one computed from its own forward pass
+        ids = torch.tensor([roll.prompt_ids[i] + roll.reply_ids[i]])
+        with torch.no_grad():
+            own = torch.log_softmax(ckpt.model(ids[:, :-1])[0][0], -1)
+        n = len(roll.prompt_ids[i])
+        expected = sum(own[n - 1 + t, tok].item() for t, tok in enumerate(roll.reply_ids[i]))
+        assert lp[i].sum().item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_grpo_solves_a_toy_problem_with_a_known_optimum(colours: Path, tmp_path: Path, capsys) -> None:
+    # the optimum: always answer "red" (reward 1); the starting policy says it about a quarter of the time
+    argv = ["grpo", "--policy", str(colours / "sft"), "--prompts", str(colours / "prompts.jsonl"), "--val-prompts", str(colours / "prompts.jsonl"),
+            "--reward", "builtin:exact", "--group-size", "8", "--prompts-per-step", "3", "--max-new-tokens", "4", "--max-steps", "30",
+            "--eval-every", "10", "--lr", "3e-3", "--min-lr", "3e-3", "--beta", "0.01", "--out", str(tmp_path / "run"), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["reward"] < 0.6
+    assert records[-1]["val_reward"] == 1.0  # greedy replies to every held-out prompt are "red"
+    assert all(r["kl"] >= 0 for r in records) and records[-1]["kl"] > 0
+    out = capsys.readouterr().out
+    assert "held-out mean reward 1.0000" in out
+    assert main(["grpo", "--out", str(tmp_path / "run"), "--resume", "--max-steps", "32", "-q"]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 32
+
+
+def test_a_broken_reward_function_stops_the_run_in_one_line(colours: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "bad.py").write_text("def score(prompt, completion):\n    return 'high'\n")
+    base = ["grpo", "--policy", str(colours / "sft"), "--prompts", str(colours / "prompts.jsonl"), "--out", str(tmp_path / "run"), "-q"]
+    for reward, named in ((f"py:{tmp_path / 'bad.py'}:score", "failed on all 32 samples"), (f"py:{tmp_path / 'bad.py'}:nope", "nope")):
+        assert main([*base, "--reward", reward, "--max-steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert named in err and len(err.strip().splitlines()) == 1, err
+    assert main([*base, "--reward", "builtin:exact", "--batch-size", "4"]) == 2
+    assert "grpo does not take --batch-size" in capsys.readouterr().err
