@@ -126,3 +126,66 @@ def test_a_broken_reward_function_stops_the_run_in_one_line(colours: Path, tmp_p
         assert named in err and len(err.strip().splitlines()) == 1, err
     assert main([*base, "--reward", "builtin:exact", "--batch-size", "4"]) == 2
     assert "grpo does not take --batch-size" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+def test_kl_penalised_per_token_rewards_by_hand() -> None:
+    from gptlab.align.ppo import kl_penalised_rewards
+
+    logp = torch.tensor([[0.0, -1.0, -2.0, 0.0], [0.0, -0.5, 0.0, 0.0]])
+    ref = torch.tensor([[0.0, -1.5, -1.0, 0.0], [0.0, -0.25, 0.0, 0.0]])
+    mask = torch.tensor([[False, True, True, False], [False, True, False, False]])
+    r = kl_penalised_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask, kl_coef=0.1)
+    # -0.1 * (logp - ref) on reply tokens; the score lands on each reply's last token
+    expected = torch.tensor([[0.0, -0.05, 0.1 + 2.0, 0.0], [0.0, 0.025 - 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(r, expected)
+
+
+def test_gae_against_a_plain_loop() -> None:
+    from gptlab.align.ppo import gae
+
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[0, 2:6], mask[1, 1:7], mask[2, 4:5] = True, True, True  # each reply a contiguous run of tokens
+    gamma, lam = 0.9, 0.8
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    for b in range(3):
+        t = mask[b].nonzero().flatten().tolist()
+        r, v = rewards[b, t].tolist(), values[b, t].tolist() + [0.0]  # V after the last token is 0
+        expected = [0.0] * len(t)
+        running = 0.0
+        for k in reversed(range(len(t))):
+            running = r[k] + gamma * v[k + 1] - v[k] + gamma * lam * running
+            expected[k] = running
+        assert adv[b, t].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        assert ret[b, t].tolist() == pytest.approx([a + v[k] for k, a in enumerate(expected)], rel=1e-5, abs=1e-6)
+        assert (adv[b][~mask[b]] == 0).all()
+
+
+def test_the_first_minibatch_of_an_epoch_has_ratio_one_and_clips_nothing() -> None:
+    from gptlab.align.ppo import ppo_losses
+
+    g = torch.Generator().manual_seed(1)
+    logp = torch.randn(4, 5, generator=g).requires_grad_()
+    values = torch.randn(4, 5, generator=g).requires_grad_()
+    mask = torch.rand(4, 5, generator=g) > 0.3
+    adv, ret = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    policy_loss, value_loss, stats = ppo_losses(logp, logp.detach(), values, values.detach(), ret, adv, mask, clip=0.2, value_clip=0.2)
+    assert stats["clip_fraction"] == 0.0 and stats["approx_kl"] == 0.0
+    m = mask.float()
+    assert policy_loss.item() == pytest.approx((-(adv * m).sum() / m.sum()).item(), rel=1e-5)  # ratio 1: -mean A
+    assert value_loss.item() == pytest.approx((0.5 * ((values - ret) ** 2 * m).sum() / m.sum()).item(), rel=1e-5)
+
+
+def test_ppo_solves_the_toy_problem_and_reports_kl(colours: Path, tmp_path: Path) -> None:
+    argv = ["ppo", "--policy", str(colours / "sft"), "--prompts", str(colours / "prompts.jsonl"), "--val-prompts", str(colours / "prompts.jsonl"),
+            "--reward", "builtin:exact", "--prompts-per-step", "16", "--max-new-tokens", "4", "--max-steps", "25", "--eval-every", "25",
+            "--lr", "1e-3", "--min-lr", "1e-3", "--kl-coef", "0.01", "--out", str(tmp_path / "run"), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["reward"] < 0.6 and records[-1]["val_reward"] == 1.0
+    assert records[-1]["kl"] > 0 and all({"value_loss", "entropy", "approx_kl", "clip_fraction", "kl_coef"} <= r.keys() for r in records)
+    assert main(["ppo", "--out", str(tmp_path / "run"), "--resume", "--max-steps", "26", "-q"]) == 0

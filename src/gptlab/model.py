@@ -335,6 +335,13 @@ class GPT(nn.Module):
         loss = cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
 
+    def hidden_states(self, idx: Tensor) -> Tensor:
+        """The last layer's output (after ln_f), (B, T, C): what lm_head and task or value heads read."""
+        self._check_input(idx, None)
+        T = idx.size(1)
+        pos = self.pos_table[:T] if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight[:T]  # (T, C)
+        return self._trunk(idx, pos, None)
+
     def forward_cached(self, idx: Tensor, step: CacheStep, last: Tensor | None = None) -> Tensor:
         """Logits for tokens idx (B, T) placed in a KVCache as `step` says, reading the row's earlier keys and values.
 

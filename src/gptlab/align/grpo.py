@@ -24,21 +24,19 @@ metrics log, progress bar and signal handling: Ctrl-C or SIGTERM saves a checkpo
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gptlab.align.rewards import Reward, load_reward_function, safe_rewards
-from gptlab.align.rollout import PromptRow, collate_rollouts, read_prompt_rows, sample_replies, token_logprobs
-from gptlab.chat import ChatTemplate
-from gptlab.config import SampleConfig, TrainConfig, _in_range, _positive_int, _Serializable
+from gptlab.align.rewards import safe_rewards
+from gptlab.align.rl import RLResult, mean_reward, start_rl
+from gptlab.align.rollout import collate_rollouts, sample_replies, token_logprobs
+from gptlab.config import SampleConfig, _in_range, _positive_int, _Serializable
 from gptlab.errors import ConfigError, GptlabError
 from gptlab.model import IGNORE_INDEX
 
@@ -108,55 +106,6 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, mask: Ten
     return loss, stats
 
 
-class PromptCursor:
-    """Prompts in a seeded order, epoch after epoch; its position is two integers (saved in checkpoints)."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch, self.row = n, seed, 0, 0
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        for _ in range(k):
-            out.append(int(np.random.default_rng([self.seed, self.epoch]).permutation(self.n)[self.row]))
-            self.row += 1
-            if self.row == self.n:
-                self.epoch, self.row = self.epoch + 1, 0
-        return out
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "row": self.row}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.epoch, self.row = int(state["epoch"]), int(state["row"])
-
-
-@torch.no_grad()
-def mean_reward(policy: nn.Module, template: ChatTemplate, rows: list[PromptRow], reward: Reward, max_new_tokens: int) -> float:
-    """The mean reward of the policy's greedy replies to `rows` (skipped samples left out)."""
-    from gptlab.chat import reply_all
-
-    replies = reply_all(_engine(policy, template), template, [r.messages for r in rows], SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0))
-    scores = safe_rewards(reward, [r.messages for r in rows], replies, [r.reference for r in rows])
-    values = [v for v in scores.rewards if v is not None]
-    return sum(values) / max(len(values), 1)
-
-
-def _engine(policy: nn.Module, template: ChatTemplate) -> Any:
-    from gptlab.generate import Engine
-
-    return Engine(policy, template.tokenizer, onednn=False)
-
-
-@dataclass
-class RLResult:
-    run_dir: Path
-    step: int
-    checkpoint: Path | None
-    val: dict[str, float] | None
-    stopped_by: str | None
-    seconds: float
-
-
 def grpo(
     policy: str | Path | None, cfg: GRPOConfig | None, train_fields: dict[str, Any], run_dir: str | Path, resume: bool = False,
     progress: bool = True, report: Any = print,
@@ -167,74 +116,31 @@ def grpo(
     DEFAULTS. With `resume` and a checkpoint in run_dir, the run continues with the settings
     saved in it (policy and cfg may be None).
     """
-    from gptlab.checkpoint import load_checkpoint, save_checkpoint
-    from gptlab.fileio import check_writable
-    from gptlab.finetune.runs import check_fresh, find_resumed
-    from gptlab.train import METRICS_FILE, MetricsLog, build_optimizer, load_resumable, lr_at, progress_bar, resolve_device, stop_on_signals
+    from gptlab.train import lr_at, progress_bar, stop_on_signals
 
     t_start = time.perf_counter()
-    unused = sorted(set(train_fields) & set(NOT_USED))
-    if unused:
-        raise ConfigError(f"grpo does not take --{unused[0].replace('_', '-')}: {NOT_USED[unused[0]]}")
-    run_dir = Path(run_dir)
-    resumed = find_resumed(run_dir, KEY, GRPOConfig, cfg, "GRPO") if resume else None
-    if resumed is not None:
-        ckpt = load_resumable(run_dir)
-        assert ckpt is not None and ckpt.trainer_state is not None
-        cfg, base_path = resumed.settings, Path(resumed.meta["base"]["path"])
-        train_cfg = (ckpt.train_config or TrainConfig()).replace(**train_fields)
-        model, tokenizer, start = ckpt.model, ckpt.tokenizer, ckpt.step
-    else:
-        check_fresh(policy, cfg, train_fields, "a policy checkpoint (--policy), prompts (--prompts) and a reward (--reward)")
-        ckpt = load_checkpoint(policy)  # type: ignore[arg-type]
-        base_path = ckpt.path
-        train_cfg = TrainConfig(**(DEFAULTS | train_fields))
-        model, tokenizer, start = ckpt.model, ckpt.tokenizer, 0
-    assert cfg is not None
-    template = ChatTemplate(tokenizer)
-    reward = load_reward_function(cfg.reward)
-    rows = [r for spec in cfg.prompts for r in read_prompt_rows(spec, "train")]
-    val_specs = cfg.val_prompts or (cfg.prompts if all(p.startswith("builtin:") for p in cfg.prompts) else ())
-    val_rows = [r for spec in val_specs for r in read_prompt_rows(spec, "test" if not cfg.val_prompts else "train")][: cfg.eval_prompts]
-    device = resolve_device(train_cfg.device)
-    model.to(device).train()
-    reference = None
-    if cfg.beta > 0:
-        reference = (copy.deepcopy(model) if resumed is None else load_checkpoint(base_path).model).to(device).eval().requires_grad_(False)
-    torch.manual_seed(train_cfg.seed)
-    optimizer = build_optimizer(model, train_cfg, device.type)
-    cursor = PromptCursor(len(rows), train_cfg.seed)
-    if resumed is not None:
-        optimizer.load_state_dict(ckpt.trainer_state["optimizer"])
-        cursor.load_state(ckpt.trainer_state["cursor"])
-        torch.set_rng_state(ckpt.trainer_state["rng_cpu"])
+    run = start_rl(KEY, GRPOConfig, cfg, policy, train_fields, run_dir, resume, DEFAULTS, "grpo", "a policy checkpoint (--policy), prompts (--prompts) and a reward (--reward)")
+    cfg, model, train_cfg, device = run.cfg, run.model, run.train_cfg, run.device
+    reference = run.reference_model() if cfg.beta > 0 else None
+    optimizer = run.optimizer(model)
     P, G = cfg.prompts_per_step, cfg.group_size
-    report(f"policy: {base_path} (also the frozen reference{'' if cfg.beta > 0 else ', unused: beta 0'}); reward {reward.name}")
-    report(f"prompts: {len(rows):,} to train on, {len(val_rows):,} held out (greedy, mean reward at each evaluation)")
+    run.describe(report, cfg.beta > 0)
     report(f"schedule: {train_cfg.max_steps} steps of {P} prompts x {G} replies (<= {cfg.max_new_tokens} tokens, temperature {cfg.temperature:g}), "
            f"{cfg.updates_per_rollout} update(s) each; lr {train_cfg.lr:g} -> {train_cfg.min_lr:g}, clip {cfg.clip:g}, beta {cfg.beta:g}")  # fmt: skip
-    check_writable(run_dir, "run directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(run_dir / METRICS_FILE, truncate_after_step=start if resumed is not None else None)
-    meta = {KEY: cfg.to_dict(), "base": {"path": str(Path(base_path).resolve())}}
     sample_cfg = SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-    bar = progress_bar(start, train_cfg.max_steps, progress, desc="grpo")
+    bar = progress_bar(run.start, train_cfg.max_steps, progress, desc="grpo")
     val: dict[str, float] | None = None
     last: Path | None = None
     signals: list[str] = []
-    step = start
-
-    def save(done: int) -> Path:
-        state = {"optimizer": optimizer.state_dict(), "cursor": cursor.state(), "rng_cpu": torch.get_rng_state()}
-        return save_checkpoint(run_dir, done, model, model.config, tokenizer, train_cfg, state, val or {}, train_cfg.keep_last, meta)
+    step = run.start
 
     with stop_on_signals(signals):
-        for step in range(start, train_cfg.max_steps):
-            batch = [rows[i] for i in cursor.take(P)]
+        for step in range(run.start, train_cfg.max_steps):
+            batch = [run.rows[i] for i in run.cursor.take(P)]
             model.eval()  # sampling and the old policy's log-probs: no dropout
-            rollouts = sample_replies(model, template, [r.messages for r in batch], G, sample_cfg, seed=train_cfg.seed * 1_000_003 + step * P * G)
+            rollouts = sample_replies(model, run.template, [r.messages for r in batch], G, sample_cfg, seed=train_cfg.seed * 1_000_003 + step * P * G)
             refs = [r.reference for r in batch for _ in range(G)]
-            scores = safe_rewards(reward, rollouts.prompts, rollouts.texts, refs)
+            scores = safe_rewards(run.reward, rollouts.prompts, rollouts.texts, refs)
             advantages = group_advantages(scores.rewards, G).to(device)
             x, y = (t.to(device) for t in collate_rollouts(rollouts))
             mask = y != IGNORE_INDEX
@@ -261,29 +167,22 @@ def grpo(
             }  # fmt: skip
             for skip in scores.skips:
                 report(f"step {done}: reward skipped {skip}")
-            if val_rows and (done % train_cfg.eval_every == 0 or done == train_cfg.max_steps):
-                val = {"reward": mean_reward(model, template, val_rows, reward, cfg.max_new_tokens)}
+            if run.val_rows and (done % train_cfg.eval_every == 0 or done == train_cfg.max_steps):
+                val = {"reward": mean_reward(model, run.template, run.val_rows, run.reward, cfg.max_new_tokens)}
                 record["val_reward"] = val["reward"]
                 if bar is not None:
                     bar.write(f"step {done}: held-out mean reward {val['reward']:.4f}")
-            log.write(record)
+            run.log.write(record)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.4f}", refresh=False)
             if done % train_cfg.save_every == 0 or done == train_cfg.max_steps or signals:
-                last = save(done)
+                last = run.save(done, optimizer, val)
             if signals:
                 break
     if bar is not None:
         bar.close()
-    return RLResult(run_dir, step + 1 if train_cfg.max_steps > start else start, last, val, signals[0] if signals else None, time.perf_counter() - t_start)
+    return RLResult(run.run_dir, step + 1 if train_cfg.max_steps > run.start else run.start, last, val, signals[0] if signals else None, time.perf_counter() - t_start)
 
 
-# training flags the rollout loop has no use for (yet), and why: an error, not a silent no-op
-NOT_USED = {
-    "batch_size": "a step's batch is --prompts-per-step x --group-size replies", "grad_accum": "a step's batch is --prompts-per-step x --group-size replies",
-    "eval_batches": "evaluations score --eval-prompts held-out prompts", "time_budget": "give --max-steps",
-    "strategy": "it runs in one process", "compile": "it runs eagerly", "activation_checkpointing": "it keeps activations",
-    "dtype": "it runs in float32", "max_bad_steps": "a non-finite loss stops it at once",
-}  # fmt: skip
 DEFAULTS = {"lr": 1e-5, "min_lr": 1e-6, "weight_decay": 0.0, "max_steps": 100, "eval_every": 20, "save_every": 50, "grad_clip": 1.0}

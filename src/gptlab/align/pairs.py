@@ -19,6 +19,7 @@ do; a pair left with no reply token on either side is skipped, and both are coun
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,19 +175,27 @@ def sequence_logprobs(logits: Tensor, y: Tensor) -> Tensor:
     return (picked * trained).sum(dim=-1)
 
 
+Collate = Callable[[list[tuple[np.ndarray, np.ndarray]]], tuple[Tensor, ...]]  # sequences -> batch tensors
+
+
 class PairBatches:
-    """An endless, resumable stream of batches of pairs, each (x, y, index) with the chosen sides in the
-    first half of the rows and the rejected sides in the second; `index` (B,) names the pairs.
+    """An endless, resumable stream of batches of pairs, each (*collate(sides), index) with the chosen
+    sides in the first half of the rows and the rejected sides in the second; `index` (B,) names the
+    pairs. The default collate gives (x, y) to score the replies' tokens (collate_sequences);
+    a reward model's reads the last token instead (gptlab.align.reward).
 
     Epoch e visits the pairs in the permutation keyed by (seed, e). batch_size pairs make a
     global batch; each process takes its slice. With `exact` there is one epoch, then batches
     of no pairs, so batches covering the epoch score every pair once (held-out evaluation).
     """
 
-    def __init__(self, data: EncodedPairs, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, exact: bool = False) -> None:
+    def __init__(
+        self, data: EncodedPairs, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, exact: bool = False,
+        collate: Collate = collate_sequences,
+    ) -> None:  # fmt: skip
         if batch_size % world_size:
             raise InputError(f"batch_size ({batch_size}) must be divisible by the number of processes ({world_size})")
-        self.data, self.batch_size, self.seed, self.exact = data, batch_size, seed, exact
+        self.data, self.batch_size, self.seed, self.exact, self.collate = data, batch_size, seed, exact, collate
         self.local = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.epoch, self.row = 0, 0
 
@@ -208,10 +217,9 @@ class PairBatches:
         mine = [i for i in picked[self.local] if i >= 0]
         if not mine:  # only padding left (exact mode): one empty pair that scores nothing
             empty = (np.zeros(2, dtype=np.int64), np.zeros(2, dtype=bool))
-            x, y = collate_sequences([empty, empty])
-            return x, y, torch.full((1,), -1, dtype=torch.long)
-        x, y = collate_sequences([self.data.chosen[i] for i in mine] + [self.data.rejected[i] for i in mine])
-        return x, y, torch.tensor(mine, dtype=torch.long)
+            return *self.collate([empty, empty]), torch.full((1,), -1, dtype=torch.long)
+        sides = [self.data.chosen[i] for i in mine] + [self.data.rejected[i] for i in mine]
+        return *self.collate(sides), torch.tensor(mine, dtype=torch.long)
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "row": self.row}

@@ -24,18 +24,30 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_grpo(args: argparse.Namespace) -> int:
-    from gptlab.align.grpo import GRPOConfig, grpo
+RL_FIELDS = {
+    "grpo": ("group_size", "prompts_per_step", "max_new_tokens", "temperature", "clip", "beta", "updates_per_rollout", "eval_prompts"),
+    "ppo": ("prompts_per_step", "max_new_tokens", "temperature", "epochs", "minibatches", "clip", "value_clip", "vf_coef", "gamma", "lam",
+            "kl_coef", "target_kl", "eval_prompts"),
+}  # fmt: skip
+
+
+def cmd_rl(args: argparse.Namespace) -> int:
     from gptlab.train import format_seconds
 
+    if args.command == "grpo":
+        from gptlab.align.grpo import GRPOConfig as Config
+        from gptlab.align.grpo import grpo as run
+    else:
+        from gptlab.align.ppo import PPOConfig as Config
+        from gptlab.align.ppo import ppo as run
     cfg = None
     if args.prompts:
-        optional = (("group_size", args.group_size), ("prompts_per_step", args.prompts_per_step), ("max_new_tokens", args.max_new_tokens),
-                    ("temperature", args.temperature), ("clip", args.clip), ("beta", args.beta), ("updates_per_rollout", args.updates_per_rollout),
-                    ("eval_prompts", args.eval_prompts))  # fmt: skip
         fields = {"prompts": files(args.prompts), "val_prompts": files(args.val_prompts), "reward": args.reward or ""}
-        cfg = GRPOConfig(**fields, **{k: v for k, v in optional if v is not None})
-    result = grpo(args.policy, cfg, explicit(args, TRAIN_FIELDS), args.out, resume=args.resume, progress=not args.quiet)
+        fields |= {k: getattr(args, k) for k in RL_FIELDS[args.command] if getattr(args, k) is not None}
+        if getattr(args, "fixed_kl", False):
+            fields["target_kl"] = None
+        cfg = Config(**fields)
+    result = run(args.policy, cfg, explicit(args, TRAIN_FIELDS), args.out, resume=args.resume, progress=not args.quiet)
     if result.stopped_by is not None:
         print(f"stopped by {result.stopped_by} after step {result.step}; continue with the same command and --resume")
     if result.val is not None:
@@ -106,26 +118,43 @@ def register(sub: argparse._SubParsersAction, command: Register) -> None:
         "--weight-decay": "AdamW decoupled weight decay (default 0)",
     })  # fmt: skip
 
-    t = command("grpo", cmd_grpo, "group relative policy optimisation (Shao et al. 2024) of a chat model against a reward function")
-    t.add_argument("--policy", help="the chat model to optimise (an sft run or checkpoint); also the frozen reference")
-    t.add_argument("--prompts", action="append", metavar="FILE[,FILE]", help='JSONL {"prompt": str | messages, "answer": optional} or builtin:NAME')
-    t.add_argument("--val-prompts", action="append", metavar="FILE[,FILE]", help="held-out prompts (default: a built-in set's test split)")
-    t.add_argument("--reward", help="py:MODULE:FUNCTION, py:FILE.py:FUNCTION (fn(prompt, completion[, reference]) -> float), builtin:exact, builtin:length")
-    t.add_argument("--group-size", type=int, help="replies sampled per prompt (default 8)")
-    t.add_argument("--prompts-per-step", type=int, help="prompts per step (default 4)")
-    t.add_argument("--max-new-tokens", type=int, help="longest reply (default 32)")
-    t.add_argument("--temperature", type=float, help="sampling temperature of the rollouts (default 1)")
-    t.add_argument("--clip", type=float, help="PPO clip range of the probability ratio (default 0.2)")
-    t.add_argument("--beta", type=float, help="KL penalty toward the reference (default 0.04; 0: no reference)")
-    t.add_argument("--updates-per-rollout", type=int, help="optimizer steps on each batch of rollouts (default 1)")
-    t.add_argument("--eval-prompts", type=int, help="held-out prompts scored at each evaluation (default 100)")
-    t.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
-    add_train_flags(t, {
-        "--max-steps": "rollout-and-update steps (default 100)", "--lr": "peak learning rate (default 1e-5)",
-        "--min-lr": "final learning rate (default 1e-6)", "--weight-decay": "AdamW decoupled weight decay (default 0)",
-        "--eval-every": "steps between held-out evaluations (default 20)", "--save-every": "steps between checkpoints (default 50)",
-    })  # fmt: skip
+    for name, help in (
+        ("grpo", "group relative policy optimisation (Shao et al. 2024) of a chat model against a reward function"),
+        ("ppo", "PPO with a KL penalty toward the starting policy (RLHF's third stage; Ziegler et al. 2019) against a reward function"),
+    ):
+        t = command(name, cmd_rl, help)
+        t.add_argument("--policy", help="the chat model to optimise (an sft run or checkpoint); also the frozen reference")
+        t.add_argument("--prompts", action="append", metavar="FILE[,FILE]", help='JSONL {"prompt": str | messages, "answer": optional} or builtin:NAME')
+        t.add_argument("--val-prompts", action="append", metavar="FILE[,FILE]", help="held-out prompts (default: a built-in set's test split)")
+        t.add_argument(
+            "--reward", help="py:MODULE:FUNCTION or py:FILE.py:FUNCTION (fn(prompt, completion[, reference]) -> float), builtin:exact, builtin:length"
+        )
+        t.add_argument("--prompts-per-step", type=int, help=f"prompts per step (default {4 if name == 'grpo' else 16})")
+        t.add_argument("--max-new-tokens", type=int, help="longest reply (default 32)")
+        t.add_argument("--temperature", type=float, help="sampling temperature of the rollouts (default 1)")
+        t.add_argument("--clip", type=float, help="PPO clip range of the probability ratio (default 0.2)")
+        t.add_argument("--eval-prompts", type=int, help="held-out prompts scored (greedy) at each evaluation (default 100)")
+        if name == "grpo":
+            t.add_argument("--group-size", type=int, help="replies sampled per prompt (default 8)")
+            t.add_argument("--beta", type=float, help="KL penalty toward the reference (default 0.04; 0: no reference)")
+            t.add_argument("--updates-per-rollout", type=int, help="optimizer steps on each batch of rollouts (default 1)")
+        else:
+            t.add_argument("--epochs", type=int, help="PPO epochs over each batch of rollouts (default 4)")
+            t.add_argument("--minibatches", type=int, help="minibatches per epoch (default 2)")
+            t.add_argument("--value-clip", type=float, help="clip range of the value update (default 0.2)")
+            t.add_argument("--vf-coef", type=float, help="weight of the value loss (default 0.1)")
+            t.add_argument("--gamma", type=float, help="discount (default 1)")
+            t.add_argument("--lam", type=float, help="GAE lambda (default 0.95)")
+            t.add_argument("--kl-coef", type=float, help="initial KL penalty coefficient beta (default 0.05)")
+            t.add_argument("--target-kl", type=float, help="KL per reply (nats) the adaptive controller steers toward (default 6)")
+            t.add_argument("--fixed-kl", action="store_true", help="keep the KL coefficient at --kl-coef (no controller)")
+        t.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
+        t.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
+        add_train_flags(t, {
+            "--max-steps": "rollout-and-update steps (default 100)", "--lr": "peak learning rate (default 1e-5)",
+            "--min-lr": "final learning rate (default 1e-6)", "--weight-decay": "AdamW decoupled weight decay (default 0)",
+            "--eval-every": "steps between held-out evaluations (default 20)", "--save-every": "steps between checkpoints (default 50)",
+        })  # fmt: skip
 
     # reward
     rp = sub.add_parser("reward", help="train and run reward models (RLHF stage 2) on preference pairs")

@@ -48,6 +48,11 @@ class gives each ordering's logits and their sum is this model's (the config's "
 entry says so). For choice, GPT2DoubleHeadsModel (OpenAIGPTDoubleHeadsModel, the paper's own
 model, for post-LN) scores the hidden state at `mc_token_ids` (the extract positions) with a
 Linear to one output whose bias is exported as zero, and keeps the language-model head.
+
+Reward models (gptlab.align.reward) are TaskModels too, with a "reward" head: one output read
+at the last token of a ChatML conversation (which is always the "\n" after <|im_end|>), no task
+tokens. They export as GPT2ForSequenceClassification with num_labels 1 (TRL's reward-model
+format) and pad_token_id <|im_start|>, which never ends a rendered conversation.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ from gptlab.model import GPT, IGNORE_INDEX, cross_entropy
 from gptlab.tokenizer import AnyTokenizer
 
 TASKS = ("classify", "entail", "similar", "choice")
+HEAD_TASKS = (*TASKS, "reward")  # "reward": a reward model's scalar head (gptlab.align.reward), not a finetune-cls task
 # the JSONL keys of each task's rows (besides "label")
 FIELDS = {"classify": ("text",), "entail": ("premise", "hypothesis"), "similar": ("text_a", "text_b"), "choice": ("context", "choices")}
 START, DELIM, EXTRACT = "<|task_start|>", "<|task_delim|>", "<|task_extract|>"  # named apart from any chat format's <|start|>
@@ -94,12 +100,12 @@ class HeadSpec(_Serializable):
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        if self.task not in HEAD_TASKS:
+            raise ConfigError(f"task must be one of {', '.join(HEAD_TASKS)}; got {self.task!r}")
         _in_range(self, "dropout", 0.0, 1.0, hi_open=True)
-        if self.task == "choice":
+        if self.task in ("choice", "reward"):  # one score per sequence
             if self.labels is not None:
-                raise ConfigError(f"a choice head scores each choice and has no label names, got labels {self.labels!r}")
+                raise ConfigError(f"a {self.task} head scores each sequence and has no label names, got labels {self.labels!r}")
             return
         if not isinstance(self.labels, (list, tuple)) or len(self.labels) < 2:
             raise ConfigError(f"a {self.task} head needs at least two labels, got {self.labels!r}")
@@ -109,7 +115,7 @@ class HeadSpec(_Serializable):
 
     @property
     def n_outputs(self) -> int:
-        """The head's width: one logit per class, or one score per choice."""
+        """The head's width: one logit per class, or one score (per choice, or the reward)."""
         return 1 if self.labels is None else len(self.labels)
 
     def names(self, n_choices: int = 0) -> list[str]:
@@ -403,7 +409,7 @@ class TaskModel(GPT):
 
     `forward(idx, targets, segments)` is the GPT's language model (sampling, evaluation).
     `forward(idx, targets, extract=extract)` with idx (B, S, T) is the task: it returns the
-    head's logits, (B, n_labels), or (B, S) scores over choices, and the language-model loss
+    head's logits, (B, n_labels), (B, S) scores over choices or (B,) rewards, and the language-model loss
     on the same tokens when targets are given. The task goes through forward so that DDP and
     torch.compile see it.
     """
@@ -441,7 +447,7 @@ class TaskModel(GPT):
         if idx.dim() != 3 or tuple(extract.shape) != tuple(idx.shape[:2]):
             raise InputError(f"task inputs are ids (B, S, T) with extract positions (B, S); got {tuple(idx.shape)} and {tuple(extract.shape)}")
         B, S, T = idx.shape
-        if self.spec.task in ("classify", "entail") and S != 1:
+        if self.spec.task in ("classify", "entail", "reward") and S != 1:
             raise InputError(f"a {self.spec.task} example is one sequence, got {S}")
         if self.spec.task == "similar" and S != 2:
             raise InputError(f"a similar example is its two orderings, got {S} sequences")
@@ -464,6 +470,8 @@ class TaskModel(GPT):
             return scores.masked_fill(extract < 0, float("-inf"))  # an example's missing choices get no probability
         if self.spec.task == "similar":
             return self.head(self.head_drop(feats.sum(dim=1)))  # (B, n_labels): both orderings added element-wise
+        if self.spec.task == "reward":
+            return self.head(self.head_drop(feats[:, 0])).squeeze(-1)  # (B,): one scalar reward per conversation
         return self.head(self.head_drop(feats[:, 0]))  # (B, n_labels)
 
 
@@ -660,6 +668,8 @@ class Classifier:
         ckpt = load_checkpoint(path, device=device)
         if not isinstance(ckpt.model, TaskModel):
             raise CheckpointError(f"{ckpt.path} has no task head (train one with gptlab finetune-cls)")
+        if ckpt.model.spec.task == "reward":
+            raise CheckpointError(f"{ckpt.path} is a reward model: score conversations with gptlab reward score")
         self.path = ckpt.path
         self.model: TaskModel = ckpt.model.eval()
         self.spec = self.model.spec
@@ -704,12 +714,14 @@ def export_task_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], fo
     for a post-LN GPT-1 model), pad_token_id the delimiter, id2label the labels; a similar
     model's logits are the sum of the logits of both orderings. choice: GPT2DoubleHeadsModel
     (OpenAIGPTDoubleHeadsModel), its mc_logits the choice scores with mc_token_ids the extract
-    positions. See the module docstring for why these compute what gptlab computes.
+    positions. reward: GPT2ForSequenceClassification with one label, pad_token_id <|im_start|>,
+    and the chat template. See the module docstring for why these compute what gptlab computes.
     """
     from safetensors.torch import save_file
 
+    from gptlab.chat import IM_END, IM_START, ChatTemplate
     from gptlab.checkpoint import load_checkpoint
-    from gptlab.hf import GPT2, check_out_dir, config_to_hf, hf_expressible, state_dict_to_hf, writing
+    from gptlab.hf import GPT2, _add_chat_template, check_out_dir, config_to_hf, hf_expressible, state_dict_to_hf, writing
     from gptlab.tokenizer import EOT
 
     out = Path(out)
@@ -719,14 +731,17 @@ def export_task_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], fo
     if not isinstance(model, TaskModel):
         raise CheckpointError(f"{loaded.path} has no task head; gptlab.hf.export_hf writes it")
     spec, tok = model.spec, loaded.tokenizer
-    tokens = TaskTokens.of(tok)
+    reward = spec.task == "reward"
+    # HF pools the rightmost token that is not the pad: pad with a token that never ends an input
+    pad, pad_id = (IM_START, ChatTemplate(tok).start_id) if reward else (DELIM, TaskTokens.of(tok).delim)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
     sd, cfg = hf_expressible(state, loaded.model_config)
     hf_sd = state_dict_to_hf(sd, cfg)
     hf_config = config_to_hf(cfg, eos_token_id=tok.special_tokens.get(EOT))
     prefix = "GPT2" if hf_config["model_type"] == GPT2 else "OpenAIGPT"
     head = model.head.weight.detach()  # (n_out, C)
-    task_note = {"task": spec.task, "tokens": {"start": START, "delim": DELIM, "extract": EXTRACT}}
+    task_tokens = {"start": IM_START, "end": IM_END} if reward else {"start": START, "delim": DELIM, "extract": EXTRACT}
+    task_note: dict[str, Any] = {"task": spec.task, "tokens": task_tokens}
     if spec.task == "choice":
         arch = f"{prefix}DoubleHeadsModel"
         hf_sd["multiple_choice_head.summary.weight"] = head  # (1, C)
@@ -740,9 +755,12 @@ def export_task_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], fo
         arch = f"{prefix}ForSequenceClassification"
         del hf_sd["lm_head.weight"]  # the class has no language-model head
         hf_sd["score.weight"] = head  # (n_labels, C)
-        names = spec.names()
-        hf_config |= {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}, "pad_token_id": tokens.delim}
-        task_note["input"] = f"{START} {f' {DELIM} '.join(FIELDS[spec.task])} {EXTRACT}"
+        names = ["reward"] if reward else spec.names()
+        hf_config |= {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}, "pad_token_id": pad_id}
+        if reward:
+            task_note["input"] = "the conversation (prompt and reply) rendered by the chat template; the score is its last token's"
+        else:
+            task_note["input"] = f"{START} {f' {DELIM} '.join(FIELDS[spec.task])} {EXTRACT}"
         if spec.task == "similar":
             task_note["combine"] = "run both orderings (text_a, text_b) and (text_b, text_a) and add their logits"
     hf_config |= {"architectures": [arch], "torch_dtype": "float32", "gptlab_task": task_note}
@@ -753,7 +771,9 @@ def export_task_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], fo
             tok.to_hf_files(tmp, model_max_length=cfg.block_size)
         except GptlabError as err:
             raise CheckpointError(f"cannot export the tokenizer: {err}") from None
-        _set_pad_token(tmp / "tokenizer_config.json", DELIM)
+        _set_pad_token(tmp / "tokenizer_config.json", pad)
+        if reward:
+            _add_chat_template(tmp / "tokenizer_config.json")
     return out, arch
 
 

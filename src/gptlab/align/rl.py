@@ -1,0 +1,175 @@
+"""What the on-policy RL commands (grpo, ppo) share around their rollout → update loops: loading
+the policy (fresh or resumed) and its frozen reference, the prompts and the reward, the prompt
+cursor, the optimizer, the metrics log and checkpoints, and held-out evaluation.
+
+The loops themselves are the methods; everything here reuses train.py's pieces (optimizer,
+schedule, MetricsLog, checkpoints), so a policy checkpoint is a plain GPT checkpoint that
+sample, chat, eval and export take, and --resume restores optimizer, cursor and RNG.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gptlab.align.rewards import Reward, load_reward_function, safe_rewards
+from gptlab.align.rollout import PromptRow, read_prompt_rows
+from gptlab.chat import ChatTemplate
+from gptlab.config import SampleConfig, TrainConfig
+from gptlab.errors import ConfigError
+from gptlab.tokenizer import AnyTokenizer
+
+
+class PromptCursor:
+    """Prompts in a seeded order, epoch after epoch; its position is two integers (saved in checkpoints)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.row = n, seed, 0, 0
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            out.append(int(np.random.default_rng([self.seed, self.epoch]).permutation(self.n)[self.row]))
+            self.row += 1
+            if self.row == self.n:
+                self.epoch, self.row = self.epoch + 1, 0
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "row": self.row}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.epoch, self.row = int(state["epoch"]), int(state["row"])
+
+
+@torch.no_grad()
+def mean_reward(policy: nn.Module, template: ChatTemplate, rows: list[PromptRow], reward: Reward, max_new_tokens: int) -> float:
+    """The mean reward of the policy's greedy replies to `rows` (skipped samples left out)."""
+    from gptlab.chat import reply_all
+    from gptlab.generate import Engine
+
+    engine = Engine(policy, template.tokenizer, onednn=False)  # the policy's current weights
+    replies = reply_all(engine, template, [r.messages for r in rows], SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0))
+    scores = safe_rewards(reward, [r.messages for r in rows], replies, [r.reference for r in rows])
+    values = [v for v in scores.rewards if v is not None]
+    return sum(values) / max(len(values), 1)
+
+
+@dataclass
+class RLResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    val: dict[str, float] | None
+    stopped_by: str | None
+    seconds: float
+
+
+# training flags the rollout loop has no use for (yet), and why: an error, not a silent no-op
+NOT_USED = {
+    "batch_size": "a step's batch is set by the prompts per step (and group size)", "grad_accum": "a step's batch is set by the prompts per step",
+    "eval_batches": "evaluations score --eval-prompts held-out prompts", "time_budget": "give --max-steps",
+    "strategy": "it runs in one process", "compile": "it runs eagerly", "activation_checkpointing": "it keeps activations",
+    "dtype": "it runs in float32", "max_bad_steps": "a non-finite loss stops it at once",
+}  # fmt: skip
+
+
+@dataclass
+class RLRun:
+    """A started (or resumed) RL run: the policy and what its loop needs."""
+
+    run_dir: Path
+    cfg: Any  # the method's config (GRPOConfig, PPOConfig), saved under `key` in checkpoint.json
+    key: str
+    train_cfg: TrainConfig
+    model: Any  # gptlab.model.GPT: the policy, in training
+    tokenizer: AnyTokenizer
+    template: ChatTemplate
+    reward: Reward
+    rows: list[PromptRow]
+    val_rows: list[PromptRow]
+    device: torch.device
+    cursor: PromptCursor
+    start: int
+    base_path: Path  # the starting policy: the reference
+    trainer_state: dict[str, Any] | None  # a resumed run's optimizer, cursor, RNG and method state
+    log: Any  # train.MetricsLog
+
+    def reference_model(self) -> nn.Module:
+        """The frozen reference: the starting policy (a copy of it on a fresh run, reloaded on resume)."""
+        from gptlab.checkpoint import load_checkpoint
+
+        ref = copy.deepcopy(self.model) if self.trainer_state is None else load_checkpoint(self.base_path).model
+        return ref.to(self.device).eval().requires_grad_(False)
+
+    def optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        """AdamW over `module` (the policy, or the policy with a value head), its state restored on resume."""
+        from gptlab.train import build_optimizer
+
+        optimizer = build_optimizer(module, self.train_cfg, self.device.type)
+        if self.trainer_state is not None:
+            optimizer.load_state_dict(self.trainer_state["optimizer"])
+        return optimizer
+
+    def describe(self, report: Callable[[str], None], uses_reference: bool) -> None:
+        report(f"policy: {self.base_path} (also the frozen reference{'' if uses_reference else ', unused: beta 0'}); reward {self.reward.name}")
+        report(f"prompts: {len(self.rows):,} to train on, {len(self.val_rows):,} held out (greedy, mean reward at each evaluation)")
+
+    def save(self, done: int, optimizer: torch.optim.Optimizer, val: dict[str, float] | None, extra: dict[str, Any] | None = None) -> Path:
+        """A checkpoint of the policy (a plain GPT) with the loop's state (optimizer, cursor, RNG, `extra`) for --resume."""
+        from gptlab.checkpoint import save_checkpoint
+
+        state = {"optimizer": optimizer.state_dict(), "cursor": self.cursor.state(), "rng_cpu": torch.get_rng_state(), **(extra or {})}
+        meta = {self.key: self.cfg.to_dict(), "base": {"path": str(self.base_path.resolve())}}
+        return save_checkpoint(self.run_dir, done, self.model, self.model.config, self.tokenizer, self.train_cfg, state, val or {}, self.train_cfg.keep_last, meta)
+
+
+def start_rl(
+    key: str, cfg_cls: type, cfg: Any, policy: str | Path | None, train_fields: dict[str, Any], run_dir: str | Path, resume: bool,
+    defaults: dict[str, Any], command: str, needs: str,
+) -> RLRun:
+    """Load the policy (or resume run_dir), prompts, reward and cursor; one-line errors for what does not fit."""
+    from gptlab.checkpoint import load_checkpoint
+    from gptlab.fileio import check_writable
+    from gptlab.finetune.runs import check_fresh, find_resumed
+    from gptlab.train import METRICS_FILE, MetricsLog, load_resumable, resolve_device
+
+    unused = sorted(set(train_fields) & set(NOT_USED))
+    if unused:
+        raise ConfigError(f"{command} does not take --{unused[0].replace('_', '-')}: {NOT_USED[unused[0]]}")
+    run_dir = Path(run_dir)
+    resumed = find_resumed(run_dir, key, cfg_cls, cfg, command) if resume else None
+    if resumed is not None:
+        ckpt = load_resumable(run_dir)
+        assert ckpt is not None and ckpt.trainer_state is not None
+        cfg, base_path, state = resumed.settings, Path(resumed.meta["base"]["path"]), ckpt.trainer_state
+        train_cfg = (ckpt.train_config or TrainConfig()).replace(**train_fields)
+        start = ckpt.step
+    else:
+        check_fresh(policy, cfg, train_fields, needs)
+        ckpt = load_checkpoint(policy)  # type: ignore[arg-type]
+        base_path, state, start = ckpt.path, None, 0
+        train_cfg = TrainConfig(**(defaults | train_fields))
+    template = ChatTemplate(ckpt.tokenizer)  # the policy must be a chat model
+    reward = load_reward_function(cfg.reward)
+    rows = [r for spec in cfg.prompts for r in read_prompt_rows(spec, "train")]
+    val_specs = cfg.val_prompts or (cfg.prompts if all(p.startswith("builtin:") for p in cfg.prompts) else ())
+    val_rows = [r for spec in val_specs for r in read_prompt_rows(spec, "train" if cfg.val_prompts else "test")][: cfg.eval_prompts]
+    device = resolve_device(train_cfg.device)
+    ckpt.model.to(device).train()
+    torch.manual_seed(train_cfg.seed)
+    cursor = PromptCursor(len(rows), train_cfg.seed)
+    if state is not None:
+        cursor.load_state(state["cursor"])
+        torch.set_rng_state(state["rng_cpu"])
+    check_writable(run_dir, "run directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run_dir / METRICS_FILE, truncate_after_step=start if state is not None else None)
+    return RLRun(run_dir, cfg, key, train_cfg, ckpt.model, ckpt.tokenizer, template, reward, rows, val_rows, device, cursor, start, Path(base_path), state, log)

@@ -1,0 +1,179 @@
+"""Reward models: the Bradley–Terry loss (margin, centring) by hand, the reward read at the conversation's
+last token, Hugging Face export parity on a padded batch, and `gptlab reward train|score` learning a
+synthetic preference, resuming, and refusing bad input in one line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import randomize_, small_text_corpus
+from gptlab.align.reward import RewardConfig, check_same_tokenizer, load_reward_model, pad_right, reward_loss, score_replies
+from gptlab.chat import IM_START, ChatTemplate, add_chat_tokens
+from gptlab.checkpoint import HEAD_KEY, find_checkpoint, read_checkpoint_meta, save_checkpoint
+from gptlab.cli import main
+from gptlab.config import GPTConfig
+from gptlab.errors import CheckpointError, ConfigError
+from gptlab.finetune.heads import HeadSpec, TaskConfig, TaskModel
+from gptlab.model import GPT
+from gptlab.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CFG = GPTConfig(vocab_size=448, block_size=64, n_layer=2, n_head=2, n_embd=32)
+CONVERSATIONS = [
+    [{"role": "user", "content": "colour of ada?"}, {"role": "assistant", "content": "red"}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is the colour of the sea by bob?"},
+     {"role": "assistant", "content": "a deep and dark blue"}],
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    chat, _ = add_chat_tokens(Tokenizer.train(small_text_corpus(30_000), vocab_size=400, progress=False))
+    return chat
+
+
+def _reward_model(seed: int, cfg: GPTConfig = CFG) -> TaskModel:
+    torch.manual_seed(seed)
+    model = TaskModel(cfg, HeadSpec("reward", dropout=0.0))
+    randomize_(model, seed)
+    return model.eval()
+
+
+def test_bradley_terry_loss_with_margin_and_centring_by_hand() -> None:
+    chosen, rejected = torch.tensor([1.0, -0.5], requires_grad=True), torch.tensor([0.0, 0.5], requires_grad=True)
+    losses, gap = reward_loss(chosen, rejected, margin=0.5, center_weight=0.1)
+    assert gap.tolist() == pytest.approx([1.0, -1.0])
+    # -log sigmoid(gap - m) = log(1 + exp(m - gap)); centring 0.1 (r_w + r_l)^2 = 0.1 and 0
+    assert losses.tolist() == pytest.approx([math.log(1 + math.exp(-0.5)) + 0.1, math.log(1 + math.exp(1.5))])
+    losses.sum().backward()
+    # d/dr_w = -sigmoid(m - gap) + 2c (r_w + r_l); the second pair (sum 0) is pure Bradley-Terry: chosen up, rejected down
+    assert chosen.grad.tolist() == pytest.approx([-1 / (1 + math.exp(0.5)) + 0.2, -1 / (1 + math.exp(-1.5))])
+    assert chosen.grad[1] < 0 < rejected.grad[1]
+    plain, _ = reward_loss(torch.tensor([2.0]), torch.tensor([2.0]))
+    assert plain.item() == pytest.approx(math.log(2))  # a tie is a coin flip, wherever the rewards sit
+
+
+def test_reward_head_is_scalar_and_not_a_finetune_task() -> None:
+    assert HeadSpec("reward").n_outputs == 1
+    with pytest.raises(ConfigError, match="no label names"):
+        HeadSpec("reward", ("bad", "good"))
+    with pytest.raises(ConfigError, match="task must be one of classify, entail, similar, choice; got 'reward'"):
+        TaskConfig(task="reward", data=("x.jsonl",))
+    with pytest.raises(ConfigError, match="center_weight"):
+        RewardConfig(data=("x",), center_weight=-1.0)
+
+
+@torch.no_grad()
+def test_the_reward_is_read_at_the_last_token(tok: Tokenizer) -> None:
+    model = _reward_model(0)
+    template = ChatTemplate(tok)
+    seqs = [np.asarray(template.render(c).ids) for c in CONVERSATIONS]
+    assert all(ids[-1] == tok.encode_ordinary("\n")[-1] for ids in seqs)  # a rendered conversation ends after <|im_end|>
+    x, last = pad_right(seqs)  # (2, 1, T), (2, 1)
+    assert x.shape == (2, 1, max(map(len, seqs))) and last[:, 0].tolist() == [len(s) - 1 for s in seqs]
+    scores = model(x, extract=last)[0]
+    assert scores.shape == (2,)
+    for b, ids in enumerate(seqs):  # by hand: the head on the trunk's final hidden state at the last token, unpadded
+        ids_t = torch.from_numpy(ids)[None]
+        h = model._trunk(ids_t, model.transformer.wpe.weight[: ids_t.size(1)], None)  # (1, T, C)
+        assert scores[b].item() == pytest.approx((model.head.weight[0] @ h[0, -1]).item(), abs=1e-5)
+    prompts, replies = [c[:-1] for c in CONVERSATIONS], [c[-1]["content"] for c in CONVERSATIONS]
+    torch.testing.assert_close(score_replies(model, tok, prompts, replies, batch_size=1), scores, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_exported_reward_model_matches_transformers_on_a_padded_batch(tmp_path: Path, tok: Tokenizer, capsys) -> None:
+    import transformers
+
+    model = _reward_model(1)
+    ckpt = save_checkpoint(tmp_path / "rm", 5, model, CFG, tok, extra_meta={HEAD_KEY: model.spec.to_dict()})
+    assert main(["export-hf", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    assert "GPT2ForSequenceClassification" in capsys.readouterr().out
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    pad = tok.special_tokens[IM_START]
+    assert type(hf).__name__ == "GPT2ForSequenceClassification" and hf.config.num_labels == 1 and hf.config.pad_token_id == pad
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    template = ChatTemplate(tok)
+    seqs = [np.asarray(template.render(c).ids) for c in CONVERSATIONS]
+    # HF's tokenizer renders the same ids with its chat template, and pads with <|im_start|>
+    assert [hf_tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"] for c in CONVERSATIONS] == [s.tolist() for s in seqs]
+    assert hf_tok.pad_token_id == pad
+    x, last = pad_right(seqs)
+    ours = model(x, extract=last)[0]  # (2,)
+    padded = torch.where(torch.arange(x.size(-1)) <= last, x[:, 0], pad)  # (2, T): right-padded with the pad id
+    theirs = hf(input_ids=padded).logits  # (2, 1)
+    assert theirs.shape == (2, 1) and (ours - theirs[:, 0]).abs().max().item() < 1e-4
+    alone = hf(input_ids=torch.from_numpy(seqs[0])[None]).logits[0, 0]
+    assert abs(alone.item() - ours[0].item()) < 1e-4
+
+
+def _pairs(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    names, colours = ["ada", "bob", "cy", "dee", "eve", "fay"], ["red", "blue", "green"]
+    return [
+        {"prompt": f"colour of {names[i]}?", "chosen": colours[i % 3], "rejected": colours[(i + 1 + j) % 3]}
+        for i, j in zip(torch.randint(0, len(names), (n,), generator=g).tolist(), torch.randint(0, 2, (n,), generator=g).tolist())
+    ]
+
+
+def test_reward_train_learns_a_preference_scores_and_resumes(tmp_path: Path, tok: Tokenizer, capsys) -> None:
+    torch.manual_seed(0)
+    base = GPT(CFG)
+    save_checkpoint(tmp_path / "base", 0, base, base.config, tok)
+    for name, rows in (("train.jsonl", _pairs(400, 1)), ("val.jsonl", _pairs(60, 2))):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = str(tmp_path / "rm")
+    argv = ["reward", "train", "--ckpt", str(tmp_path / "base"), "--data", str(tmp_path / "train.jsonl"), "--val-data", str(tmp_path / "val.jsonl"),
+            "--out", run, "--max-steps", "200", "--eval-every", "50", "--lr", "3e-3", "--batch-size", "16", "--center-weight", "0.01", "-q"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Bradley-Terry" in out and "last token" in out
+    records = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    accuracy = [r["val_pair_accuracy"] for r in records if "val_pair_accuracy" in r]
+    assert accuracy[-1] >= 0.9, accuracy
+    meta = read_checkpoint_meta(find_checkpoint(run))
+    assert meta["reward"]["center_weight"] == 0.01 and meta[HEAD_KEY]["task"] == "reward"  # what --resume and load_checkpoint rebuild from
+
+    assert main(["reward", "score", "--ckpt", run, "--data", str(tmp_path / "val.jsonl"), "--device", "cpu", "--batch-size", "7"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 61 and lines[0].startswith("chosen ") and lines[-1].startswith("60 pairs: accuracy ")
+    scored = float(lines[-1].split("accuracy ")[1].split("%")[0]) / 100
+    assert scored == pytest.approx(accuracy[-1], abs=1e-9)  # the same held-out pairs, the same final model
+    rows = [{"prompt": "colour of ada?", "completion": "red"}, {"prompt": [{"role": "user", "content": "colour of ada?"}], "completion": "blue"}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["reward", "score", "--ckpt", run, "--data", str(tmp_path / "c.jsonl"), "--device", "cpu"]) == 0
+    red, blue = (float(v) for v in capsys.readouterr().out.split())
+    assert red > blue  # ada's colour is red
+    rm = load_reward_model(run)
+    assert score_replies(rm.model, rm.tokenizer, [[{"role": "user", "content": "colour of ada?"}]], ["red"])[0].item() == pytest.approx(red, abs=1e-4)
+
+    assert main(["reward", "train", "--out", run, "--resume", "--max-steps", "204", "-q"]) == 0
+    assert json.loads((tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 204
+
+    def error(*argv: str) -> str:
+        code = main(list(argv))
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        return err
+
+    assert "is not a reward model (no 'task_head' of kind reward)" in error("reward", "score", "--ckpt", str(tmp_path / "base"), "--data", str(tmp_path / "c.jsonl"))
+    assert "no such checkpoint" in error("reward", "train", "--ckpt", str(tmp_path / "nowhere"), "--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "x"), "-q")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0] | {"chosen": "a", "rejected": "b"}) + "\n" + '{"prompt": "q", "chosen": "a"}\n')
+    assert "bad.jsonl:2:" in error("reward", "train", "--ckpt", str(tmp_path / "base"), "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "y"), "-q")
+    (tmp_path / "badc.jsonl").write_text('{"prompt": "q"}\n')
+    assert "badc.jsonl:1: a row to score needs" in error("reward", "score", "--ckpt", run, "--data", str(tmp_path / "badc.jsonl"), "--device", "cpu")
+    assert "not a reward-model checkpoint" in error("reward", "train", "--out", str(tmp_path / "base"), "--resume", "-q")
+
+    check_same_tokenizer(rm.tokenizer, tok)
+    other, _ = add_chat_tokens(Tokenizer.train(small_text_corpus(20_000), vocab_size=300, progress=False))
+    with pytest.raises(ConfigError, match="the reward model's tokenizer differs from the policy's"):
+        check_same_tokenizer(rm.tokenizer, other)
+    with pytest.raises(CheckpointError, match="is not a reward model"):
+        load_reward_model(tmp_path / "base")
