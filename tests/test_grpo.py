@@ -189,3 +189,31 @@ def test_ppo_solves_the_toy_problem_and_reports_kl(colours: Path, tmp_path: Path
     assert records[0]["reward"] < 0.6 and records[-1]["val_reward"] == 1.0
     assert records[-1]["kl"] > 0 and all({"value_loss", "entropy", "approx_kl", "clip_fraction", "kl_coef"} <= r.keys() for r in records)
     assert main(["ppo", "--out", str(tmp_path / "run"), "--resume", "--max-steps", "26", "-q"]) == 0
+
+
+def test_a_reward_model_drives_grpo_and_a_foreign_one_is_refused(colours: Path, tmp_path: Path, capsys) -> None:
+    names, palette = ["ada", "bob", "cy", "dee", "eve", "fay"], ["blue", "green", "black"]
+    pairs = [{"prompt": f"colour of {n}?", "chosen": "red", "rejected": c} for n in names for c in palette] * 8
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    rm = ["reward", "train", "--ckpt", str(colours / "sft"), "--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "rm"),
+          "--max-steps", "60", "--lr", "3e-3", "--batch-size", "16", "--val-fraction", "0", "-q"]  # fmt: skip
+    assert main(rm) == 0
+    argv = ["grpo", "--policy", str(colours / "sft"), "--prompts", str(colours / "prompts.jsonl"), "--reward", str(tmp_path / "rm"),
+            "--group-size", "8", "--prompts-per-step", "3", "--max-new-tokens", "4", "--max-steps", "20", "--lr", "3e-3", "--min-lr", "3e-3",
+            "--beta", "0.01", "--out", str(tmp_path / "run"), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    assert "reward reward model" in capsys.readouterr().out
+    rewards = [json.loads(line)["reward"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.5  # the policy learns what the reward model pays for
+    # a reward model on another tokenizer: refused in one line
+    other = Tokenizer.train(small_text_corpus(20_000), vocab_size=300, progress=False)
+    other, _ = add_chat_tokens(other)
+    torch.manual_seed(0)
+    cfg2 = GPTConfig(vocab_size=320, block_size=64, n_layer=1, n_head=2, n_embd=32)
+    save_checkpoint(tmp_path / "base2", 0, GPT(cfg2), cfg2, other)
+    rm2 = ["reward", "train", "--ckpt", str(tmp_path / "base2"), "--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "rm2")]
+    assert main([*rm2, "--max-steps", "1", "--val-fraction", "0", "-q"]) == 0
+    argv[argv.index("--reward") + 1] = str(tmp_path / "rm2")
+    assert main([*argv[:-2], str(tmp_path / "run2"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "the reward model's tokenizer differs from the policy's" in err and len(err.strip().splitlines()) == 1

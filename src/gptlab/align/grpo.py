@@ -33,8 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gptlab.align.rewards import safe_rewards
-from gptlab.align.rl import RLResult, mean_reward, start_rl
+from gptlab.align.rl import RLResult, mean_reward, score, start_rl
 from gptlab.align.rollout import collate_rollouts, sample_replies, token_logprobs
 from gptlab.config import SampleConfig, _in_range, _positive_int, _Serializable
 from gptlab.errors import ConfigError, GptlabError
@@ -49,7 +48,7 @@ class GRPOConfig(_Serializable):
     """What `gptlab grpo` samples and how it scores and weighs it; the optimizer's settings are the TrainConfig's."""
 
     prompts: tuple[str, ...] = ()  # JSONL files or builtin:NAME prompt sets
-    reward: str = ""  # py:MODULE:FUNCTION, py:FILE.py:FUNCTION, builtin:exact or builtin:length
+    reward: str = ""  # py:MODULE:FUNCTION, py:FILE.py:FUNCTION, builtin:exact, builtin:length, or a reward-model checkpoint
     val_prompts: tuple[str, ...] = ()  # default: a built-in set's test split, else none
     group_size: int = 8
     prompts_per_step: int = 4
@@ -66,7 +65,7 @@ class GRPOConfig(_Serializable):
         if not self.prompts or not all(isinstance(p, str) and p for p in self.prompts):
             raise ConfigError(f"prompts must name at least one JSONL file or builtin:NAME, got {self.prompts!r}")
         if not isinstance(self.reward, str) or not self.reward:
-            raise ConfigError("reward must name a function: py:MODULE:FUNCTION, py:FILE.py:FUNCTION, builtin:exact or builtin:length")
+            raise ConfigError("reward must name a function (py:MODULE:FUNCTION, py:FILE.py:FUNCTION, builtin:exact, builtin:length) or a reward model")
         _positive_int(self, "prompts_per_step", "max_new_tokens", "updates_per_rollout", "eval_prompts")
         if not isinstance(self.group_size, int) or self.group_size < 2:
             raise ConfigError(f"group_size must be an integer >= 2 (advantages compare replies within a group), got {self.group_size!r}")
@@ -140,7 +139,7 @@ def grpo(
             model.eval()  # sampling and the old policy's log-probs: no dropout
             rollouts = sample_replies(model, run.template, [r.messages for r in batch], G, sample_cfg, seed=train_cfg.seed * 1_000_003 + step * P * G)
             refs = [r.reference for r in batch for _ in range(G)]
-            scores = safe_rewards(run.reward, rollouts.prompts, rollouts.texts, refs)
+            scores = score(run.reward, rollouts.prompts, rollouts.texts, refs)
             advantages = group_advantages(scores.rewards, G).to(device)
             x, y = (t.to(device) for t in collate_rollouts(rollouts))
             mask = y != IGNORE_INDEX

@@ -35,8 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gptlab.align.rewards import safe_rewards
-from gptlab.align.rl import RLResult, mean_reward, start_rl
+from gptlab.align.rl import RLResult, mean_reward, score, start_rl
 from gptlab.align.rollout import collate_rollouts, sample_replies, token_logprobs
 from gptlab.config import SampleConfig, _in_range, _positive_int, _Serializable
 from gptlab.errors import ConfigError, GptlabError
@@ -50,7 +49,7 @@ class PPOConfig(_Serializable):
     """What `gptlab ppo` samples, how it scores and how it updates; the optimizer's settings are the TrainConfig's."""
 
     prompts: tuple[str, ...] = ()  # JSONL files or builtin:NAME prompt sets
-    reward: str = ""  # py:MODULE:FUNCTION, py:FILE.py:FUNCTION, builtin:exact or builtin:length
+    reward: str = ""  # py:MODULE:FUNCTION, py:FILE.py:FUNCTION, builtin:exact, builtin:length, or a reward-model checkpoint
     val_prompts: tuple[str, ...] = ()
     prompts_per_step: int = 16
     max_new_tokens: int = 32
@@ -73,7 +72,7 @@ class PPOConfig(_Serializable):
         if not self.prompts or not all(isinstance(p, str) and p for p in self.prompts):
             raise ConfigError(f"prompts must name at least one JSONL file or builtin:NAME, got {self.prompts!r}")
         if not isinstance(self.reward, str) or not self.reward:
-            raise ConfigError("reward must name a function: py:MODULE:FUNCTION, py:FILE.py:FUNCTION, builtin:exact or builtin:length")
+            raise ConfigError("reward must name a function (py:MODULE:FUNCTION, py:FILE.py:FUNCTION, builtin:exact, builtin:length) or a reward model")
         _positive_int(self, "prompts_per_step", "max_new_tokens", "epochs", "minibatches", "kl_horizon", "eval_prompts")
         if self.minibatches > self.prompts_per_step:
             raise ConfigError(f"minibatches ({self.minibatches}) cannot exceed prompts_per_step ({self.prompts_per_step})")
@@ -210,7 +209,7 @@ def ppo(
             batch = [run.rows[i] for i in run.cursor.take(P)]
             actor_critic.eval()  # rollouts and the old policy's numbers: no dropout
             rollouts = sample_replies(run.model, run.template, [r.messages for r in batch], 1, sample_cfg, seed=train_cfg.seed * 1_000_003 + step * P)
-            scored = safe_rewards(run.reward, rollouts.prompts, rollouts.texts, [r.reference for r in batch])
+            scored = score(run.reward, rollouts.prompts, rollouts.texts, [r.reference for r in batch])
             for skip in scored.skips:
                 report(f"step {step + 1}: reward skipped {skip}")
             keep = [i for i, v in enumerate(scored.rewards) if v is not None]

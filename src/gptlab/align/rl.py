@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gptlab.align.rewards import Reward, load_reward_function, safe_rewards
+from gptlab.align.rewards import PY_PREFIX, Reward, Scores, Skip, load_reward_function, safe_rewards
 from gptlab.align.rollout import PromptRow, read_prompt_rows
 from gptlab.chat import ChatTemplate
 from gptlab.config import SampleConfig, TrainConfig
@@ -50,14 +50,14 @@ class PromptCursor:
 
 
 @torch.no_grad()
-def mean_reward(policy: nn.Module, template: ChatTemplate, rows: list[PromptRow], reward: Reward, max_new_tokens: int) -> float:
+def mean_reward(policy: nn.Module, template: ChatTemplate, rows: list[PromptRow], reward: Reward | ModelReward, max_new_tokens: int) -> float:
     """The mean reward of the policy's greedy replies to `rows` (skipped samples left out)."""
     from gptlab.chat import reply_all
     from gptlab.generate import Engine
 
     engine = Engine(policy, template.tokenizer, onednn=False)  # the policy's current weights
     replies = reply_all(engine, template, [r.messages for r in rows], SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0))
-    scores = safe_rewards(reward, [r.messages for r in rows], replies, [r.reference for r in rows])
+    scores = score(reward, [r.messages for r in rows], replies, [r.reference for r in rows])
     values = [v for v in scores.rewards if v is not None]
     return sum(values) / max(len(values), 1)
 
@@ -81,6 +81,38 @@ NOT_USED = {
 }  # fmt: skip
 
 
+class ModelReward:
+    """A reward-model checkpoint (gptlab reward train) as the reward: it scores a batch of replies in one pass."""
+
+    def __init__(self, path: str, policy_tokenizer: AnyTokenizer, device: torch.device) -> None:
+        from gptlab.align.reward import check_same_tokenizer, load_reward_model
+
+        ckpt = load_reward_model(path, device)
+        check_same_tokenizer(ckpt.tokenizer, policy_tokenizer)
+        self.name, self.model, self.tokenizer = f"reward model {ckpt.path}", ckpt.model, ckpt.tokenizer
+
+    def scores(self, prompts: list[Any], completions: list[str]) -> Scores:
+        from gptlab.align.reward import score_replies
+
+        values = score_replies(self.model, self.tokenizer, prompts, completions).tolist()
+        skips = [Skip(i, f"the reward model scored {v}") for i, v in enumerate(values) if not np.isfinite(v)]
+        return Scores([v if np.isfinite(v) else None for v in values], skips)
+
+
+def load_reward(spec: str, policy_tokenizer: AnyTokenizer, device: torch.device) -> Reward | ModelReward:
+    """A reward function (py:..., builtin:...) or, for any other spec, the reward-model checkpoint it names."""
+    if spec.startswith((PY_PREFIX, "builtin:")):
+        return load_reward_function(spec)
+    return ModelReward(spec, policy_tokenizer, device)
+
+
+def score(reward: Reward | ModelReward, prompts: list[Any], completions: list[str], references: list[str | None]) -> Scores:
+    """The rewards of a batch of replies, None (and a Skip) for any sample that could not be scored."""
+    if isinstance(reward, ModelReward):
+        return reward.scores(prompts, completions)
+    return safe_rewards(reward, prompts, completions, references)
+
+
 @dataclass
 class RLRun:
     """A started (or resumed) RL run: the policy and what its loop needs."""
@@ -92,7 +124,7 @@ class RLRun:
     model: Any  # gptlab.model.GPT: the policy, in training
     tokenizer: AnyTokenizer
     template: ChatTemplate
-    reward: Reward
+    reward: Reward | ModelReward
     rows: list[PromptRow]
     val_rows: list[PromptRow]
     device: torch.device
@@ -158,11 +190,11 @@ def start_rl(
         base_path, state, start = ckpt.path, None, 0
         train_cfg = TrainConfig(**(defaults | train_fields))
     template = ChatTemplate(ckpt.tokenizer)  # the policy must be a chat model
-    reward = load_reward_function(cfg.reward)
+    device = resolve_device(train_cfg.device)
+    reward = load_reward(cfg.reward, ckpt.tokenizer, device)
     rows = [r for spec in cfg.prompts for r in read_prompt_rows(spec, "train")]
     val_specs = cfg.val_prompts or (cfg.prompts if all(p.startswith("builtin:") for p in cfg.prompts) else ())
     val_rows = [r for spec in val_specs for r in read_prompt_rows(spec, "train" if cfg.val_prompts else "test")][: cfg.eval_prompts]
-    device = resolve_device(train_cfg.device)
     ckpt.model.to(device).train()
     torch.manual_seed(train_cfg.seed)
     cursor = PromptCursor(len(rows), train_cfg.seed)

@@ -127,7 +127,8 @@ def register(sub: argparse._SubParsersAction, command: Register) -> None:
         t.add_argument("--prompts", action="append", metavar="FILE[,FILE]", help='JSONL {"prompt": str | messages, "answer": optional} or builtin:NAME')
         t.add_argument("--val-prompts", action="append", metavar="FILE[,FILE]", help="held-out prompts (default: a built-in set's test split)")
         t.add_argument(
-            "--reward", help="py:MODULE:FUNCTION or py:FILE.py:FUNCTION (fn(prompt, completion[, reference]) -> float), builtin:exact, builtin:length"
+            "--reward", help="a reward model (gptlab reward train), py:MODULE:FUNCTION or py:FILE.py:FUNCTION "
+            "(fn(prompt, completion[, reference]) -> float), builtin:exact or builtin:length"
         )
         t.add_argument("--prompts-per-step", type=int, help=f"prompts per step (default {4 if name == 'grpo' else 16})")
         t.add_argument("--max-new-tokens", type=int, help="longest reply (default 32)")
