@@ -217,3 +217,37 @@ def test_a_reward_model_drives_grpo_and_a_foreign_one_is_refused(colours: Path, 
     assert main([*argv[:-2], str(tmp_path / "run2"), "-q"]) == 2
     err = capsys.readouterr().err
     assert "the reward model's tokenizer differs from the policy's" in err and len(err.strip().splitlines()) == 1
+
+
+def test_reward_hacking_shows_as_reward_up_accuracy_down_and_kl_up(tmp_path: Path) -> None:
+    """A reward that pays for long replies (characters, like builtin:length's words): the policy learns to
+    ramble, and the run's own held-out exact-match check and its KL to the reference make that visible."""
+    tok, _ = add_chat_tokens(Tokenizer.train(small_text_corpus(30_000), vocab_size=400, progress=False))
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=448, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    save_checkpoint(tmp_path / "base", 0, base, base.config, tok)
+    names, palette = ["ada", "bob", "cy", "dee", "eve", "fay"], ["red", "blue", "green", "black"]
+    rows = [{"messages": [{"role": "user", "content": f"colour of {n}?"}, {"role": "assistant", "content": palette[i % 4]}]} for i, n in enumerate(names)]
+    (tmp_path / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 40))
+    assert main(["sft", "--ckpt", str(tmp_path / "base"), "--data", str(tmp_path / "facts.jsonl"), "--out", str(tmp_path / "sft"), "--max-steps", "80",
+                 "--lr", "1e-2", "--val-fraction", "0", "-q"]) == 0  # fmt: skip
+    prompts = [{"prompt": r["messages"][:1], "answer": r["messages"][1]["content"]} for r in rows]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    (tmp_path / "long.py").write_text("def score(prompt, completion):\n    return min(len(completion), 40) / 40\n")
+    reward = f"py:{tmp_path / 'long.py'}:score"
+    argv = ["grpo", "--policy", str(tmp_path / "sft"), "--prompts", str(tmp_path / "prompts.jsonl"), "--val-prompts", str(tmp_path / "prompts.jsonl"),
+            "--reward", reward, "--group-size", "8", "--prompts-per-step", "3", "--max-new-tokens", "16", "--max-steps", "40",
+            "--eval-every", "40", "--lr", "3e-3", "--min-lr", "3e-3", "--out", str(tmp_path / "run"), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    from gptlab.align.rewards import load_reward_function
+    from gptlab.align.rl import evaluate_policy
+    from gptlab.align.rollout import read_prompt_rows
+    from gptlab.checkpoint import load_checkpoint
+
+    rows_ = read_prompt_rows(str(tmp_path / "prompts.jsonl"))
+    start = evaluate_policy(load_checkpoint(tmp_path / "sft").model, ChatTemplate(tok), rows_, load_reward_function(reward), 16)
+    end = records[-1]
+    assert start["accuracy"] == 1.0 and end["val_accuracy"] < 0.5  # the task is lost...
+    assert end["val_reward"] > start["reward"] + 0.2  # ...while the reward it was given rises
+    assert end["kl"] > 1.0 and end["val_reply_tokens"] > 2 * start["reply_tokens"]  # and the drift is in the log

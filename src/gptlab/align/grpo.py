@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gptlab.align.rl import RLResult, mean_reward, score, start_rl
+from gptlab.align.rl import RLResult, describe_val, evaluate_policy, score, start_rl
 from gptlab.align.rollout import collate_rollouts, sample_replies, token_logprobs
 from gptlab.config import SampleConfig, _in_range, _positive_int, _Serializable
 from gptlab.errors import ConfigError, GptlabError
@@ -167,10 +167,10 @@ def grpo(
             for skip in scores.skips:
                 report(f"step {done}: reward skipped {skip}")
             if run.val_rows and (done % train_cfg.eval_every == 0 or done == train_cfg.max_steps):
-                val = {"reward": mean_reward(model, run.template, run.val_rows, run.reward, cfg.max_new_tokens)}
-                record["val_reward"] = val["reward"]
+                val = evaluate_policy(model, run.template, run.val_rows, run.reward, cfg.max_new_tokens)
+                record |= {f"val_{k}": v for k, v in val.items()}
                 if bar is not None:
-                    bar.write(f"step {done}: held-out mean reward {val['reward']:.4f}")
+                    bar.write(f"step {done}: held-out {describe_val(val)} | KL to the reference {record['kl']:.3f}")
             run.log.write(record)
             if bar is not None:
                 bar.update(1)

@@ -50,16 +50,29 @@ class PromptCursor:
 
 
 @torch.no_grad()
-def mean_reward(policy: nn.Module, template: ChatTemplate, rows: list[PromptRow], reward: Reward | ModelReward, max_new_tokens: int) -> float:
-    """The mean reward of the policy's greedy replies to `rows` (skipped samples left out)."""
+def evaluate_policy(policy: nn.Module, template: ChatTemplate, rows: list[PromptRow], reward: Reward | ModelReward, max_new_tokens: int) -> dict[str, float]:
+    """The policy's greedy replies to `rows`: their mean reward (skipped samples left out), their mean length in
+    tokens, and, when the rows carry reference answers, the exact-match accuracy: a check that does not go
+    through the reward, so a reward the policy learns to exploit shows as reward rising while accuracy falls."""
     from gptlab.chat import reply_all
+    from gptlab.datasets import exact_match
     from gptlab.generate import Engine
 
     engine = Engine(policy, template.tokenizer, onednn=False)  # the policy's current weights
     replies = reply_all(engine, template, [r.messages for r in rows], SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0))
     scores = score(reward, [r.messages for r in rows], replies, [r.reference for r in rows])
     values = [v for v in scores.rewards if v is not None]
-    return sum(values) / max(len(values), 1)
+    out = {"reward": sum(values) / max(len(values), 1), "reply_tokens": sum(len(template.tokenizer.encode_ordinary(t)) for t in replies) / len(replies)}
+    checked = [(reply, r.reference) for reply, r in zip(replies, rows, strict=True) if r.reference is not None]
+    if checked:
+        out["accuracy"] = sum(exact_match(reply, ref) for reply, ref in checked) / len(checked)
+    return out
+
+
+def describe_val(val: dict[str, float]) -> str:
+    """'mean reward 0.8125 | exact match 75.00% | 3.2 tokens' for a progress line."""
+    parts = [f"mean reward {val['reward']:.4f}"] + ([f"exact match {val['accuracy']:.2%}"] if "accuracy" in val else [])
+    return " | ".join([*parts, f"{val['reply_tokens']:.1f} tokens a reply"])
 
 
 @dataclass

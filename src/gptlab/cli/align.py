@@ -51,7 +51,9 @@ def cmd_rl(args: argparse.Namespace) -> int:
     if result.stopped_by is not None:
         print(f"stopped by {result.stopped_by} after step {result.step}; continue with the same command and --resume")
     if result.val is not None:
-        print(f"step {result.step}: held-out mean reward {result.val['reward']:.4f}")
+        from gptlab.align.rl import describe_val
+
+        print(f"step {result.step}: held-out {describe_val(result.val)}")
     print(f"checkpoint: {result.checkpoint}")
     print(f"{format_seconds(result.seconds)} in all")
     return 0
