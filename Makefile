@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo chat-demo test bench clean
+.PHONY: install demo chat-demo rlhf-demo test bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: install
 # fine-tunes the demo's model (pretraining it first when runs/demo has none) into a chat model
 chat-demo: install
 	$(PY) -m gptlab demo --chat --out $(DEMO_DIR)
+
+# a reward model, PPO, DPO and GRPO on the chat demo's model (made first when runs/demo has none)
+rlhf-demo: install
+	$(PY) -m gptlab demo --rlhf --out $(DEMO_DIR)
 
 test: install
 	$(PY) -m pytest -q tests

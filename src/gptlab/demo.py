@@ -182,3 +182,86 @@ def run_chat_demo(out: Path, pretrain_minutes: float | None = None, sft_minutes:
     print(f"  chat with it:    {py} -m gptlab chat --ckpt {chat_run}")
     print(f"  LoRA instead:    {py} -m gptlab sft --ckpt {base_run} --data builtin:mix --out {out / 'chat_lora'} --lora-r 8 --time-budget 5m")
     return summary
+
+
+# ----------------------------------------------------------------------------- RLHF demo
+
+RLHF_TASK = "arithmetic"  # a built-in set whose answers a program checks: the held-out measure needs no judge
+RLHF_EVAL_PROMPTS = 200
+RLHF_SEEDS = (1, 2)
+
+
+def run_rlhf_demo(
+    out: Path, seeds: tuple[int, ...] = RLHF_SEEDS, rm_minutes: float = 3.0, dpo_minutes: float = 2.0, ppo_steps: int = 120, grpo_steps: int = 60,
+    progress: bool = True,
+) -> dict:
+    """Seed 004's pipeline on the chat demo's SFT model: a reward model, then PPO against it, and DPO and GRPO from the
+    same SFT model; one table of held-out exact-match accuracy, mean reward-model score, KL to the SFT model and wall time
+    per method and seed (also in out/rlhf_demo.json)."""
+    import json
+
+    from gptlab.align.dpo import DPOConfig, dpo
+    from gptlab.align.grpo import GRPOConfig, grpo
+    from gptlab.align.ppo import PPOConfig, ppo
+    from gptlab.align.reward import RewardConfig, train_reward
+    from gptlab.align.rewards import load_reward_function
+    from gptlab.align.rl import ModelReward, evaluate_policy, kl_to
+    from gptlab.align.rollout import read_prompt_rows
+    from gptlab.chat import ChatTemplate
+    from gptlab.checkpoint import find_checkpoint, load_checkpoint
+
+    t_start = time.perf_counter()
+    chat_run, root = out / "chat", out / "rlhf"
+    if not (chat_run.is_dir() and find_checkpoint(chat_run) is not None):
+        print("[sft] no chat model yet: running the chat demo first", flush=True)
+        run_chat_demo(out, progress=progress)
+    device = resolve_device("auto")
+    quiet = lambda line: None  # noqa: E731  (each stage prints its own one-line summary here)
+    task = f"builtin:{RLHF_TASK}"
+    rows = read_prompt_rows(task, "test")[:RLHF_EVAL_PROMPTS]
+    sft_ckpt = load_checkpoint(chat_run, device=device)
+    template = ChatTemplate(sft_ckpt.tokenizer)
+    exact = load_reward_function("builtin:exact")
+
+    print(f"[1/4] reward model on {task} preference pairs for {format_seconds(rm_minutes * 60)} -> {root / 'rm'}", flush=True)
+    t0 = time.perf_counter()
+    rm_result = train_reward(chat_run, RewardConfig(data=(task,)), {"time_budget": rm_minutes * 60, "lr": 1e-4, "min_lr": 1e-5, "device": str(device)},
+                             root / "rm", progress=progress, report=quiet)  # fmt: skip
+    print(f"      held-out pairwise accuracy {rm_result.val['pair_accuracy']:.1%} after {rm_result.step} steps ({format_seconds(time.perf_counter() - t0)})")
+    judge = ModelReward(str(root / "rm"), sft_ckpt.tokenizer, device)
+
+    def measure(name: str, seed: int, model: torch.nn.Module, seconds: float) -> dict:
+        acc = evaluate_policy(model, template, rows, exact, 16)["accuracy"]
+        rm_score = evaluate_policy(model, template, rows, judge, 16)["reward"]
+        kl = kl_to(model, sft_ckpt.model, template, rows, 16, seed) if name != "SFT" else 0.0
+        row = {"method": name, "seed": seed, "accuracy": acc, "rm_reward": rm_score, "kl": kl, "seconds": seconds}
+        print(f"      {name:5s} seed {seed}: exact match {acc:.1%}, reward-model score {rm_score:+.3f}, KL to SFT {kl:.3f} nats, {format_seconds(seconds)}", flush=True)
+        return row
+
+    print(f"[2/4] the SFT model on {len(rows)} held-out {RLHF_TASK} questions (greedy)", flush=True)
+    table = [measure("SFT", 0, sft_ckpt.model, 0.0)]
+    for seed in seeds:
+        common = {"seed": seed, "device": str(device)}
+        print(f"[3/4] seed {seed}: PPO ({ppo_steps} steps, reward model), DPO ({format_seconds(dpo_minutes * 60)}), GRPO ({grpo_steps} steps, exact match)", flush=True)
+        t0 = time.perf_counter()
+        ppo(chat_run, PPOConfig(prompts=(task,), reward=str(root / "rm"), max_new_tokens=16), {**common, "max_steps": ppo_steps, "lr": 1e-4, "min_lr": 1e-5},
+            root / f"ppo-{seed}", progress=progress, report=quiet)  # fmt: skip
+        table.append(measure("PPO", seed, load_checkpoint(root / f"ppo-{seed}", device=device).model, time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        dpo(chat_run, DPOConfig(data=(task,), beta=0.1), {**common, "time_budget": dpo_minutes * 60, "lr": 1e-4, "min_lr": 1e-5},
+            root / f"dpo-{seed}", progress=progress, report=quiet)  # fmt: skip
+        table.append(measure("DPO", seed, load_checkpoint(root / f"dpo-{seed}", device=device).model, time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        grpo(chat_run, GRPOConfig(prompts=(task,), reward="builtin:exact", max_new_tokens=16), {**common, "max_steps": grpo_steps, "lr": 1e-4, "min_lr": 1e-5},
+             root / f"grpo-{seed}", progress=progress, report=quiet)  # fmt: skip
+        table.append(measure("GRPO", seed, load_checkpoint(root / f"grpo-{seed}", device=device).model, time.perf_counter() - t0))
+
+    print("[4/4] held-out results", flush=True)
+    print(f"      {'method':8s} {'seed':>4s} {'exact match':>12s} {'RM score':>9s} {'KL to SFT':>10s} {'wall time':>10s}")
+    for r in table:
+        print(f"      {r['method']:8s} {r['seed']:>4d} {r['accuracy']:>12.1%} {r['rm_reward']:>+9.3f} {r['kl']:>10.3f} {format_seconds(r['seconds']):>10s}")
+    total = time.perf_counter() - t_start
+    summary = {"minutes": total / 60, "task": RLHF_TASK, "eval_prompts": len(rows), "rm_pair_accuracy": rm_result.val["pair_accuracy"], "table": table}
+    (out / "rlhf_demo.json").write_text(json.dumps(summary, indent=2))
+    print(f"===== done in {total / 60:.1f} min; figures in {out / 'rlhf_demo.json'}")
+    return summary

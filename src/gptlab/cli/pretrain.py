@@ -186,7 +186,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gptlab.demo import run_chat_demo, run_demo
 
-    if args.chat:
+    if args.rlhf:
+        from gptlab.demo import run_rlhf_demo
+
+        run_rlhf_demo(Path(args.out), progress=not args.quiet)
+    elif args.chat:
         run_chat_demo(Path(args.out), pretrain_minutes=args.minutes, sft_minutes=args.sft_minutes, progress=not args.quiet)
     else:
         run_demo(Path(args.out), minutes=args.minutes, progress=not args.quiet)
@@ -283,3 +287,7 @@ def register(sub: argparse._SubParsersAction, command: Register) -> None:
         help="then fine-tune the demo's model into a chat model on the built-in instruction sets and compare the two (reuses --out's pretrained run)",
     )  # fmt: skip
     t.add_argument("--sft-minutes", type=float, help="with --chat: time budget for the fine-tuning (default 11)")
+    t.add_argument(
+        "--rlhf", action="store_true",
+        help="then, on the chat model (made first if --out has none): a reward model, PPO, DPO and GRPO on arithmetic, compared in one table",
+    )  # fmt: skip
