@@ -183,24 +183,22 @@ def build_objective(policy: nn.Module, tokenizer: AnyTokenizer, cfg: DPOConfig, 
     elif all(is_builtin(spec) for spec in cfg.data):
         val = encoded(cfg.data, "test")
     else:
-        train, val = _split_off(train, cfg.val_fraction, seed)
+        train, val = split_pairs(train, cfg.val_fraction, seed)
     ref_train = reference_logprobs(policy, train, dtype=dtype)
     ref_val = reference_logprobs(policy, val, dtype=dtype) if val is not None else None
     return DPOObjective(tokenizer, cfg, train, val, ref_train, ref_val)
 
 
-def _split_off(data: EncodedPairs, fraction: float, seed: int) -> tuple[EncodedPairs, EncodedPairs | None]:
-    """(train, val): a seeded `fraction` of the pairs held out; no val under 10 pairs or when it would be empty."""
-    import numpy as np
+def split_pairs(data: EncodedPairs, fraction: float, seed: int) -> tuple[EncodedPairs, EncodedPairs | None]:
+    """(train, val): a seeded `fraction` of the pairs held out (finetune.runs.held_out); no val under 10 pairs."""
+    from gptlab.finetune.runs import held_out
 
-    n = len(data)
-    n_val = round(n * fraction)
-    if n < 10 or n_val == 0:
+    held = held_out(len(data), fraction, seed)
+    if held is None:
         return data, None
-    held = set(np.random.default_rng([seed, 0]).permutation(n)[:n_val].tolist())
 
     def part(keep: bool) -> EncodedPairs:
-        idx = [i for i in range(n) if (i in held) != keep]
+        idx = [i for i in range(len(data)) if (i in held) != keep]
         return EncodedPairs([data.chosen[i] for i in idx], [data.rejected[i] for i in idx], [data.sources[i] for i in idx])
 
     train = part(True)

@@ -211,7 +211,7 @@ class RewardObjective:
 
 def build_objective(tokenizer: AnyTokenizer, cfg: RewardConfig, block_size: int, seed: int) -> RewardObjective:
     """Read and encode the training and held-out pairs for a model of `block_size` context."""
-    from gptlab.align.dpo import _split_off
+    from gptlab.align.dpo import split_pairs
     from gptlab.datasets import is_builtin
 
     max_len = cfg.max_len or block_size
@@ -231,7 +231,7 @@ def build_objective(tokenizer: AnyTokenizer, cfg: RewardConfig, block_size: int,
     elif all(is_builtin(spec) for spec in cfg.data):
         val = encoded(cfg.data, "test")
     else:
-        train, val = _split_off(train, cfg.val_fraction, seed)
+        train, val = split_pairs(train, cfg.val_fraction, seed)
     return RewardObjective(tokenizer, cfg, train, val)
 
 

@@ -558,12 +558,12 @@ class TaskObjective:
 
 
 def _split_off(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example] | None]:
-    """(train, val): a seeded `fraction` of the rows held out; no val when there are under 10 rows or none would be held out."""
-    n = len(examples)
-    n_val = round(n * fraction)
-    if n < 10 or n_val == 0:
+    """(train, val): a seeded `fraction` of the rows held out (finetune.runs.held_out); no val under 10 rows."""
+    from gptlab.finetune.runs import held_out
+
+    held = held_out(len(examples), fraction, seed)
+    if held is None:
         return examples, None
-    held = set(_order(n, seed, 0)[:n_val].tolist())
     return [ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held]
 
 

@@ -70,3 +70,14 @@ def schedule(
     if "eval_every" not in train_fields:
         cfg = cfg.replace(eval_every=max(1, min(cfg.eval_every, cfg.max_steps // 5)))
     return cfg
+
+
+def held_out(n: int, fraction: float, seed: int) -> set[int] | None:
+    """The indices of a seeded `fraction` of n rows to hold out for evaluation; None (no held-out set)
+    under 10 rows or when the fraction rounds to none. Every fine-tuning command splits its data this way."""
+    import numpy as np
+
+    n_val = round(n * fraction)
+    if n < 10 or n_val == 0:
+        return None
+    return set(np.random.default_rng([seed, 0]).permutation(n)[:n_val].tolist())

@@ -231,16 +231,15 @@ def load_encoded(specs: tuple[str, ...], split: str, template: ChatTemplate, max
 
 
 def split_off(encoded: Encoded, fraction: float, seed: int) -> tuple[Encoded, Encoded | None]:
-    """(train, val): a seeded `fraction` of the rows held out, at least one each; no val when there are under 10 rows."""
-    n = len(encoded.rows)
-    n_val = round(n * fraction)
-    if n < 10 or n_val == 0:
+    """(train, val): a seeded `fraction` of the rows held out (finetune.runs.held_out); no val under 10 rows."""
+    from gptlab.finetune.runs import held_out
+
+    held = held_out(len(encoded.rows), fraction, seed)
+    if held is None:
         return encoded, None
-    order = _order(n, seed, 0)
-    held = set(order[:n_val].tolist())
 
     def part(keep: bool) -> Encoded:
-        idx = [i for i in range(n) if (i in held) != keep]
+        idx = [i for i in range(len(encoded.rows)) if (i in held) != keep]
         return Encoded([encoded.rows[i] for i in idx], [encoded.sources[i] for i in idx], shapes=encoded.shapes)
 
     train = part(True)
