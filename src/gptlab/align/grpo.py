@@ -144,13 +144,15 @@ def grpo(
             x, y = (t.to(device) for t in collate_rollouts(rollouts))
             mask = y != IGNORE_INDEX
             with torch.no_grad():
-                old = token_logprobs(model, x, y)
+                # with one update per rollout, π_old is the policy of that update: its own detached log-probs, no extra pass
+                old = token_logprobs(model, x, y) if cfg.updates_per_rollout > 1 else None
                 ref = token_logprobs(reference, x, y) if reference is not None else None
             model.train()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, train_cfg)
             for _ in range(cfg.updates_per_rollout):
-                loss, stats = grpo_loss(token_logprobs(model, x, y), old, ref, mask, advantages, cfg.clip, cfg.beta)
+                logp = token_logprobs(model, x, y)
+                loss, stats = grpo_loss(logp, logp.detach() if old is None else old, ref, mask, advantages, cfg.clip, cfg.beta)
                 if not torch.isfinite(loss):
                     raise GptlabError(f"step {step + 1}: the GRPO loss is {loss.item()}; lower --lr (the last checkpoint is {last})")
                 loss.backward()
