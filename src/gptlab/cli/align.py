@@ -121,8 +121,8 @@ def register(sub: argparse._SubParsersAction, command: Register) -> None:
     })  # fmt: skip
 
     for name, help in (
-        ("grpo", "group relative policy optimisation (Shao et al. 2024) of a chat model against a reward function"),
-        ("ppo", "PPO with a KL penalty toward the starting policy (RLHF's third stage; Ziegler et al. 2019) against a reward function"),
+        ("grpo", "group relative policy optimisation (Shao et al. 2024) of a chat model against a reward model or a Python reward function"),
+        ("ppo", "PPO with a KL penalty toward the starting policy (RLHF's third stage; Ziegler et al. 2019) against a reward model or function"),
     ):
         t = command(name, cmd_rl, help)
         t.add_argument("--policy", help="the chat model to optimise (an sft run or checkpoint); also the frozen reference")
