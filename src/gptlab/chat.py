@@ -80,6 +80,14 @@ def check_messages(messages: Any, where: str = "conversation") -> list[dict[str,
     return out
 
 
+def as_prompt(value: Any, where: str) -> list[dict[str, str]]:
+    """A prompt given as a string (one user message) or as messages, which must not end with the assistant's turn."""
+    messages = [{"role": "user", "content": value}] if isinstance(value, str) else check_messages(value, f"{where}: 'prompt'")
+    if messages[-1]["role"] == "assistant":
+        raise InputError(f"{where}: the prompt must end with a user (or system) message, not the assistant's")
+    return messages
+
+
 class ChatTemplate:
     """Renders conversations for a tokenizer that has the chat special tokens (see `add_chat_tokens`)."""
 

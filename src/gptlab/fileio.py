@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from gptlab.errors import GptlabError
+from gptlab.errors import DataError, GptlabError
 
 
 def stage_file(directory: Path, write: Callable[[BinaryIO], object], name: str = "") -> Path:
@@ -108,3 +108,33 @@ def staged_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def jsonl_objects(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """("file:line", object) for each non-blank line of a JSONL file of objects (the fine-tuning and
+    alignment data). A line that is not UTF-8, not JSON or not an object, an unreadable file, and a
+    file with no rows are DataErrors naming file:line (or the file)."""
+    import json
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    rows = 0
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except UnicodeDecodeError:
+            raise DataError(f"{where}: not UTF-8 text") from None
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        rows += 1
+        yield where, row
+    if not rows:
+        raise DataError(f"{path}: holds no rows")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptlab.align.pairs import EncodedPairs, PairBatches, collate_sequences, encode_pairs, load_pairs, sequence_logprobs
+from gptlab.align.pairs import EncodedPairs, PairBatches, collate_sequences, pair_splits, sequence_logprobs
 from gptlab.chat import ChatTemplate
 from gptlab.config import GPTConfig, TrainConfig, _in_range, _Serializable
 from gptlab.errors import ConfigError, DataError
@@ -164,46 +164,13 @@ class DPOObjective:
 
 def build_objective(policy: nn.Module, tokenizer: AnyTokenizer, cfg: DPOConfig, block_size: int, seed: int, dtype: str = "float32") -> DPOObjective:
     """Read and encode the pairs and compute the reference log-probs with `policy` (the starting model)."""
-    from gptlab.datasets import is_builtin
-
     max_len = cfg.max_len or block_size
     if max_len > block_size:
         raise ConfigError(f"max_len ({max_len}) exceeds the model's block_size ({block_size})")
-    template = ChatTemplate(tokenizer)
-
-    def encoded(specs: tuple[str, ...], split: str) -> EncodedPairs:
-        out = encode_pairs(template, [p for spec in specs for p in load_pairs(spec, split)], max_len)
-        if not len(out):
-            raise DataError(f"{', '.join(specs)}: no pair has a reply token within max_len ({max_len})")
-        return out
-
-    train = encoded(cfg.data, "train")
-    if cfg.val_data:
-        val: EncodedPairs | None = encoded(cfg.val_data, "train")
-    elif all(is_builtin(spec) for spec in cfg.data):
-        val = encoded(cfg.data, "test")
-    else:
-        train, val = split_pairs(train, cfg.val_fraction, seed)
+    train, val = pair_splits(cfg.data, cfg.val_data, cfg.val_fraction, ChatTemplate(tokenizer), max_len, seed)
     ref_train = reference_logprobs(policy, train, dtype=dtype)
     ref_val = reference_logprobs(policy, val, dtype=dtype) if val is not None else None
     return DPOObjective(tokenizer, cfg, train, val, ref_train, ref_val)
-
-
-def split_pairs(data: EncodedPairs, fraction: float, seed: int) -> tuple[EncodedPairs, EncodedPairs | None]:
-    """(train, val): a seeded `fraction` of the pairs held out (finetune.runs.held_out); no val under 10 pairs."""
-    from gptlab.finetune.runs import held_out
-
-    held = held_out(len(data), fraction, seed)
-    if held is None:
-        return data, None
-
-    def part(keep: bool) -> EncodedPairs:
-        idx = [i for i in range(len(data)) if (i in held) != keep]
-        return EncodedPairs([data.chosen[i] for i in idx], [data.rejected[i] for i in idx], [data.sources[i] for i in idx])
-
-    train = part(True)
-    train.truncated, train.skipped = data.truncated, data.skipped
-    return train, part(False)
 
 
 DEFAULTS = {"lr": 5e-6, "min_lr": 5e-7, "weight_decay": 0.0}  # Rafailov et al. 2023 train with lr 1e-6 on large models

@@ -18,7 +18,6 @@ do; a pair left with no reply token on either side is skipped, and both are coun
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,28 +76,14 @@ def row_pair(row: Any, where: str) -> Pair:
 
 def read_pairs(path: str | Path) -> list[Pair]:
     """The preference pairs of a JSONL file; errors name file:line."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    from gptlab.fileio import jsonl_objects
+
     pairs = []
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except UnicodeDecodeError:
-            raise DataError(f"{where}: not UTF-8 text") from None
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not JSON ({err.msg})") from None
+    for where, row in jsonl_objects(path):
         try:
             pairs.append(row_pair(row, where))
         except InputError as err:
             raise DataError(str(err)) from None
-    if not pairs:
-        raise DataError(f"{path}: holds no preference pairs")
     return pairs
 
 
@@ -153,6 +138,45 @@ def encode_pairs(template: ChatTemplate, pairs: list[Pair], max_len: int) -> Enc
         out.rejected.append(sides[1])
         out.sources.append(pair.where)
     return out
+
+
+def split_pairs(data: EncodedPairs, fraction: float, seed: int) -> tuple[EncodedPairs, EncodedPairs | None]:
+    """(train, val): a seeded `fraction` of the pairs held out (finetune.runs.held_out); no val under 10 pairs."""
+    from gptlab.finetune.runs import held_out
+
+    held = held_out(len(data), fraction, seed)
+    if held is None:
+        return data, None
+
+    def part(keep: bool) -> EncodedPairs:
+        idx = [i for i in range(len(data)) if (i in held) != keep]
+        return EncodedPairs([data.chosen[i] for i in idx], [data.rejected[i] for i in idx], [data.sources[i] for i in idx])
+
+    train = part(True)
+    train.truncated, train.skipped = data.truncated, data.skipped
+    return train, part(False)
+
+
+def pair_splits(
+    data: tuple[str, ...], val_data: tuple[str, ...], val_fraction: float, template: ChatTemplate, max_len: int, seed: int,
+    encode: Callable[[ChatTemplate, list[Pair], int], EncodedPairs] = encode_pairs,
+) -> tuple[EncodedPairs, EncodedPairs | None]:
+    """(train, held-out) encoded pairs: the held-out set is val_data, else a built-in set's test split, else
+    val_fraction of data. `encode` turns pairs into sequences (DPO: encode_pairs; reward models: whole, uncut)."""
+    from gptlab.datasets import is_builtin
+
+    def encoded(specs: tuple[str, ...], split: str) -> EncodedPairs:
+        out = encode(template, [p for spec in specs for p in load_pairs(spec, split)], max_len)
+        if not len(out):
+            raise DataError(f"{', '.join(specs)}: no pair fits in max_len ({max_len} tokens) with a reply token on both sides")
+        return out
+
+    train = encoded(data, "train")
+    if val_data:
+        return train, encoded(val_data, "train")
+    if all(is_builtin(spec) for spec in data):
+        return train, encoded(data, "test")
+    return split_pairs(train, val_fraction, seed)
 
 
 def collate_sequences(seqs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Tensor, Tensor]:

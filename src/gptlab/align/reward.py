@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptlab.align.pairs import EncodedPairs, Pair, PairBatches, encode_pairs, load_pairs
-from gptlab.chat import ChatTemplate, check_messages
+from gptlab.chat import ChatTemplate
 from gptlab.checkpoint import HEAD_KEY, Checkpoint
 from gptlab.config import GPTConfig, TrainConfig, _in_range, _Serializable
 from gptlab.errors import CheckpointError, ConfigError, DataError, InputError
@@ -211,27 +211,12 @@ class RewardObjective:
 
 def build_objective(tokenizer: AnyTokenizer, cfg: RewardConfig, block_size: int, seed: int) -> RewardObjective:
     """Read and encode the training and held-out pairs for a model of `block_size` context."""
-    from gptlab.align.dpo import split_pairs
-    from gptlab.datasets import is_builtin
+    from gptlab.align.pairs import pair_splits
 
     max_len = cfg.max_len or block_size
     if max_len > block_size:
         raise ConfigError(f"max_len ({max_len}) exceeds the model's block_size ({block_size})")
-    template = ChatTemplate(tokenizer)
-
-    def encoded(specs: tuple[str, ...], split: str) -> EncodedPairs:
-        out = encode_reward_pairs(template, [p for spec in specs for p in load_pairs(spec, split)], max_len)
-        if not len(out):
-            raise DataError(f"{', '.join(specs)}: no pair fits in max_len ({max_len} tokens)")
-        return out
-
-    train = encoded(cfg.data, "train")
-    if cfg.val_data:
-        val: EncodedPairs | None = encoded(cfg.val_data, "train")
-    elif all(is_builtin(spec) for spec in cfg.data):
-        val = encoded(cfg.data, "test")
-    else:
-        train, val = split_pairs(train, cfg.val_fraction, seed)
+    train, val = pair_splits(cfg.data, cfg.val_data, cfg.val_fraction, ChatTemplate(tokenizer), max_len, seed, encode_reward_pairs)
     return RewardObjective(tokenizer, cfg, train, val)
 
 
@@ -356,32 +341,17 @@ class Completion:
 
 def read_completions(path: str | Path) -> list[Completion]:
     """The {"prompt": str | messages, "completion": str} rows of a JSONL file; errors name file:line."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    from gptlab.chat import as_prompt
+    from gptlab.fileio import jsonl_objects
+
     rows = []
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise DataError(f"{where}: not JSON text ({getattr(err, 'msg', err)})") from None
-        if not isinstance(row, dict) or "prompt" not in row or not isinstance(row.get("completion"), str):
+    for where, row in jsonl_objects(path):
+        if "prompt" not in row or not isinstance(row.get("completion"), str):
             raise DataError(f"{where}: a row to score needs 'prompt' (a string or messages) and 'completion' (a string)")
-        prompt = row["prompt"]
         try:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, f"{where}: 'prompt'")
+            rows.append(Completion(as_prompt(row["prompt"], where), row["completion"], where))
         except InputError as err:
             raise DataError(str(err)) from None
-        if messages[-1]["role"] == "assistant":
-            raise DataError(f"{where}: the prompt must end with a user (or system) message")
-        rows.append(Completion(messages, row["completion"], where))
-    if not rows:
-        raise DataError(f"{path}: holds no rows")
     return rows
 
 

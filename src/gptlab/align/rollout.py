@@ -90,44 +90,25 @@ class PromptRow:
 def read_prompt_rows(spec: str, split: str = "train") -> list[PromptRow]:
     """Prompts from a JSONL file ({"prompt": str | messages, "answer": optional str}; errors name file:line)
     or a built-in prompt set ("builtin:NAME")."""
-    import json
-    from pathlib import Path
-
-    from gptlab.chat import check_messages
+    from gptlab.chat import as_prompt
     from gptlab.datasets import is_builtin
     from gptlab.errors import DataError, InputError
+    from gptlab.fileio import jsonl_objects
 
     if is_builtin(spec):
         from gptlab.datasets import load_prompts, parse_builtin_prompts
 
         rows = load_prompts(parse_builtin_prompts(spec), split)
         return [PromptRow(r["prompt"], r.get("answer"), f"{spec}[{split}] row {i}") for i, r in enumerate(rows)]
-    path = Path(spec)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
     out = []
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise DataError(f"{where}: not a JSON line ({getattr(err, 'msg', err)})") from None
-        if not isinstance(row, dict) or "prompt" not in row:
+    for where, row in jsonl_objects(spec):
+        if "prompt" not in row:
             raise DataError(f'{where}: a prompt row is {{"prompt": str | messages, "answer": optional str}}')
-        prompt, answer = row["prompt"], row.get("answer")
-        try:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, where)
-        except InputError as err:
-            raise DataError(str(err)) from None
-        if messages[-1]["role"] == "assistant":
-            raise DataError(f"{where}: the prompt must end with a user (or system) message, not the assistant's")
+        answer = row.get("answer")
         if answer is not None and not isinstance(answer, str):
             raise DataError(f"{where}: 'answer' must be a string, got {type(answer).__name__}")
-        out.append(PromptRow(messages, answer, where))
-    if not out:
-        raise DataError(f"{path}: holds no prompts")
+        try:
+            out.append(PromptRow(as_prompt(row["prompt"], where), answer, where))
+        except InputError as err:
+            raise DataError(str(err)) from None
     return out

@@ -9,19 +9,25 @@ from gptlab.cli.common import TRAIN_FIELDS, Register, add_train_flags, explicit,
 from gptlab.cli.finetune import files
 
 
+def _pair_config(args: argparse.Namespace, config_cls: type, names: tuple[str, ...]):
+    """The run's config from --data/--val-data and the flags in `names` the user set (None without --data: a resume)."""
+    if not args.data:
+        return None
+    set_flags = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    return config_cls(data=files(args.data), val_data=files(args.val_data), **set_flags)
+
+
+def _reported(result) -> int:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun the main process reports
+        report_train(result)
+    return 0
+
+
 def cmd_dpo(args: argparse.Namespace) -> int:
     from gptlab.align.dpo import DPOConfig, dpo
 
-    cfg = None
-    if args.data:
-        fields = {"data": files(args.data), "val_data": files(args.val_data)}
-        optional = (("val_fraction", args.val_fraction), ("beta", args.beta), ("loss", args.loss), ("label_smoothing", args.label_smoothing),
-                    ("max_len", args.max_len), ("epochs", args.epochs))  # fmt: skip
-        cfg = DPOConfig(**fields, **{k: v for k, v in optional if v is not None})
-    result = dpo(args.policy, cfg, explicit(args, TRAIN_FIELDS), args.out, resume=args.resume, progress=not args.quiet, started=args.started)
-    if os.environ.get("RANK", "0") == "0":
-        report_train(result)
-    return 0
+    cfg = _pair_config(args, DPOConfig, ("val_fraction", "beta", "loss", "label_smoothing", "max_len", "epochs"))
+    return _reported(dpo(args.policy, cfg, explicit(args, TRAIN_FIELDS), args.out, resume=args.resume, progress=not args.quiet, started=args.started))
 
 
 RL_FIELDS = {
@@ -62,16 +68,8 @@ def cmd_rl(args: argparse.Namespace) -> int:
 def cmd_reward_train(args: argparse.Namespace) -> int:
     from gptlab.align.reward import RewardConfig, train_reward
 
-    cfg = None
-    if args.data:
-        fields = {"data": files(args.data), "val_data": files(args.val_data)}
-        optional = (("val_fraction", args.val_fraction), ("max_len", args.max_len), ("epochs", args.epochs), ("margin", args.margin),
-                    ("center_weight", args.center_weight), ("head_dropout", args.head_dropout))  # fmt: skip
-        cfg = RewardConfig(**fields, **{k: v for k, v in optional if v is not None})
-    result = train_reward(args.ckpt, cfg, explicit(args, TRAIN_FIELDS), args.out, resume=args.resume, progress=not args.quiet, started=args.started)
-    if os.environ.get("RANK", "0") == "0":
-        report_train(result)
-    return 0
+    cfg = _pair_config(args, RewardConfig, ("val_fraction", "max_len", "epochs", "margin", "center_weight", "head_dropout"))
+    return _reported(train_reward(args.ckpt, cfg, explicit(args, TRAIN_FIELDS), args.out, resume=args.resume, progress=not args.quiet, started=args.started))
 
 
 def cmd_reward_score(args: argparse.Namespace) -> int:

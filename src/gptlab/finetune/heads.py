@@ -194,28 +194,9 @@ def _row_example(task: str, row: dict[str, Any], where: str, need_label: bool) -
 
 def read_examples(path: str | Path, task: str, need_label: bool = True) -> list[Example]:
     """The rows of a JSONL file as examples of `task`; errors name file:line. Extra keys (an id, say) are ignored."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
-    examples = []
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        where = f"{path}:{n}"
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except UnicodeDecodeError:
-            raise DataError(f"{where}: not UTF-8 text") from None
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        examples.append(_row_example(task, row, where, need_label))
-    if not examples:
-        raise DataError(f"{path}: holds no rows")
-    return examples
+    from gptlab.fileio import jsonl_objects
+
+    return [_row_example(task, row, where, need_label) for where, row in jsonl_objects(path)]
 
 
 def label_set(examples: Sequence[Example]) -> tuple[Label, ...]:

@@ -24,7 +24,6 @@ resume, time budget, torchrun) is pretraining's.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,25 +120,11 @@ def _shape_of(row: dict[str, Any]) -> str | None:
 
 def read_jsonl_examples(path: str | Path) -> tuple[list[Example], str]:
     """The conversations of a JSONL file and the shape its rows have; errors name file:line."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    from gptlab.fileio import jsonl_objects
+
     examples: list[Example] = []
     shape = None
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        where = f"{path}:{n}"
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except UnicodeDecodeError:
-            raise DataError(f"{where}: not UTF-8 text") from None
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for where, row in jsonl_objects(path):
         found = _shape_of(row)
         if shape is None:
             if found is None:
@@ -158,8 +143,6 @@ def read_jsonl_examples(path: str | Path) -> tuple[list[Example], str]:
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: no assistant message, so nothing to learn from this row")
         examples.append(Example(messages, where))
-    if not examples:
-        raise DataError(f"{path}: holds no rows")
     return examples, shape  # type: ignore[return-value]
 
 
