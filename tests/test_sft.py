@@ -221,7 +221,8 @@ def test_sft_learns_resumes_and_chats(base_and_data: Path, tmp_path: Path, capsy
     assert len(losses) == 4 and losses[-1] < 0.25 * losses[0]
     assert "token accuracy" in text
     code, text, err = run(capsys, "sft", "--out", str(out), "--resume", "--max-steps", "150", "-q")
-    assert code == 0, err and "resuming from" in text
+    assert code == 0, err
+    assert "resuming from" in text
     assert find_checkpoint(out).name == "step_00000150"
     ckpt = load_checkpoint(out)
     assert ckpt.meta["sft"]["data"] == [str(root / "train.jsonl")] and set(ckpt.tokenizer.special_tokens) >= {"<|im_start|>", "<|im_end|>"}
@@ -286,7 +287,8 @@ def test_lora_sft_stores_the_adapter_alone_merges_and_exports_to_peft(base_and_d
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     code, text, err = run(capsys, "export-hf", str(out), "--out", str(tmp_path / "hf"))
-    assert code == 0, err and "PeftModel" in text
+    assert code == 0, err
+    assert "PeftModel" in text
     hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "base"), tmp_path / "hf").eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, adapter(x)[0], rtol=0, atol=1e-4)
