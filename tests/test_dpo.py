@@ -18,7 +18,7 @@ from gptlab.checkpoint import save_checkpoint
 from gptlab.cli import main
 from gptlab.config import GPTConfig
 from gptlab.errors import DataError, InputError
-from gptlab.model import GPT
+from gptlab.model import GPT, IGNORE_INDEX
 from gptlab.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,11 +101,21 @@ def test_reference_log_probs_make_the_first_loss_log_2(tok: Tokenizer) -> None:
     ref = reference_logprobs(model, enc, batch_size=5)
     x, y = collate_sequences([enc.chosen[3]])
     with torch.no_grad():
-        assert ref[3, 0].item() == pytest.approx(sequence_logprobs(model(x)[0], y).item(), rel=1e-6)
+        full = torch.log_softmax(model(x)[0], -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)  # every position's, then the reply's
+        assert ref[3, 0].item() == pytest.approx((full * (y != IGNORE_INDEX)).sum().item(), rel=1e-6)
+        assert sequence_logprobs(model, x, y).item() == pytest.approx(ref[3, 0].item(), rel=1e-6)
     objective = DPOObjective(tok, DPOConfig(data=("x",)), enc, enc, ref, ref)
     loader = PairBatches(enc, 4, seed=0)
+    batch = loader.next_batch()
     with torch.no_grad():
-        assert objective.loss(model, loader.next_batch(), torch.device("cpu")).item() == pytest.approx(math.log(2), abs=1e-5)
+        assert objective.loss(model, batch, torch.device("cpu")).item() == pytest.approx(math.log(2), abs=1e-5)
+        # RPO: plus sft_weight x the chosen reply's NLL per token, by hand from the full log-softmax
+        rpo = DPOObjective(tok, DPOConfig(data=("x",), sft_weight=0.7), enc, enc, ref, ref)
+        x, y, index = batch
+        n = index.numel()
+        full = torch.log_softmax(model(x[:n])[0], -1).gather(-1, y[:n].clamp(min=0)[..., None]).squeeze(-1) * (y[:n] != IGNORE_INDEX)
+        nll_per_token = -full.sum(1) / (y[:n] != IGNORE_INDEX).sum(1)
+        assert rpo.loss(model, batch, torch.device("cpu")).item() == pytest.approx(math.log(2) + 0.7 * nll_per_token.mean().item(), rel=1e-5)
     # held-out scoring covers every pair once, however the batches fall
     sums: dict[str, float] = {}
     val = objective.batches("val", 64, 5, 1, 0, 1)

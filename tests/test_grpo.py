@@ -12,12 +12,12 @@ import torch
 
 from conftest import small_text_corpus
 from gptlab.align.grpo import grpo_loss, group_advantages
-from gptlab.align.rollout import collate_rollouts, sample_replies, token_logprobs
+from gptlab.align.rollout import collate_rollouts, sample_replies
 from gptlab.chat import ChatTemplate, add_chat_tokens
 from gptlab.checkpoint import save_checkpoint
 from gptlab.cli import main
 from gptlab.config import GPTConfig, SampleConfig
-from gptlab.model import GPT, IGNORE_INDEX
+from gptlab.model import GPT, IGNORE_INDEX, label_logprobs
 from gptlab.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,7 +89,7 @@ def test_rollouts_sample_groups_and_score_only_the_replies(colours: Path) -> Non
     again = sample_replies(ckpt.model, template, prompts, 4, SampleConfig(max_new_tokens=6, temperature=1.0), seed=5)
     assert again.reply_ids == roll.reply_ids  # seeded: a run reproduces
     x, y = collate_rollouts(roll)
-    lp = token_logprobs(ckpt.model.eval(), x, y)
+    lp = label_logprobs(ckpt.model.eval(), x, y)
     for i in range(len(roll)):
         assert (y[i] != IGNORE_INDEX).sum() == len(roll.reply_ids[i])
         # the summed log-prob of a reply equals the one computed from its own forward pass

@@ -11,7 +11,7 @@ from conftest import randomize_, tokens
 
 from gptlab.config import GPTConfig
 from gptlab.errors import ConfigError, InputError
-from gptlab.model import GPT, cross_entropy, sinusoidal_positions
+from gptlab.model import GPT, cross_entropy, label_logprobs, sinusoidal_positions, target_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,6 +97,42 @@ def test_chunked_cross_entropy_matches_torch(dtype: torch.dtype) -> None:
     assert ours.grad.dtype == dtype
     assert ours.grad[[0, 5, 36]].abs().max() == 0
     torch.testing.assert_close(ours.grad, ref.grad, rtol=0, atol=1e-7 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_target_logprobs_match_log_softmax_and_gather(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(9)
+    logits = (torch.randn(37, 53, generator=g) * 3).to(dtype)
+    targets = torch.randint(0, 53, (37,), generator=g)
+    targets[[0, 5, 36]] = -100
+    weights = torch.randn(37, generator=g)  # any downstream use: each row's gradient scales with its own weight
+    ours = logits.clone().requires_grad_()
+    ref = logits.clone().requires_grad_()
+    picked = target_logprobs(ours, targets, chunk_elems=4 * 53)
+    valid = targets != -100
+    expected = torch.log_softmax(ref.float(), -1).gather(-1, torch.where(valid, targets, 0)[:, None]).squeeze(-1) * valid
+    (picked * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(picked, expected, rtol=1e-6, atol=1e-6)
+    assert picked[[0, 5, 36]].abs().max() == 0 and ours.grad[[0, 5, 36]].abs().max() == 0
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_label_logprobs_run_the_head_only_at_labels_and_match_the_full_logits() -> None:
+    cfg = tiny()
+    model = make(cfg)
+    idx = tokens((3, 12), cfg.vocab_size, seed=10)
+    y = torch.full((3, 12), -100)
+    y[0, 4:9], y[2, 1:3] = idx[0, 5:10], idx[2, 2:4]  # row 1 has no labels
+    full = model(idx)[0]
+    assert model(idx, logits_at=y != -100)[0].shape == (7, cfg.vocab_size)
+    ours = label_logprobs(model, idx, y)
+    expected = torch.log_softmax(full, -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y != -100)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    grad, ref_grad = (torch.autograd.grad(v.sum(), model.transformer.h[0].attn.c_attn.weight)[0] for v in (ours, expected))
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(InputError, match="logits_at must be a boolean mask"):
+        model(idx, torch.roll(idx, -1, 1), logits_at=y != -100)
 
 
 # ----------------------------------------------------------------------------- initialisation and parameters

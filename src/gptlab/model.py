@@ -38,16 +38,16 @@ def sinusoidal_positions(n_positions: int, dim: int) -> Tensor:
     return pe.float()
 
 
-class _CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy over rows of logits (N, V), computed a few rows at a time.
+class _TargetLogProbs(torch.autograd.Function):
+    """log softmax(logits)[target] for each row of logits (N, V), computed a few rows at a time; 0 where the target is -100.
 
-    F.cross_entropy materialises log_softmax(logits) in the forward pass, then a zero
-    one-hot and the softmax gradient in the backward pass: three more (N, V) buffers,
-    each as large as the logits (412 MB at N=2048, V=50304) and each paid for in page
-    faults on CPU. Here the forward keeps only the per-row loss, and the backward writes
-    d loss / d logits = (softmax(logits) - onehot(target)) / n_valid straight into one
-    buffer. Chunks of rows stay cache-sized and are computed in float32 whatever the
-    logits' dtype, so bf16 logits are never copied whole to float32.
+    log_softmax + gather materialises log_softmax(logits) in the forward pass, then the
+    softmax gradient and a scattered one-hot in the backward pass: more (N, V) buffers, each
+    as large as the logits (412 MB at N=2048, V=50304) and each paid for in page faults on
+    CPU. Here the forward keeps only the picked values, and the backward writes
+    d picked / d logits = onehot(target) - softmax(logits), times the incoming gradient,
+    straight into one buffer. Chunks of rows stay cache-sized and are computed in float32
+    whatever the logits' dtype, so bf16 logits are never copied whole to float32.
     """
 
     @staticmethod
@@ -60,16 +60,15 @@ class _CrossEntropy(torch.autograd.Function):
         for s in range(0, N, rows):
             log_probs = torch.log_softmax(logits[s : s + rows], dim=1, dtype=torch.float32)  # (rows, V)
             picked[s : s + rows] = log_probs.gather(1, safe_targets[s : s + rows]).squeeze(1)
-        n_valid = valid.sum()
-        ctx.save_for_backward(logits, safe_targets, valid, n_valid)
+        ctx.save_for_backward(logits, safe_targets, valid)
         ctx.rows = rows
-        return -(picked * valid).sum() / n_valid
+        return picked * valid
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None]:
-        logits, safe_targets, valid, n_valid = ctx.saved_tensors
+    def backward(ctx: Any, grad_picked: Tensor) -> tuple[Tensor, None, None]:
+        logits, safe_targets, valid = ctx.saved_tensors
         rows = ctx.rows
-        row_scale = (valid * (grad_loss / n_valid)).unsqueeze(1)  # (N, 1); 0 on ignored rows
+        row_scale = -(grad_picked * valid).unsqueeze(1)  # (N, 1); 0 on ignored rows
         minus_one = torch.full((rows, 1), -1.0, device=logits.device)
         grad = torch.empty_like(logits)
         for s in range(0, logits.size(0), rows):
@@ -79,17 +78,47 @@ class _CrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
+def target_logprobs(logits: Tensor, targets: Tensor, chunk_elems: int = 1 << 20) -> Tensor:
+    """log p(target) under each row of logits (N, V), (N,) in float32; 0 where the target is -100.
+
+    Same value and gradient as log_softmax(logits).gather(targets), with far less memory
+    traffic on CPU (see _TargetLogProbs); chunk_elems bounds each chunk's size. On CUDA it
+    is log_softmax + gather: the extra buffers cost no page faults there.
+    """
+    valid = targets != IGNORE_INDEX
+    if logits.device.type == "cuda":
+        picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+        return picked * valid
+    return _TargetLogProbs.apply(logits, targets, chunk_elems)
+
+
 def cross_entropy(logits: Tensor, targets: Tensor, chunk_elems: int = 1 << 20) -> Tensor:
     """Mean cross-entropy of logits (N, V) against targets (N,), skipping targets equal to -100.
 
-    Same value and gradient as F.cross_entropy(logits, targets, ignore_index=-100), with
-    far less memory traffic (see _CrossEntropy). chunk_elems bounds each chunk's size.
-    On CUDA it is F.cross_entropy itself: the extra buffers cost no page faults there, and
-    one fused kernel (which torch.compile fuses further) beats hundreds of chunk launches.
+    Same value and gradient as F.cross_entropy(logits, targets, ignore_index=-100): minus the
+    mean of target_logprobs over the counted rows. On CUDA it is F.cross_entropy itself: one
+    fused kernel (which torch.compile fuses further) beats hundreds of chunk launches.
     """
     if logits.device.type == "cuda":
         return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
-    return _CrossEntropy.apply(logits, targets, chunk_elems)
+    return -target_logprobs(logits, targets, chunk_elems).sum() / (targets != IGNORE_INDEX).sum()
+
+
+def label_logprobs(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """log p(y_t | x_{<=t}) under a GPT (or a wrapper whose forward passes `logits_at` on), (B, T); 0 where y is -100.
+
+    The LM head runs only at the labelled positions: a reply's log-probabilities (RL, DPO) need
+    the vocabulary projection at its tokens, not at the prompt's, and that projection is most of
+    a small model's compute.
+    """
+    labelled = y != IGNORE_INDEX  # (B, T)
+    logits = model(x, logits_at=labelled)[0]  # (N, V), N = labelled.sum()
+    return unpack_rows(labelled, target_logprobs(logits, y[labelled]))  # (B, T)
+
+
+def unpack_rows(mask: Tensor, values: Tensor) -> Tensor:
+    """Per-position values (N,) taken at a boolean mask (B, T) put back in place, (B, T) with 0 elsewhere; differentiable."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).index_put((mask,), values)
 
 
 def _activation(name: str) -> nn.Module:
@@ -312,15 +341,22 @@ class GPT(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, segments: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, segments: Tensor | None = None, logits_at: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         """Logits (B, T, vocab_size) for token ids (B, T), and the mean cross-entropy against targets (B, T).
 
         Targets equal to -100 are ignored. Position t's logits depend only on idx[:, :t+1].
         `segments` (B, T) packs several sequences in a row: runs of equal ids are separate
         sequences, each numbering its positions from 0 and attending only within itself, so
-        every sequence gets the logits it would get alone.
+        every sequence gets the logits it would get alone. `logits_at`, a boolean (B, T),
+        asks for the logits at those positions only, (N, vocab_size) in row-major order
+        (see label_logprobs); it does not combine with targets.
         """
         self._check_input(idx, targets)
+        if logits_at is not None and (targets is not None or logits_at.shape != idx.shape or logits_at.dtype != torch.bool):
+            raise InputError(f"logits_at must be a boolean mask shaped like the token ids {tuple(idx.shape)}, without targets; "
+                             f"got {logits_at.dtype} {tuple(logits_at.shape)}{' and targets' if targets is not None else ''}")  # fmt: skip
         B, T = idx.shape
         table = self.pos_table if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight
         mask = None
@@ -329,7 +365,8 @@ class GPT(nn.Module):
         else:
             positions, mask = packed_positions_and_mask(segments)
             pos = table[positions]  # (B, T, C)
-        logits = self.lm_head(self._trunk(idx, pos, None, mask))  # (B, T, V)
+        h = self._trunk(idx, pos, None, mask)  # (B, T, C)
+        logits = self.lm_head(h if logits_at is None else h[logits_at])  # (B, T, V), or (N, V) at logits_at
         if targets is None:
             return logits, None
         loss = cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))

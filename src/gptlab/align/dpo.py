@@ -12,6 +12,12 @@ regresses the log-ratio gap to 1/(2β), (h/β − 1/(2β))², which does not dri
 infinity on deterministic preferences; label_smoothing ε is conservative DPO (cDPO: a pair's
 label is wrong with probability ε), (1 − ε)·(−log σ(h)) + ε·(−log σ(−h)).
 
+DPO only orders the pair: it can lower the chosen reply's likelihood too, as long as the
+rejected one falls faster, and on pairs that differ in a token or two (a near-miss answer)
+that drifts the policy away from the answers it should give. sft_weight α adds the chosen
+reply's negative log-likelihood per token, α · (−log π(y_w|x) / |y_w|) (Pang et al. 2024,
+"Iterative Reasoning Preference Optimization"; TRL's rpo_alpha), which holds it up.
+
 The reference log-probabilities never change, so they are computed once, before training
 (and again on resume, from the same starting checkpoint), and travel with each batch's pair
 indices: training then runs one model, not two. DPOObjective plugs into train.train, so DPO
@@ -32,6 +38,7 @@ from gptlab.align.pairs import EncodedPairs, PairBatches, collate_sequences, pai
 from gptlab.chat import ChatTemplate
 from gptlab.config import GPTConfig, TrainConfig, _in_range, _Serializable
 from gptlab.errors import ConfigError, DataError
+from gptlab.model import IGNORE_INDEX
 from gptlab.tokenizer import AnyTokenizer
 
 LOSSES = ("sigmoid", "ipo")
@@ -48,6 +55,7 @@ class DPOConfig(_Serializable):
     beta: float = 0.1
     loss: str = "sigmoid"
     label_smoothing: float = 0.0
+    sft_weight: float = 0.0  # α of the chosen reply's per-token NLL added to each pair's loss
     max_len: int | None = None  # tokens a side may predict; None: the model's block_size
     epochs: float = 1.0
 
@@ -63,6 +71,7 @@ class DPOConfig(_Serializable):
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         _in_range(self, "label_smoothing", 0.0, 0.5, hi_open=True)
+        _in_range(self, "sft_weight", 0.0, 1e3)
         if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len <= 0):
             raise ConfigError(f"max_len must be a positive integer, got {self.max_len!r}")
         _in_range(self, "epochs", 0.0, 1e6)
@@ -94,8 +103,7 @@ def reference_logprobs(model: nn.Module, data: EncodedPairs, batch_size: int = 1
         for s in range(0, len(seqs), batch_size):
             x, y = collate_sequences(seqs[s : s + batch_size])
             with autocast_context(device, dtype):
-                logits = model(x.to(device))[0]
-            out[s : s + batch_size, side] = sequence_logprobs(logits, y.to(device)).double().cpu()
+                out[s : s + batch_size, side] = sequence_logprobs(model, x.to(device), y.to(device)).double().cpu()
     model.train(was_training)
     return out
 
@@ -122,10 +130,14 @@ class DPOObjective:
     def _pair_terms(self, model: nn.Module, batch: tuple[Tensor, ...], device: torch.device, split: str) -> tuple[Tensor, Tensor]:
         x, y, index = batch
         keep = index >= 0  # exact held-out batches end with no pairs
-        logprobs = sequence_logprobs(model(x.to(device))[0], y.to(device))  # (2n,)
+        y = y.to(device)
+        logprobs = sequence_logprobs(model, x.to(device), y)  # (2n,)
         n = index.numel()
         ref = self.refs[split][index.clamp(min=0)].to(device=device, dtype=logprobs.dtype)  # (n, 2)
         losses, h = dpo_loss(logprobs[:n], logprobs[n:], ref[:, 0], ref[:, 1], self.cfg)
+        if self.cfg.sft_weight:
+            chosen_tokens = (y[:n] != IGNORE_INDEX).sum(dim=1).clamp(min=1)  # (n,)
+            losses = losses - self.cfg.sft_weight * logprobs[:n] / chosen_tokens
         keep = keep.to(device)
         return losses[keep], h[keep]
 
@@ -148,6 +160,7 @@ class DPOObjective:
     def describe(self) -> list[str]:
         t, v = self.train_set, self.val_set
         kind = {"sigmoid": "DPO", "ipo": "IPO"}[self.cfg.loss] + (f", label smoothing {self.cfg.label_smoothing:g}" if self.cfg.label_smoothing else "")
+        kind += f" + {self.cfg.sft_weight:g} x the chosen reply's NLL per token" if self.cfg.sft_weight else ""
         return [
             f"data: {len(t):,} preference pairs from {', '.join(self.cfg.data)}; {t.truncated} cut to max_len, {t.skipped} skipped (no reply token left)",
             f"held out: {len(v):,} pairs" if v is not None else "held out: none (evaluation off)",

@@ -34,10 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from gptlab.align.rl import RLResult, describe_val, evaluate_policy, score, start_rl
-from gptlab.align.rollout import collate_rollouts, sample_replies, token_logprobs
+from gptlab.align.rollout import collate_rollouts, sample_replies
 from gptlab.config import SampleConfig, _in_range, _positive_int, _Serializable
 from gptlab.errors import ConfigError, GptlabError
-from gptlab.model import IGNORE_INDEX
+from gptlab.model import IGNORE_INDEX, label_logprobs
 
 KEY = "grpo"  # checkpoint.json entry with the run's GRPOConfig
 ADVANTAGE_EPS = 1e-4
@@ -145,13 +145,13 @@ def grpo(
             mask = y != IGNORE_INDEX
             with torch.no_grad():
                 # with one update per rollout, π_old is the policy of that update: its own detached log-probs, no extra pass
-                old = token_logprobs(model, x, y) if cfg.updates_per_rollout > 1 else None
-                ref = token_logprobs(reference, x, y) if reference is not None else None
+                old = label_logprobs(model, x, y) if cfg.updates_per_rollout > 1 else None
+                ref = label_logprobs(reference, x, y) if reference is not None else None
             model.train()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, train_cfg)
             for _ in range(cfg.updates_per_rollout):
-                logp = token_logprobs(model, x, y)
+                logp = label_logprobs(model, x, y)
                 loss, stats = grpo_loss(logp, logp.detach() if old is None else old, ref, mask, advantages, cfg.clip, cfg.beta)
                 if not torch.isfinite(loss):
                     raise GptlabError(f"step {step + 1}: the GRPO loss is {loss.item()}; lower --lr (the last checkpoint is {last})")

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gptlab.chat import ChatTemplate, check_messages
 from gptlab.errors import DataError, InputError
-from gptlab.model import IGNORE_INDEX
+from gptlab.model import IGNORE_INDEX, label_logprobs
 
 
 @dataclass(frozen=True)
@@ -191,12 +191,9 @@ def collate_sequences(seqs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Tensor
     return x, y
 
 
-def sequence_logprobs(logits: Tensor, y: Tensor) -> Tensor:
+def sequence_logprobs(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """log p(reply | prompt) per row: the sum of the log-probabilities of the target tokens (y != IGNORE_INDEX), (B,)."""
-    trained = y != IGNORE_INDEX
-    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    picked = log_probs.gather(-1, torch.where(trained, y, 0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return (picked * trained).sum(dim=-1)
+    return label_logprobs(model, x, y).sum(dim=-1)
 
 
 Collate = Callable[[list[tuple[np.ndarray, np.ndarray]]], tuple[Tensor, ...]]  # sequences -> batch tensors

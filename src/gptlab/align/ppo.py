@@ -36,10 +36,10 @@ import torch
 from torch import Tensor, nn
 
 from gptlab.align.rl import RLResult, describe_val, evaluate_policy, score, start_rl
-from gptlab.align.rollout import collate_rollouts, sample_replies, token_logprobs
+from gptlab.align.rollout import collate_rollouts, sample_replies
 from gptlab.config import SampleConfig, _in_range, _positive_int, _Serializable
 from gptlab.errors import ConfigError, GptlabError
-from gptlab.model import IGNORE_INDEX
+from gptlab.model import IGNORE_INDEX, label_logprobs, target_logprobs, unpack_rows
 
 KEY = "ppo"  # checkpoint.json entry with the run's PPOConfig
 
@@ -164,10 +164,13 @@ class ActorCritic(nn.Module):
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """log π(y_t) (B, T), values (B, T) and the policy's entropy per position (B, T); 0 where y is IGNORE_INDEX."""
         h = self.policy.hidden_states(x)  # (B, T, C)
-        log_probs = torch.log_softmax(self.policy.lm_head(h).float(), dim=-1)  # (B, T, V)
-        trained = y != IGNORE_INDEX
-        logp = log_probs.gather(-1, torch.where(trained, y, 0).unsqueeze(-1)).squeeze(-1) * trained
-        entropy = -(log_probs.exp() * log_probs).sum(dim=-1) * trained
+        trained = y != IGNORE_INDEX  # (B, T)
+        logits = self.policy.lm_head(h[trained])  # (N, V): the head at the reply's tokens only (see label_logprobs)
+        picked = target_logprobs(logits, y[trained])  # (N,)
+        with torch.no_grad():  # logged, not trained on
+            log_probs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+            entropy_rows = -(log_probs.exp() * log_probs).sum(dim=-1)  # (N,)
+        logp, entropy = unpack_rows(trained, picked), unpack_rows(trained, entropy_rows)  # (B, T) each
         values = self.value_head(h.detach()).squeeze(-1).float()  # (B, T)
         return logp, values, entropy
 
@@ -218,7 +221,7 @@ def ppo(
             mask = y != IGNORE_INDEX
             with torch.no_grad():
                 old_logp, old_values, _ = actor_critic(x, y)
-                ref_logp = token_logprobs(reference, x, y)
+                ref_logp = label_logprobs(reference, x, y)
                 rewards = kl_penalised_rewards(scores, old_logp, ref_logp, mask, controller.value)
                 advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
                 advantages = whiten(advantages, mask)

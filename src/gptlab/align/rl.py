@@ -224,7 +224,8 @@ def start_rl(
 def kl_to(policy: nn.Module, reference: nn.Module, template: ChatTemplate, rows: list[PromptRow], max_new_tokens: int, seed: int) -> float:
     """KL(π ‖ π_ref) per reply, in nats, estimated on replies the policy samples (temperature 1) to `rows`:
     the mean over replies of Σ_t log π(y_t) − log π_ref(y_t), an unbiased estimate of the sequence KL."""
-    from gptlab.align.rollout import collate_rollouts, sample_replies, token_logprobs
+    from gptlab.align.rollout import collate_rollouts, sample_replies
+    from gptlab.model import label_logprobs
 
     rollouts = sample_replies(policy, template, [r.messages for r in rows], 1, SampleConfig(max_new_tokens=max_new_tokens, temperature=1.0), seed)
     x, y = collate_rollouts(rollouts)
@@ -232,6 +233,6 @@ def kl_to(policy: nn.Module, reference: nn.Module, template: ChatTemplate, rows:
     x, y = x.to(device), y.to(device)
     was_training = policy.training
     policy.eval()
-    gap = token_logprobs(policy, x, y) - token_logprobs(reference.eval(), x, y)
+    gap = label_logprobs(policy, x, y) - label_logprobs(reference.eval(), x, y)
     policy.train(was_training)
     return gap.sum(dim=1).mean().item()

@@ -69,14 +69,6 @@ def collate_rollouts(rollouts: Rollouts, rows: Sequence[int] | None = None) -> t
     return x, y
 
 
-def token_logprobs(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """log p(y_t | x_{<=t}) at every position (B, T), 0 where y is IGNORE_INDEX."""
-    logits = model(x)[0]  # (B, T, V)
-    trained = y != IGNORE_INDEX
-    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    return log_probs.gather(-1, torch.where(trained, y, 0).unsqueeze(-1)).squeeze(-1) * trained  # (B, T)
-
-
 # ----------------------------------------------------------------------------- prompt sets
 
 

@@ -26,7 +26,7 @@ def _reported(result) -> int:
 def cmd_dpo(args: argparse.Namespace) -> int:
     from gptlab.align.dpo import DPOConfig, dpo
 
-    cfg = _pair_config(args, DPOConfig, ("val_fraction", "beta", "loss", "label_smoothing", "max_len", "epochs"))
+    cfg = _pair_config(args, DPOConfig, ("val_fraction", "beta", "loss", "label_smoothing", "sft_weight", "max_len", "epochs"))
     return _reported(dpo(args.policy, cfg, explicit(args, TRAIN_FIELDS), args.out, resume=args.resume, progress=not args.quiet, started=args.started))
 
 
@@ -108,6 +108,7 @@ def register(sub: argparse._SubParsersAction, command: Register) -> None:
     t.add_argument("--beta", type=float, help="strength of the pull toward the reference (default 0.1)")
     t.add_argument("--loss", choices=["sigmoid", "ipo"], help="sigmoid: DPO (default); ipo: Azar et al. 2023")
     t.add_argument("--label-smoothing", type=float, help="conservative DPO: the share of labels assumed flipped (default 0)")
+    t.add_argument("--sft-weight", type=float, help="add this times the chosen reply's NLL per token, which keeps its likelihood up (RPO; default 0)")
     t.add_argument("--max-len", type=int, help="tokens a side may predict; longer pairs keep their start (default: the context)")
     t.add_argument("--epochs", type=float, help="passes over the pairs, which set --max-steps (default 1)")
     t.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")

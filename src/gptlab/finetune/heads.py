@@ -419,10 +419,11 @@ class TaskModel(GPT):
         return model
 
     def forward(  # type: ignore[override]
-        self, idx: Tensor, targets: Tensor | None = None, segments: Tensor | None = None, extract: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
+        self, idx: Tensor, targets: Tensor | None = None, segments: Tensor | None = None, logits_at: Tensor | None = None,
+        extract: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         if extract is None:
-            return super().forward(idx, targets, segments)
+            return super().forward(idx, targets, segments, logits_at)
         if segments is not None:
             raise InputError("task inputs are one sequence per row: pass segments (language model) or extract (task), not both")
         if idx.dim() != 3 or tuple(extract.shape) != tuple(idx.shape[:2]):
