@@ -27,8 +27,8 @@ from gptlab.datasets import (
 from gptlab.datasets.stdlib_qa import stdlib_words
 from gptlab.errors import InputError
 
-NAMES = ["arithmetic", "mix", "sorting", "spelling", "stdlib"]
-CHECKABLE = ["arithmetic", "sorting", "spelling"]
+NAMES = ["arithmetic", "compare", "mix", "sorting", "spelling", "stdlib"]
+CHECKABLE = ["arithmetic", "compare", "sorting", "spelling"]
 
 
 def turns(row: dict) -> list[tuple[str, str]]:
@@ -53,11 +53,11 @@ def test_names_and_specs():
 @pytest.mark.parametrize(
     "call, words",
     [
-        (lambda: load_builtin("arithmetics"), ["'arithmetics'", "arithmetic, mix, sorting, spelling, stdlib"]),
+        (lambda: load_builtin("arithmetics"), ["'arithmetics'", "arithmetic, compare, mix, sorting, spelling, stdlib"]),
         (lambda: load_builtin("sorting", "val"), ["'val'", "train, test"]),
-        (lambda: parse_builtin("builtin:nope"), ["'nope'", "arithmetic, mix, sorting, spelling, stdlib"]),
-        (lambda: parse_builtin("data.jsonl"), ["'data.jsonl'", "builtin:NAME", "arithmetic, mix"]),
-        (lambda: checkable("maths"), ["'maths'", "arithmetic, mix"]),
+        (lambda: parse_builtin("builtin:nope"), ["'nope'", "arithmetic, compare, mix, sorting, spelling, stdlib"]),
+        (lambda: parse_builtin("data.jsonl"), ["'data.jsonl'", "builtin:NAME", "arithmetic, compare, mix"]),
+        (lambda: checkable("maths"), ["'maths'", "arithmetic, compare, mix"]),
     ],
 )
 def test_bad_names_and_splits_are_one_line_input_errors(call, words):
@@ -95,7 +95,8 @@ def test_sizes_chat_format_and_disjoint_splits():
                     assert isinstance(message["content"], str) and message["content"].strip(), row
                 for question, _ in turns(row):
                     assert questions.setdefault(question, split) == split, f"{name}: {question!r} in both splits"
-    # mix is exactly the union of the other sets, a few rows joined into two-turn conversations
+    # mix is exactly the union of the instruction sets (compare, the alignment demo's task, stays out),
+    # a few rows joined into two-turn conversations
     for split in ("train", "test"):
         mixed = load_builtin("mix", split)
         assert sorted(t for row in mixed for t in turns(row)) == sorted(
@@ -148,6 +149,11 @@ def expected_answer(task: str, question: str) -> str:
         words = question.removeprefix("Sort these words alphabetically: ").split()
         assert 3 <= len(words) <= 5 and len(set(words)) == len(words), question
         return " ".join(sorted(words))
+    if task.startswith("compare/"):
+        kind, a, b = re.fullmatch(r"Which is (larger|smaller), (\d+) or (\d+)\?", question).groups()
+        a, b = int(a), int(b)
+        assert task == f"compare/{kind}" and a != b and max(a, b) < 100, (task, question)
+        return str(max(a, b) if kind == "larger" else min(a, b))
     patterns = {
         "spelling/spell": r"Spell '([a-z]+)'\.",
         "spelling/reverse": r"Spell '([a-z]+)' backwards\.",
@@ -177,7 +183,7 @@ def test_checkable_answers_are_right():
                 tasks.add(row["task"])
                 for quoted in re.findall(r"'([a-z]{2,})'", question):
                     assert quoted in words, question
-    assert len(tasks) == 9
+    assert len(tasks) == 11
     # subtraction goes below zero, and some letters are absent from their word
     answers = {turns(row)[0][1] for row in load_builtin("arithmetic") if row["task"] == "arithmetic/subtraction"}
     assert any(a.startswith("-") for a in answers)

@@ -12,7 +12,7 @@ import torch
 
 from conftest import small_text_corpus
 from gptlab.align.grpo import grpo_loss, group_advantages
-from gptlab.align.rollout import collate_rollouts, sample_replies
+from gptlab.align.rollout import PromptRow, collate_rollouts, sample_replies, wrong_reply_pairs
 from gptlab.chat import ChatTemplate, add_chat_tokens
 from gptlab.checkpoint import save_checkpoint
 from gptlab.cli import main
@@ -99,6 +99,23 @@ def test_rollouts_sample_groups_and_score_only_the_replies(colours: Path) -> Non
         n = len(roll.prompt_ids[i])
         expected = sum(own[n - 1 + t, tok].item() for t, tok in enumerate(roll.reply_ids[i]))
         assert lp[i].sum().item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_wrong_reply_pairs_are_the_policys_own_distinct_mistakes(colours: Path) -> None:
+    from gptlab.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(colours / "sft")
+    template = ChatTemplate(ckpt.tokenizer)
+    rows = [PromptRow([{"role": "user", "content": f"colour of {n}?"}], "red", f"x:{i}") for i, n in enumerate(["ada", "bob", "cy"])]
+    rows.append(PromptRow([{"role": "user", "content": "colour of dee?"}], None, "x:3"))  # nothing to check it against: no pairs
+    cfg = SampleConfig(max_new_tokens=4, temperature=1.0)
+    pairs = wrong_reply_pairs(ckpt.model, template, rows, 8, cfg, seed=3)
+    sampled = sample_replies(ckpt.model, template, [r.messages for r in rows[:3]], 8, cfg, seed=3).texts  # the same draws
+    for k, row in enumerate(rows[:3]):
+        mine = [p["rejected"] for p in pairs if p["prompt"] == row.messages]
+        assert all(p["chosen"] == "red" for p in pairs if p["prompt"] == row.messages)
+        assert mine == list(dict.fromkeys(t for t in sampled[k * 8 : (k + 1) * 8] if t.strip() and t.strip() != "red"))
+    assert len(pairs) > 3 and not [p for p in pairs if p["prompt"] == rows[3].messages]
 
 
 def test_grpo_solves_a_toy_problem_with_a_known_optimum(colours: Path, tmp_path: Path, capsys) -> None:

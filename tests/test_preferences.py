@@ -39,9 +39,10 @@ from gptlab.datasets import (
 )
 from gptlab.errors import ConfigError, InputError
 
-NAMES = ["arithmetic", "mix", "sorting", "spelling", "stdlib"]
-PROMPT_NAMES = ["arithmetic", "mix", "sorting", "spelling"]
-CHECKABLE = ["arithmetic", "sorting", "spelling"]
+NAMES = ["arithmetic", "compare", "mix", "sorting", "spelling", "stdlib"]
+PROMPT_NAMES = ["arithmetic", "compare", "mix", "sorting", "spelling"]
+CHECKABLE = ["arithmetic", "compare", "sorting", "spelling"]
+MIXED = ["arithmetic", "sorting", "spelling"]  # the checkable sets in the instruction mix
 SPLITS = ("train", "test")
 
 
@@ -59,6 +60,9 @@ def right_answer(task: str, text: str) -> str:
         return " ".join(map(str, sorted(int(n) for n in text.removeprefix("Sort these numbers: ").split())))
     if task == "sorting/words":
         return " ".join(sorted(text.removeprefix("Sort these words alphabetically: ").split()))
+    if task.startswith("compare/"):
+        a, b = (int(n) for n in re.findall(r"\d+", text))
+        return str(max(a, b) if task == "compare/larger" else min(a, b))
     *letter, word = re.findall(r"'([a-z]+)'", text)
     return {
         "spelling/spell": " ".join(word),
@@ -74,6 +78,8 @@ QUESTIONS = {
     "arithmetic/subtraction": r"What is \d+ - \d+\?",
     "arithmetic/multiplication": r"What is \d+ \* \d+\?",
     "sorting/numbers": r"Sort these numbers: [\d ]+",
+    "compare/larger": r"Which is larger, \d+ or \d+\?",
+    "compare/smaller": r"Which is smaller, \d+ or \d+\?",
     "sorting/words": r"Sort these words alphabetically: [a-z ]+",
     "spelling/spell": r"Spell '[a-z]+'\.",
     "spelling/reverse": r"Spell '[a-z]+' backwards\.",
@@ -108,13 +114,13 @@ def test_names_and_specs():
 @pytest.mark.parametrize(
     "call, words",
     [
-        (lambda: load_preferences("maths"), ["preference set", "'maths'", "arithmetic, mix, sorting, spelling, stdlib"]),
+        (lambda: load_preferences("maths"), ["preference set", "'maths'", "arithmetic, compare, mix, sorting, spelling, stdlib"]),
         (lambda: load_preferences("stdlib", "val"), ["'val'", "train, test"]),
-        (lambda: load_prompts("stdlib"), ["'stdlib'", "cannot be checked", "arithmetic, mix, sorting, spelling"]),
-        (lambda: load_prompts("nope", "test"), ["prompt set", "'nope'", "arithmetic, mix, sorting, spelling"]),
+        (lambda: load_prompts("stdlib"), ["'stdlib'", "cannot be checked", "arithmetic, compare, mix, sorting, spelling"]),
+        (lambda: load_prompts("nope", "test"), ["prompt set", "'nope'", "arithmetic, compare, mix, sorting, spelling"]),
         (lambda: load_prompts("mix", "dev"), ["'dev'", "train, test"]),
-        (lambda: parse_builtin_prompts("builtin:stdlib"), ["'stdlib'", "arithmetic, mix, sorting, spelling"]),
-        (lambda: parse_builtin_preferences("pairs.jsonl"), ["'pairs.jsonl'", "builtin:NAME", "arithmetic, mix, sorting, spelling, stdlib"]),
+        (lambda: parse_builtin_prompts("builtin:stdlib"), ["'stdlib'", "arithmetic, compare, mix, sorting, spelling"]),
+        (lambda: parse_builtin_preferences("pairs.jsonl"), ["'pairs.jsonl'", "builtin:NAME", "arithmetic, compare, mix, sorting, spelling, stdlib"]),
     ],
 )
 def test_bad_names_and_splits_are_one_line_input_errors(call, words):
@@ -149,7 +155,7 @@ def test_preferences_are_the_sft_rows_split_for_split(name):
 
 @pytest.mark.parametrize("name", CHECKABLE)
 def test_checkable_chosen_is_right_and_rejected_is_a_near_miss(name):
-    tasks = Counter()
+    tasks, kinds = Counter(), Counter()
     for split in SPLITS:
         for row in load_preferences(name, split):
             task, chosen, rejected = row["task"], row["chosen"], row["rejected"]
@@ -160,13 +166,20 @@ def test_checkable_chosen_is_right_and_rejected_is_a_near_miss(name):
                 wrong, right = int(rejected), int(chosen)  # off by at most 10, two digits swapped, or the sign flipped
                 assert abs(wrong - right) <= 10 or sorted(str(abs(wrong))) == sorted(str(abs(right))) or wrong == -right, row
                 assert task == "arithmetic/subtraction" or int(rejected) >= 0, row
+            elif task.startswith("compare/"):  # the other number, one past the answer, or a miscopy
+                wrong, right, numbers = int(rejected), int(chosen), [int(n) for n in re.findall(r"\d+", question(row))]
+                past = 0 < (wrong - right) * (1 if task == "compare/larger" else -1) <= 10
+                miscopy = len(rejected) == len(chosen) and sum(x != y for x, y in zip(rejected, chosen)) == 1
+                assert 0 <= wrong < 100 and (sorted(numbers) == sorted([wrong, right]) or past or miscopy), row
+                kinds[("other" if wrong in numbers else "past" if past else "miscopy")] += 1
             elif task.startswith("sorting/"):  # a permutation, or one of a run of equal numbers dropped
                 assert Counter(rejected.split()) == Counter(chosen.split()) or rejected == chosen.rsplit(" ", 1)[0], row
             elif task in ("spelling/length", "spelling/count_letter"):
                 assert abs(int(rejected) - int(chosen)) == 1 and int(rejected) >= 0, row
             else:  # one letter changed, two swapped, or (backwards) the word spelled forwards
                 assert len(rejected.split()) == len(chosen.split()) and all(len(c) == 1 for c in rejected.split()), row
-    assert len(tasks) == {"arithmetic": 3, "sorting": 2, "spelling": 4}[name]
+    assert len(tasks) == {"arithmetic": 3, "compare": 2, "sorting": 2, "spelling": 4}[name]
+    assert name != "compare" or min(kinds[k] for k in ("other", "past", "miscopy")) > 500, kinds
 
 
 def test_stdlib_rejected_is_another_answer_of_the_same_subtask_and_split():
@@ -226,12 +239,12 @@ print(hashlib.sha256(json.dumps(rows).encode()).hexdigest())
 
 @pytest.mark.parametrize("name", PROMPT_NAMES)
 def test_prompt_answers_are_right_and_splits_are_the_sft_ones(name):
-    parts = CHECKABLE if name == "mix" else [name]
+    parts = MIXED if name == "mix" else [name]
     for split in SPLITS:
         rows = load_prompts(name, split)
         for row in rows:
             assert set(row) == {"prompt", "answer", "task"} and row["prompt"][-1]["role"] == "user", row
-            assert row["task"].split("/")[0] in CHECKABLE, row
+            assert row["task"].split("/")[0] in parts, row
             assert row["answer"] == right_answer(row["task"], question(row)), row
             for asked, answered in zip(row["prompt"][:-1:2], row["prompt"][1::2]):  # an earlier turn of the mix
                 assert answered["content"] == right_answer(subtask_of(asked["content"]), asked["content"]), row

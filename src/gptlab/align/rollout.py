@@ -69,6 +69,22 @@ def collate_rollouts(rollouts: Rollouts, rows: Sequence[int] | None = None) -> t
     return x, y
 
 
+def wrong_reply_pairs(policy: nn.Module, template: ChatTemplate, rows: Sequence[PromptRow], samples: int, cfg: SampleConfig, seed: int) -> list[dict]:
+    """Preference pairs from the policy's own mistakes: `samples` sampled replies to each row, and for every
+    distinct reply that misses the row's reference answer (exact_match), {"prompt", "chosen": the reference,
+    "rejected": that reply}. Labelled by a checker instead of people, these are RLHF's comparisons of
+    model samples (Ouyang et al. 2022): the rejected side is what this policy actually gets wrong."""
+    from gptlab.datasets import exact_match
+
+    checked = [r for r in rows if r.reference is not None]
+    rollouts = sample_replies(policy, template, [r.messages for r in checked], samples, cfg, seed)
+    pairs = []
+    for k, row in enumerate(checked):
+        wrong = dict.fromkeys(t for t in rollouts.texts[k * samples : (k + 1) * samples] if t.strip() and not exact_match(t, row.reference))
+        pairs += [{"prompt": row.messages, "chosen": row.reference, "rejected": text} for text in wrong]
+    return pairs
+
+
 # ----------------------------------------------------------------------------- prompt sets
 
 

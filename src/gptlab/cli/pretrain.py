@@ -289,5 +289,5 @@ def register(sub: argparse._SubParsersAction, command: Register) -> None:
     t.add_argument("--sft-minutes", type=float, help="with --chat: time budget for the fine-tuning (default 11)")
     t.add_argument(
         "--rlhf", action="store_true",
-        help="then, on the chat model (made first if --out has none): a reward model, PPO, DPO and GRPO on arithmetic, compared in one table",
+        help="then, from the chat model (made first if --out has none): SFT on a checkable task, a reward model, PPO, DPO and GRPO, compared in one table",
     )  # fmt: skip

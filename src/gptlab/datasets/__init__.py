@@ -12,6 +12,8 @@ always gives the same rows, whatever PYTHONHASHSEED or the time.
     spelling    "Spell 'module'." -> "m o d u l e"; also spelled backwards, the number of
                 letters, how often one letter appears. Words from stdlib docstrings.  Checkable.
     sorting     "Sort these numbers: 5 2 9 1" -> "1 2 5 9"; also 3-5 words alphabetically.  Checkable.
+    compare     "Which is larger, 37 or 45?" -> "45"; also the smaller. Not in mix: the alignment
+                demo's task (`gptlab demo --rlhf`).  Checkable.
     stdlib      "What is the signature of json.dumps?", "What does textwrap.dedent do?" (the first
                 sentence of its docstring), "Which module defines the function `dedent`?" (only
                 names one covered module defines), "What is the json module for?".  Not checkable:
@@ -33,7 +35,7 @@ trained on turns up in an alignment test split (see `gptlab.datasets.preferences
 
     load_preferences(NAME, split)  every set: {"prompt": [messages], "chosen": answer,
                                     "rejected": a wrong answer, "task": "set/subtask"}
-    load_prompts(NAME, split)      the checkable sets and a mix of those three only (stdlib's
+    load_prompts(NAME, split)      the checkable sets and a mix of the mix's three only (stdlib's
                                     answers cannot be checked): {"prompt": [messages],
                                     "answer": the reference a reward checks, "task": ...}
 
@@ -54,11 +56,11 @@ if TYPE_CHECKING:
 
 BUILTIN_PREFIX = "builtin:"
 SPLITS = ("train", "test")
-_CHECKABLE = frozenset({"arithmetic", "sorting", "spelling"})
-_NAMES = ("arithmetic", "mix", "sorting", "spelling", "stdlib")
+_CHECKABLE = frozenset({"arithmetic", "compare", "sorting", "spelling"})
+_NAMES = ("arithmetic", "compare", "mix", "sorting", "spelling", "stdlib")
 # Prompt sets are for rewards that check the answer: stdlib has none, and their mix holds the
-# three checkable sets only.
-_PROMPT_NAMES = ("arithmetic", "mix", "sorting", "spelling")
+# checkable sets of the instruction mix only.
+_PROMPT_NAMES = ("arithmetic", "compare", "mix", "sorting", "spelling")
 MIX_SEED = 5
 
 Kind = Literal["sft", "preferences", "prompts"]
@@ -151,7 +153,7 @@ def _splits(name: str) -> Splits:
 
     if name == "mix":
         return merge([_splits(part) for part in ("arithmetic", "sorting", "spelling", "stdlib")], MIX_SEED)
-    generate = {"arithmetic": tasks.arithmetic, "sorting": tasks.sorting, "spelling": tasks.spelling, "stdlib": stdlib_qa.stdlib}
+    generate = {"arithmetic": tasks.arithmetic, "compare": tasks.compare, "sorting": tasks.sorting, "spelling": tasks.spelling, "stdlib": stdlib_qa.stdlib}
     return generate[name]()
 
 
@@ -177,7 +179,7 @@ def load_preferences(name: str, split: str = "train") -> list[dict]:
 
 
 def load_prompts(name: str, split: str = "train") -> list[dict]:
-    """The prompts of one split of a checkable set (or of the mix of those three), as fresh dicts:
+    """The prompts of one split of a checkable set (or of the checkable sets in mix), as fresh dicts:
     {"prompt": [messages], "answer": str, "task": "set/subtask"}; `exact_match(reply, answer)`
     scores a reply."""
     from gptlab.datasets.preferences import prompt_rows

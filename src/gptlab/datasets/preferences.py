@@ -4,7 +4,8 @@ A preference row pairs a set's own answer ("chosen") with a wrong one ("rejected
 a reward model or DPO learns what a checker knows. For the checkable sets the rejected
 answer is a near miss, the kind of slip a small model makes (a result off by a little or
 with two digits swapped, a list sorted but for one adjacent pair, a word with one letter
-changed, a count off by one): obvious nonsense would teach only to tell nonsense apart.
+changed, a count off by one, the other number of a comparison or one past the answer): obvious
+nonsense would teach only to tell nonsense apart.
 For stdlib it is the answer to another question of the same subtask in the same split
 (another function's signature or docstring sentence, another module): real text, wrong here.
 
@@ -87,6 +88,18 @@ def _almost_sorted(answer: str, rng: random.Random) -> str:
     return " ".join(items)
 
 
+def _wrong_choice(question: str, answer: str, rng: random.Random) -> str:
+    """A wrong answer to "Which is larger (smaller), A or B?": the other number, a number past the
+    answer (larger still, or smaller still: it pays to know which number was asked for, not only the
+    direction), or the answer with one digit changed (a miscopy)."""
+    a, b = question.rstrip("?").split(", ")[1].split(" or ")
+    n, step = int(answer), (1 if question.startswith("Which is larger") else -1)
+    past = [n + step * d for d in (1, 2, 5, 10) if 0 <= n + step * d < 100]
+    miscopies = [answer[:i] + c + answer[i + 1 :] for i in range(len(answer)) for c in "0123456789" if c != answer[i] and not (i == 0 and c == "0" and len(answer) > 1)]
+    kinds = [[b if a == answer else a], [str(v) for v in past], miscopies]
+    return rng.choice(rng.choice([k for k in kinds if k]))
+
+
 # subtask -> a wrong answer near its right one
 _NEAR_MISS: dict[str, Callable[[str, random.Random], str]] = {
     "arithmetic/addition": lambda answer, rng: _near_number(answer, rng, signed=False),
@@ -119,6 +132,8 @@ def _rejected(example: Example, split: str) -> str:
         if not others:
             raise RuntimeError(f"{example.task}: no other answer in the {split} split to reject for {question!r}")
         rejected = rng.choice(others)
+    elif example.task.startswith("compare/"):
+        rejected = _wrong_choice(question, answer, rng)
     else:
         rejected = _NEAR_MISS[example.task](answer, rng)
     if not rejected.strip() or exact_match(rejected, answer):

@@ -1,4 +1,4 @@
-"""Checkable tasks: arithmetic, spelling and sorting, each answer one exact string.
+"""Checkable tasks: arithmetic, spelling, sorting and comparison, each answer one exact string.
 
 A 4-layer model trained for minutes on CPU has to learn these, so every subtask has one
 fixed question template, small operands and short answers. Questions are drawn by a
@@ -16,6 +16,7 @@ from gptlab.datasets.stdlib_qa import stdlib_words
 ARITHMETIC_SEED = 1
 SPELLING_SEED = 2
 SORTING_SEED = 3
+COMPARE_SEED = 8
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -112,4 +113,33 @@ def sorting() -> Splits:
             Subtask("sorting/words", _sort_words, 1600, 160),
         ],
         SORTING_SEED,
+    )
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def _larger(rng: random.Random) -> Turn:
+    a, b = rng.sample(range(100), 2)
+    return f"Which is larger, {a} or {b}?", str(max(a, b))
+
+
+def _smaller(rng: random.Random) -> Turn:
+    a, b = rng.sample(range(100), 2)
+    return f"Which is smaller, {a} or {b}?", str(min(a, b))
+
+
+def compare() -> Splits:
+    """4000 train / 400 test questions: the larger or the smaller of two different numbers below 100.
+
+    Not in `mix`: the alignment demo's task. A small model learns the choice quickly but copies
+    the number slowly (the prompt spells " 85" as " 8" + "5", the answer as "85"), so a short
+    fine-tune leaves mistakes of both kinds for preference and RL methods to remove.
+    """
+    return draw_splits(
+        [
+            Subtask("compare/larger", _larger, 2000, 200),
+            Subtask("compare/smaller", _smaller, 2000, 200),
+        ],
+        COMPARE_SEED,
     )
