@@ -182,6 +182,19 @@ def test_checkable_chosen_is_right_and_rejected_is_a_near_miss(name):
     assert name != "compare" or min(kinds[k] for k in ("other", "past", "miscopy")) > 500, kinds
 
 
+@pytest.mark.parametrize("name", ["compare", "arithmetic"])
+def test_several_rejected_answers_per_question_start_with_the_single_one(name):
+    one, four = load_preferences(name, "test"), load_preferences(name, "test", per_question=4)
+    by_question: dict[str, list[str]] = {}
+    for row in four:
+        assert row["chosen"] == right_answer(row["task"], question(row)) and not exact_match(row["rejected"], row["chosen"]), row
+        by_question.setdefault(question(row), []).append(row["rejected"])
+    assert [by_question[question(row)][0] for row in one] == [row["rejected"] for row in one]
+    assert all(len(set(r)) == len(r) <= 4 for r in by_question.values()) and len(four) > 2.5 * len(one)
+    with pytest.raises(InputError, match="per_question must be a positive integer, got 0"):
+        load_preferences(name, "test", per_question=0)
+
+
 def test_stdlib_rejected_is_another_answer_of_the_same_subtask_and_split():
     for split in SPLITS:
         answers: dict[str, set[str]] = {}

@@ -166,16 +166,19 @@ def load_builtin(name: str, split: str = "train") -> list[dict]:
     return [example.to_row() for example in getattr(_splits(name), split)]
 
 
-def load_preferences(name: str, split: str = "train") -> list[dict]:
+def load_preferences(name: str, split: str = "train", per_question: int = 1) -> list[dict]:
     """The preference pairs of one split, one per row of `load_builtin(name, split)`, as fresh
     dicts: {"prompt": [messages], "chosen": str, "rejected": str, "task": "set/subtask"}.
 
     "chosen" is the set's answer; "rejected" a plausible wrong one for the checkable sets, and
-    another question's answer of the same subtask and split for stdlib.
+    another question's answer of the same subtask and split for stdlib. With per_question k, each
+    row gives up to k pairs with distinct rejected answers (the first is the k = 1 pair).
     """
     from gptlab.datasets.preferences import preference_rows
 
-    return preference_rows(name, _check_split(_check_name(name, "preferences"), split, "preferences"))
+    if not isinstance(per_question, int) or isinstance(per_question, bool) or per_question < 1:
+        raise InputError(f"per_question must be a positive integer, got {per_question!r}")
+    return preference_rows(name, _check_split(_check_name(name, "preferences"), split, "preferences"), per_question)
 
 
 def load_prompts(name: str, split: str = "train") -> list[dict]:

@@ -123,10 +123,11 @@ def _stdlib_answers(split: str) -> dict[str, tuple[str, ...]]:
     return {task: tuple(sorted(texts)) for task, texts in answers.items()}
 
 
-def _rejected(example: Example, split: str) -> str:
-    """A wrong answer to the example's last question, checked to differ from the right one."""
+def _rejected(example: Example, split: str, draw: int = 0) -> str:
+    """A wrong answer to the example's last question, checked to differ from the right one; `draw` k > 0
+    seeds another draw (draw 0 is the one every set's single pair uses)."""
     question, answer = example.turns[-1]
-    rng = random.Random(f"{REJECT_SEED}/{example.task}/{question}")
+    rng = random.Random(f"{REJECT_SEED}/{example.task}/{question}" + (f"/{draw}" if draw else ""))
     if example.task.startswith("stdlib/"):
         others = [text for text in _stdlib_answers(split)[example.task] if not exact_match(text, answer)]
         if not others:
@@ -145,8 +146,13 @@ def _rejected(example: Example, split: str) -> str:
 
 
 @cache
-def _pairs(name: str, split: str) -> tuple[tuple[Example, str], ...]:
-    return tuple((example, _rejected(example, split)) for example in getattr(_splits(name), split))
+def _pairs(name: str, split: str, per_question: int = 1) -> tuple[tuple[Example, str], ...]:
+    """Each example with up to `per_question` distinct wrong answers (draws 0, 1, ...; repeats dropped)."""
+    return tuple(
+        (example, rejected)
+        for example in getattr(_splits(name), split)
+        for rejected in dict.fromkeys(_rejected(example, split, draw) for draw in range(per_question))
+    )
 
 
 @cache
@@ -161,11 +167,11 @@ def _prompt(example: Example) -> list[dict]:
     return example.to_row()["messages"][:-1]
 
 
-def preference_rows(name: str, split: str) -> list[dict]:
-    """`load_preferences`'s rows (which checks name and split first), as fresh dicts."""
+def preference_rows(name: str, split: str, per_question: int = 1) -> list[dict]:
+    """`load_preferences`'s rows (which checks name, split and per_question first), as fresh dicts."""
     return [
         {"prompt": _prompt(example), "chosen": example.turns[-1][1], "rejected": rejected, "task": example.task}
-        for example, rejected in _pairs(name, split)
+        for example, rejected in _pairs(name, split, per_question)
     ]
 
 
