@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptlab.align.pairs import EncodedPairs, PairBatches, collate_sequences, pair_splits, sequence_logprobs
+from gptlab.align.pairs import EncodedPairs, PairObjective, collate_sequences, pair_splits, sequence_logprobs
 from gptlab.chat import ChatTemplate
-from gptlab.config import GPTConfig, TrainConfig, _in_range, _Serializable
-from gptlab.errors import ConfigError, DataError
+from gptlab.config import TrainConfig, _in_range, _Serializable
+from gptlab.errors import ConfigError
 from gptlab.model import IGNORE_INDEX
 from gptlab.tokenizer import AnyTokenizer
 
@@ -108,24 +108,13 @@ def reference_logprobs(model: nn.Module, data: EncodedPairs, batch_size: int = 1
     return out
 
 
-class DPOObjective:
+class DPOObjective(PairObjective):
     """The DPO loss on batches of pairs (see train.Objective); reference log-probs are looked up by pair index."""
 
     def __init__(self, tokenizer: AnyTokenizer, cfg: DPOConfig, train: EncodedPairs, val: EncodedPairs | None, ref_train: Tensor, ref_val: Tensor | None) -> None:
-        self.tokenizer, self.cfg = tokenizer, cfg
-        self.train_set, self.val_set = train, val
+        super().__init__(tokenizer, train, val)
+        self.cfg = cfg
         self.refs = {"train": ref_train, "val": ref_val}
-        self.has_val = val is not None
-
-    def check(self, model_config: GPTConfig) -> None:
-        if model_config.vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError(f"the policy has {model_config.vocab_size} token rows but the tokenizer {self.tokenizer.vocab_size} ids")
-
-    def batches(self, split: str, block_size: int, batch_size: int, seed: int, rank: int, world_size: int) -> PairBatches:
-        data = self.train_set if split == "train" else self.val_set
-        if data is None:
-            raise DataError("no held-out pairs")
-        return PairBatches(data, batch_size, seed, rank, world_size, exact=split != "train")
 
     def _pair_terms(self, model: nn.Module, batch: tuple[Tensor, ...], device: torch.device, split: str) -> tuple[Tensor, Tensor]:
         x, y, index = batch
@@ -145,10 +134,6 @@ class DPOObjective:
         losses, _ = self._pair_terms(model, batch, device, "train")
         return losses.mean()
 
-    def weight(self, batch: tuple[Tensor, ...]) -> int:
-        """Pairs in the batch (train_step weights micro-batches by it)."""
-        return int((batch[2] >= 0).sum())
-
     def score(self, model: nn.Module, batch: tuple[Tensor, ...], device: torch.device) -> dict[str, float]:
         losses, h = self._pair_terms(model, batch, device, "val")
         return {"loss_sum": losses.sum().item(), "correct": (h > 0).sum().item(), "margin_sum": h.sum().item(), "pairs": float(h.numel())}
@@ -166,10 +151,6 @@ class DPOObjective:
             f"held out: {len(v):,} pairs" if v is not None else "held out: none (evaluation off)",
             f"loss: {kind}, beta {self.cfg.beta:g}; reference = the starting policy (its log-probs computed once)",
         ]
-
-    def tokens_per_step(self, cfg: TrainConfig, block_size: int) -> int:
-        mean = sum(len(a) + len(b) for (a, _), (b, _) in zip(self.train_set.chosen, self.train_set.rejected, strict=True)) / max(len(self.train_set), 1)
-        return int(cfg.batch_size * cfg.grad_accum * mean)
 
     def run_info(self) -> dict[str, Any]:
         return {KEY: self.cfg.to_dict()}

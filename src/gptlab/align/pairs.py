@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from gptlab.chat import ChatTemplate, check_messages
-from gptlab.errors import DataError, InputError
+from gptlab.config import GPTConfig, TrainConfig
+from gptlab.errors import ConfigError, DataError, InputError
 from gptlab.model import IGNORE_INDEX, label_logprobs
 
 
@@ -247,3 +248,34 @@ class PairBatches:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.epoch, self.row = int(state["epoch"]), int(state["row"])
+
+
+class PairObjective:
+    """The plumbing the DPO and reward-model objectives share (see train.Objective): the encoded pairs,
+    their batches (with the subclass's `collate`), the vocabulary check and the per-pair step weights.
+    Each objective adds its loss, score, metrics and description."""
+
+    collate: Collate = staticmethod(collate_sequences)
+
+    def __init__(self, tokenizer: Any, train: EncodedPairs, val: EncodedPairs | None) -> None:
+        self.tokenizer, self.train_set, self.val_set = tokenizer, train, val
+        self.has_val = val is not None
+
+    def check(self, model_config: GPTConfig) -> None:
+        if model_config.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(f"the model has {model_config.vocab_size} token rows but the tokenizer {self.tokenizer.vocab_size} ids")
+
+    def batches(self, split: str, block_size: int, batch_size: int, seed: int, rank: int, world_size: int) -> PairBatches:
+        data = self.train_set if split == "train" else self.val_set
+        if data is None:
+            raise DataError("no held-out pairs")
+        return PairBatches(data, batch_size, seed, rank, world_size, exact=split != "train", collate=self.collate)
+
+    def weight(self, batch: tuple[Tensor, ...]) -> int:
+        """Pairs in the batch (train_step weights micro-batches by it)."""
+        return int((batch[-1] >= 0).sum())
+
+    def tokens_per_step(self, cfg: TrainConfig, block_size: int) -> int:
+        sides = zip(self.train_set.chosen, self.train_set.rejected, strict=True)
+        mean = sum(len(a) + len(b) for (a, _), (b, _) in sides) / max(len(self.train_set), 1)
+        return int(cfg.batch_size * cfg.grad_accum * mean)

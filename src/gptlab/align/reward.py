@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptlab.align.pairs import EncodedPairs, Pair, PairBatches, encode_pairs, load_pairs
+from gptlab.align.pairs import EncodedPairs, Pair, PairObjective, encode_pairs, load_pairs
 from gptlab.chat import ChatTemplate
 from gptlab.checkpoint import HEAD_KEY, Checkpoint
-from gptlab.config import GPTConfig, TrainConfig, _in_range, _Serializable
+from gptlab.config import TrainConfig, _in_range, _Serializable
 from gptlab.errors import CheckpointError, ConfigError, DataError, InputError
 from gptlab.tokenizer import AnyTokenizer
 
@@ -144,23 +144,14 @@ def _idle_lm_head(model: nn.Module) -> Tensor | None:
     return core.lm_head.weight if ddp and not core.config.tie_weights else None
 
 
-class RewardObjective:
+class RewardObjective(PairObjective):
     """The Bradley–Terry loss of a reward model on batches of pairs (see train.Objective)."""
 
+    collate = staticmethod(collate_rewards)  # a reward model reads each side's last token
+
     def __init__(self, tokenizer: AnyTokenizer, cfg: RewardConfig, train: EncodedPairs, val: EncodedPairs | None) -> None:
-        self.tokenizer, self.cfg = tokenizer, cfg
-        self.train_set, self.val_set = train, val
-        self.has_val = val is not None
-
-    def check(self, model_config: GPTConfig) -> None:
-        if model_config.vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError(f"the model has {model_config.vocab_size} token rows but the tokenizer {self.tokenizer.vocab_size} ids")
-
-    def batches(self, split: str, block_size: int, batch_size: int, seed: int, rank: int, world_size: int) -> PairBatches:
-        data = self.train_set if split == "train" else self.val_set
-        if data is None:
-            raise DataError("no held-out pairs")
-        return PairBatches(data, batch_size, seed, rank, world_size, exact=split != "train", collate=collate_rewards)
+        super().__init__(tokenizer, train, val)
+        self.cfg = cfg
 
     def _pair_terms(self, model: nn.Module, batch: tuple[Tensor, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """Losses, margins r_w − r_l and reward sums r_w + r_l of the batch's pairs, each (n,)."""
@@ -177,10 +168,6 @@ class RewardObjective:
         if idle is not None:  # a zero gradient, so that DDP's all-reduce completes
             loss = loss + 0.0 * idle.sum()
         return loss
-
-    def weight(self, batch: tuple[Tensor, ...]) -> int:
-        """Pairs in the batch (train_step weights micro-batches by it)."""
-        return int((batch[2] >= 0).sum())
 
     def score(self, model: nn.Module, batch: tuple[Tensor, ...], device: torch.device) -> dict[str, float]:
         losses, gap, total = self._pair_terms(model, batch, device)
@@ -200,10 +187,6 @@ class RewardObjective:
             f"held out: {len(v):,} pairs" if v is not None else "held out: none (evaluation off)",
             f"loss: Bradley-Terry, {terms}; the reward is read at each conversation's last token",
         ]
-
-    def tokens_per_step(self, cfg: TrainConfig, block_size: int) -> int:
-        mean = sum(len(a) + len(b) for (a, _), (b, _) in zip(self.train_set.chosen, self.train_set.rejected, strict=True)) / max(len(self.train_set), 1)
-        return int(cfg.batch_size * cfg.grad_accum * mean)
 
     def run_info(self) -> dict[str, Any]:
         return {KEY: self.cfg.to_dict()}

@@ -96,23 +96,33 @@ def cmd_reward_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction, command: Register) -> None:
-    t = command("dpo", cmd_dpo, "direct preference optimisation (Rafailov et al. 2023) of a chat model on preference pairs")
-    t.add_argument("--policy", help="the chat model to optimise (an sft run or checkpoint); also the frozen reference")
+def _pair_data_flags(t: argparse.ArgumentParser) -> None:
+    """--data, --val-data and --val-fraction of the commands that train on preference pairs (dpo, reward train)."""
     t.add_argument(
         "--data", action="append", metavar="FILE[,FILE]",
         help='JSONL pairs {"prompt", "chosen", "rejected"} (strings or messages; or whole conversations without "prompt"), or builtin:NAME',
     )  # fmt: skip
     t.add_argument("--val-data", action="append", metavar="FILE[,FILE]", help="held-out pairs (default: a built-in set's test split, else --val-fraction)")
     t.add_argument("--val-fraction", type=float, help="share of --data held out when there is no --val-data (default 0.05)")
+
+
+def _pair_run_flags(t: argparse.ArgumentParser) -> None:
+    """--epochs, --out and --resume of the commands that train on preference pairs."""
+    t.add_argument("--epochs", type=float, help="passes over the pairs, which set --max-steps (default 1)")
+    t.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out with its saved data and settings")
+
+
+def register(sub: argparse._SubParsersAction, command: Register) -> None:
+    t = command("dpo", cmd_dpo, "direct preference optimisation (Rafailov et al. 2023) of a chat model on preference pairs")
+    t.add_argument("--policy", help="the chat model to optimise (an sft run or checkpoint); also the frozen reference")
+    _pair_data_flags(t)
     t.add_argument("--beta", type=float, help="strength of the pull toward the reference (default 0.1)")
     t.add_argument("--loss", choices=["sigmoid", "ipo"], help="sigmoid: DPO (default); ipo: Azar et al. 2023")
     t.add_argument("--label-smoothing", type=float, help="conservative DPO: the share of labels assumed flipped (default 0)")
     t.add_argument("--sft-weight", type=float, help="add this times the chosen reply's NLL per token, which keeps its likelihood up (RPO; default 0)")
     t.add_argument("--max-len", type=int, help="tokens a side may predict; longer pairs keep their start (default: the context)")
-    t.add_argument("--epochs", type=float, help="passes over the pairs, which set --max-steps (default 1)")
-    t.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out with its saved data and settings")
+    _pair_run_flags(t)
     add_train_flags(t, {
         "--max-steps": "optimizer steps (default: --epochs passes over the pairs)",
         "--lr": "peak learning rate (default 5e-6)", "--min-lr": "final learning rate (default 5e-7)",
@@ -163,19 +173,12 @@ def register(sub: argparse._SubParsersAction, command: Register) -> None:
     rsub = rp.add_subparsers(dest="reward_command", required=True, metavar="ACTION")
     t = command("train", cmd_reward_train, "train a reward model: a scalar head on a chat model, Bradley-Terry loss on preference pairs", rsub)
     t.add_argument("--ckpt", help="the model to start from: an sft run (or a base model: the chat tokens are added)")
-    t.add_argument(
-        "--data", action="append", metavar="FILE[,FILE]",
-        help='JSONL pairs {"prompt", "chosen", "rejected"} (strings or messages; or whole conversations without "prompt"), or builtin:NAME',
-    )  # fmt: skip
-    t.add_argument("--val-data", action="append", metavar="FILE[,FILE]", help="held-out pairs (default: a built-in set's test split, else --val-fraction)")
-    t.add_argument("--val-fraction", type=float, help="share of --data held out when there is no --val-data (default 0.05)")
+    _pair_data_flags(t)
     t.add_argument("--margin", type=float, help="reward gap m in -log sigmoid(r_w - r_l - m) (default 0)")
     t.add_argument("--center-weight", type=float, help="weight c of the centring term c (r_w + r_l)^2 that keeps rewards near 0 (default 0)")
     t.add_argument("--head-dropout", type=float, help="dropout before the reward head (default 0)")
     t.add_argument("--max-len", type=int, help="tokens a rendered conversation may have; longer pairs are skipped (default: the context)")
-    t.add_argument("--epochs", type=float, help="passes over the pairs, which set --max-steps (default 1)")
-    t.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out with its saved data and settings")
+    _pair_run_flags(t)
     add_train_flags(t, {
         "--max-steps": "optimizer steps (default: --epochs passes over the pairs)",
         "--lr": "peak learning rate (default 1e-5)", "--min-lr": "final learning rate (default 1e-6)",
