@@ -82,7 +82,10 @@ warm-up is TRL's `cosine_with_min_lr` with warmup_steps 0, the same formula):
   streams); and with one update per rollout gptlab still runs a no-grad forward for the "old"
   log-probs, which TRL takes from the policy's own forward (num_iterations=1).
 * Reward model. gptlab: `gptlab.align.reward.train_reward()` (Bradley-Terry, no margin or
-  centring), --batch-size pairs, max_len --seq-len. TRL: `RewardTrainer` on the exported
+  centring), --batch-size pairs, max_len --seq-len; its batches store each pair's shared start
+  once with the two replies as branches after it, pairs packed in rows of up to --seq-len tokens
+  (the rewards are those of each conversation alone), and the token table's gradient is built
+  from the looked-up rows; TRL pads the 2 x batch conversations to the longest. TRL: `RewardTrainer` on the exported
   sequence-classification model (`AutoModelForSequenceClassification`, num_labels 1; the
   tokenizer's pad token is <|im_start|>), `RewardConfig(per_device_train_batch_size=--batch-size,
   max_length=--seq-len, center_rewards_coefficient=None)`, the same other settings as DPO.

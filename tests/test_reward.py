@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import randomize_, small_text_corpus
-from gptlab.align.reward import RewardConfig, check_same_tokenizer, load_reward_model, pad_right, reward_loss, score_replies
+from gptlab.align.reward import RewardConfig, check_same_tokenizer, collate_branched, load_reward_model, pad_right, reward_loss, score_replies
 from gptlab.chat import IM_START, ChatTemplate, add_chat_tokens
 from gptlab.checkpoint import HEAD_KEY, find_checkpoint, read_checkpoint_meta, save_checkpoint
 from gptlab.cli import main
@@ -114,6 +114,46 @@ def test_exported_reward_model_matches_transformers_on_a_padded_batch(tmp_path: 
     assert abs(alone.item() - ours[0].item()) < 1e-4
 
 
+@torch.no_grad()
+def test_branched_rows_give_each_side_the_reward_it_gets_alone(tok: Tokenizer) -> None:
+    """The training batches store each pair's shared start once and pack pairs in rows (collate_branched);
+    every reward must equal the one the whole conversation gets alone in a padded batch (the slow path)."""
+    model = _reward_model(2)
+    template = ChatTemplate(tok)
+    prompts = [CONVERSATIONS[0][:-1], CONVERSATIONS[1][:-1], [{"role": "user", "content": "and the colour of the sky?"}]]
+    replies = [("red", "a dark red"), ("a deep and dark blue", "blue"), ("blue by day", "black by night and by day")]
+    sides = [(np.asarray(template.render(p + [{"role": "assistant", "content": r[k]}]).ids), None) for k in (0, 1) for p, r in zip(prompts, replies)]
+    x_alone, last = pad_right([ids for ids, _ in sides])
+    alone = model(x_alone, extract=last)[0]  # (6,): the chosen sides, then the rejected
+    for row_len in (1, 40, 10_000):  # one pair per row, some rows of several pairs, one row of all
+        x, segments, branches, extract, slots = collate_branched(sides, row_len)
+        rewards = model(x, segments=segments, branches=branches, extract=extract)[0]
+        assert rewards.shape == extract.shape and (rewards[extract < 0] == 0).all()
+        picked = rewards.reshape(-1)[slots]  # (3, 2)
+        torch.testing.assert_close(picked.T.reshape(-1), alone, rtol=0, atol=1e-5)
+        stored = sum(len(a) + len(b) - int(np.cumprod(a[: min(len(a), len(b)) - 1] == b[: min(len(a), len(b)) - 1]).sum())
+                     for (a, _), (b, _) in zip(sides[:3], sides[3:]))  # fmt: skip
+        assert int((segments >= 0).sum()) == stored  # the shared start once per pair, no padding inside a pair
+    assert x.size(0) == 1 and x.size(1) > CFG.block_size  # one row of all three pairs, longer than the context: positions fit it
+    # the first tokens are the prompt, branch 0; each reply's tokens follow with its own branch id
+    first = int(extract[0, 0])
+    assert branches[0, 0] == 0 and branches[0, first] == 1 and branches[0, int(extract[0, 1])] == 2
+
+
+def test_branched_positions_and_mask_by_hand() -> None:
+    from gptlab.model import branched_positions_and_mask
+
+    # one segment: prefix p0 p1, branch 1 (a0 a1), branch 2 (b0); then a second segment q0 | c0 | d0 d1; then a pad
+    segments = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, -1, -1]])
+    branches = torch.tensor([[0, 0, 1, 1, 2, 0, 1, 2, 2, 0, 0]])
+    positions, mask = branched_positions_and_mask(segments, branches)
+    assert positions[0].tolist() == [0, 1, 2, 3, 2, 0, 1, 1, 2, 0, 1]
+    sees = {t: torch.nonzero(mask[0, 0, t]).flatten().tolist() for t in range(11)}
+    assert sees[3] == [0, 1, 2, 3] and sees[4] == [0, 1, 4]  # a0 a1 follow the prefix; b0 sees the prefix, not a0 a1
+    assert sees[7] == [5, 7] and sees[8] == [5, 7, 8]  # a new segment starts over
+    assert sees[10] == [9, 10]  # padding attends among itself: no query row is fully masked (SDPA would give NaN)
+
+
 def _pairs(n: int, seed: int) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     names, colours = ["ada", "bob", "cy", "dee", "eve", "fay"], ["red", "blue", "green"]
@@ -121,6 +161,38 @@ def _pairs(n: int, seed: int) -> list[dict]:
         {"prompt": f"colour of {names[i]}?", "chosen": colours[i % 3], "rejected": colours[(i + 1 + j) % 3]}
         for i, j in zip(torch.randint(0, len(names), (n,), generator=g).tolist(), torch.randint(0, 2, (n,), generator=g).tolist())
     ]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_row_sparse_token_gradient_trains_the_weights_the_dense_one_does(tmp_path: Path, tok: Tokenizer, monkeypatch, grad_accum: int) -> None:
+    """The reward objective lets the loop build the token table's gradient from the looked-up rows (train.row_sparse_grad);
+    the run must end with the weights the dense gradient gives, and leave the model's embedding as it was."""
+    from gptlab.align.reward import RewardObjective, train_reward
+    from gptlab.checkpoint import load_checkpoint
+    from gptlab.train import row_sparse_grad
+
+    torch.manual_seed(0)
+    base = GPT(CFG)
+    save_checkpoint(tmp_path / "base", 0, base, base.config, tok)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(64, 3)))
+    cfg = RewardConfig(data=(str(tmp_path / "train.jsonl"),), val_fraction=0.0)
+    fields = {"max_steps": 6, "batch_size": 8, "grad_accum": grad_accum, "lr": 3e-3, "weight_decay": 0.1, "grad_clip": 0.5, "device": "cpu", "seed": 1}
+    states = {}
+    for sparse in (True, False):
+        monkeypatch.setattr(RewardObjective, "sparse_token_grad", sparse)
+        train_reward(str(tmp_path / "base"), cfg, dict(fields), tmp_path / f"rm{sparse}", progress=False, report=lambda line: None)
+        states[sparse] = load_checkpoint(tmp_path / f"rm{sparse}").model.state_dict()
+    wte = "transformer.wte.weight"
+    assert not torch.equal(states[True][wte], base.transformer.wte.weight)  # the table trained (clipped steps, decayed rows)
+    # one micro-batch: bit for bit; two: autograd adds the second one's rows into the first's in another order
+    atol = 0.0 if grad_accum == 1 else 2e-5
+    for name, value in states[True].items():
+        torch.testing.assert_close(value, states[False][name], rtol=0, atol=atol, msg=name)
+    emb = torch.nn.Embedding(5, 3)
+    with row_sparse_grad(emb):
+        emb(torch.tensor([1, 1, 4])).sum().backward()
+        assert not emb.weight.grad.is_sparse and emb.weight.grad[:, 0].tolist() == [0, 2, 0, 0, 1]  # repeated rows add up
+    assert not emb.sparse and not emb.weight._post_accumulate_grad_hooks  # put back
 
 
 def test_reward_train_learns_a_preference_scores_and_resumes(tmp_path: Path, tok: Tokenizer, capsys) -> None:

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 from gptlab.checkpoint import load_checkpoint, step_dirs
 from gptlab.config import GPTConfig, TrainConfig
@@ -316,3 +317,25 @@ def test_a_budget_too_short_for_one_step_is_refused(tmp_path, data_dir, simulate
     costs["calibration_step_s"] = costs["step_s"] = 0.1
     with pytest.raises(ConfigError, match=r"fits \d+ steps, fewer than warmup_steps \(500\)"):
         train(TINY, tcfg(time_budget=5.0, warmup_steps=500, max_steps=1000), data_dir, tmp_path / "run2", progress=False)
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.05, 1e9])
+def test_clip_gradients_matches_torch_clip_grad_norm(max_norm: float) -> None:
+    from gptlab.train import clip_gradients
+
+    torch.manual_seed(0)
+    ours, theirs = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    theirs.load_state_dict(ours.state_dict())
+    for model in (ours, theirs):
+        model(torch.randn(5, 4, generator=torch.Generator().manual_seed(1))).square().sum().backward()
+    ours[1].bias.grad = None  # a parameter without a gradient is skipped by both
+    theirs[1].bias.grad = None
+    norm = clip_gradients(ours, max_norm)
+    expected = nn.utils.clip_grad_norm_(theirs.parameters(), max_norm if max_norm > 0 else math.inf)
+    assert norm == pytest.approx(float(expected), rel=1e-6) and norm > 0.05
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    if max_norm == 0.05:
+        assert float(nn.utils.get_total_norm([p.grad for p in ours.parameters() if p.grad is not None])) == pytest.approx(0.05, rel=1e-4)

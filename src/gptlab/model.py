@@ -219,6 +219,30 @@ def packed_positions_and_mask(segments: Tensor) -> tuple[Tensor, Tensor]:
     return positions, (same & causal).unsqueeze(1)  # (B, 1, T, T)
 
 
+def branched_positions_and_mask(segments: Tensor, branches: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions (B, T) and attention mask (B, 1, T, T) for rows of shared prefixes and their branches.
+
+    A segment (a run of equal `segments` ids, as in packed_positions_and_mask) is a prefix,
+    the tokens whose `branches` id is 0, followed by one or more continuations of it, each
+    a run of tokens with its own branch id >= 1: a prompt and the replies to compare, the
+    prompt's tokens stored once. A query attends to the keys at or before it in its segment
+    that are in the prefix or in its own branch, and is numbered by how many keys it sees
+    before itself, so each continuation gets the hidden states it would get right after the
+    prefix, alone (the prefix-sharing layout of tree attention, Miao et al. 2024, SpecInfer).
+    """
+    B, T = segments.shape
+    t = torch.arange(T, device=segments.device)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]  # (B, T): where each segment begins
+    run = starts.cumsum(dim=1)  # (B, T)
+    same_run = run[:, :, None] == run[:, None, :]  # (B, T, T)
+    same_branch = branches[:, :, None] == branches[:, None, :]  # (B, T, T)
+    shared = (branches == 0)[:, None, :]  # (B, 1, T): prefix keys, which every branch sees
+    mask = same_run & (same_branch | shared) & (t[:, None] >= t[None, :])  # (B, T, T)
+    positions = mask.sum(dim=-1) - 1  # (B, T): the keys a query sees before itself
+    return positions, mask.unsqueeze(1)  # (B, 1, T, T)
+
+
 # ----------------------------------------------------------------------------- layers
 
 
@@ -422,12 +446,16 @@ class GPT(nn.Module):
 
         return load_hf(source, device=device, revision=revision).model
 
-    def _check_input(self, idx: Tensor, targets: Tensor | None) -> None:
+    def _check_input(self, idx: Tensor, targets: Tensor | None, positions: Tensor | None = None) -> None:
+        """Shapes and id ranges; a row whose tokens carry `positions` (B, T) (branched rows) may be longer than
+        block_size as long as no position reaches it."""
         if idx.dim() != 2:
             raise InputError(f"token ids must have shape (batch, time), got shape {tuple(idx.shape)}")
         T = idx.size(1)
-        if T > self.config.block_size:
+        if positions is None and T > self.config.block_size:
             raise InputError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if positions is not None and positions.numel() and idx.device.type == "cpu" and int(positions.max()) >= self.config.block_size:
+            raise InputError(f"position {int(positions.max())} is beyond block_size {self.config.block_size}")
         if targets is not None and targets.shape != idx.shape:
             raise InputError(f"targets shape {tuple(targets.shape)} does not match token ids shape {tuple(idx.shape)}")
         if idx.device.type != "cpu":  # the value checks read results back: on a GPU that would stall every step

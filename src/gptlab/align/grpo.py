@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from gptlab.align.rl import RLResult, describe_val, evaluate_policy, score, start_rl
 from gptlab.align.rollout import collate_rollouts, sample_replies
@@ -115,7 +115,7 @@ def grpo(
     DEFAULTS. With `resume` and a checkpoint in run_dir, the run continues with the settings
     saved in it (policy and cfg may be None).
     """
-    from gptlab.train import lr_at, progress_bar, stop_on_signals
+    from gptlab.train import clip_gradients, lr_at, progress_bar, stop_on_signals
 
     t_start = time.perf_counter()
     run = start_rl(KEY, GRPOConfig, cfg, policy, train_fields, run_dir, resume, DEFAULTS, "grpo", "a policy checkpoint (--policy), prompts (--prompts) and a reward (--reward)")
@@ -156,7 +156,7 @@ def grpo(
                 if not torch.isfinite(loss):
                     raise GptlabError(f"step {step + 1}: the GRPO loss is {loss.item()}; lower --lr (the last checkpoint is {last})")
                 loss.backward()
-                grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf))
+                grad_norm = clip_gradients(model, train_cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             done = step + 1

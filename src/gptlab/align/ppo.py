@@ -26,7 +26,6 @@ same run; the policy's checkpoint stays a plain GPT that sample, chat, eval and 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,7 +182,7 @@ def ppo(
     progress: bool = True, report: Any = print,
 ) -> RLResult:
     """Train the chat model `policy` with PPO against the reward of `cfg`; see the module docstring."""
-    from gptlab.train import lr_at, progress_bar, stop_on_signals
+    from gptlab.train import clip_gradients, lr_at, progress_bar, stop_on_signals
 
     t_start = time.perf_counter()
     run = start_rl(KEY, PPOConfig, cfg, policy, train_fields, run_dir, resume, DEFAULTS, "ppo", "a policy checkpoint (--policy), prompts (--prompts) and a reward (--reward)")
@@ -242,7 +241,7 @@ def ppo(
                     if not torch.isfinite(loss):
                         raise GptlabError(f"step {step + 1}: the PPO loss is {loss.item()}; lower --lr (the last checkpoint is {last})")
                     loss.backward()
-                    nn.utils.clip_grad_norm_(actor_critic.parameters(), train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf)
+                    clip_gradients(actor_critic, train_cfg.grad_clip)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     for key, value in (("policy_loss", policy_loss.item()), ("value_loss", value_loss.item()), *stats.items()):

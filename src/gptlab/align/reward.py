@@ -27,6 +27,13 @@ token would score a reply it has not seen the end of. Scoring (score_replies, `g
 score`) keeps instead the last block_size tokens of an over-long conversation: the end is what
 the head reads. RewardObjective plugs into train.train, so reward models get the loop's
 schedule, checkpoints, resume, time budget and torchrun.
+
+Speed. A pair's two conversations share their start (the system and user turns, often the
+reply's first tokens): training rows hold it once, with the rest of each side as a branch
+after it that attends to the shared start and to itself only, several pairs to a row and none
+padded to the batch's longest (collate_branched, TaskModel's branched rows). Each side gets the
+reward it gets alone (tested against the padded batch). And since only the embedding lookup
+reads the token table, its gradient is built from the rows looked up (train.row_sparse_grad).
 """
 
 from __future__ import annotations
@@ -107,9 +114,52 @@ def pad_right(seqs: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
     return x, last
 
 
-def collate_rewards(sides: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Tensor, Tensor]:
-    """PairBatches' collate for a reward model: (x, last) of the whole conversations; the reply masks are not used."""
-    return pad_right([ids for ids, _ in sides])
+def collate_branched(sides: list[tuple[np.ndarray, np.ndarray]], row_len: int) -> tuple[Tensor, ...]:
+    """PairBatches' collate for a reward model: (x, segments, branches, extract, slots) with the pairs packed in
+    rows of about row_len tokens, each pair stored as the tokens its two sides share, then the rest of the
+    chosen side (branch 1), then the rest of the rejected side (branch 2): see TaskModel's branched rows.
+
+    The shared start (the prompt, and any first reply tokens both sides have) is computed once instead of
+    twice, and no pair is padded to the batch's longest; each branch keeps at least its last token, where
+    the reward is read. x, segments, branches (R, W); extract (R, K) the read positions (-1: none);
+    slots (n, 2) where pair j's chosen and rejected rewards are in the flattened (R * K) rewards. Padding
+    is a segment of its own.
+    """
+    n = len(sides) // 2
+    pieces = []  # (ids, branch ids, chosen end, rejected end) per pair
+    for (c, _), (r, _) in zip(sides[:n], sides[n:], strict=True):
+        cut = max(min(len(c), len(r)) - 1, 0)  # each branch keeps at least its last token
+        differ = np.flatnonzero(c[:cut] != r[:cut])
+        k = int(differ[0]) if len(differ) else cut  # the tokens both sides share
+        ids = np.concatenate([c[:k], c[k:], r[k:]])
+        branch = np.concatenate([np.zeros(k, np.int64), np.ones(len(c) - k, np.int64), np.full(len(r) - k, 2, np.int64)])
+        pieces.append((ids, branch, len(c) - 1, len(ids) - 1))
+    rows: list[list[int]] = []  # pairs per row, in order: a row takes the next pair while it fits in row_len
+    width = 0
+    for j, (ids, *_) in enumerate(pieces):
+        if not rows or width + len(ids) > row_len:
+            rows.append([])
+            width = 0
+        rows[-1].append(j)
+        width += len(ids)
+    W = max(sum(len(pieces[j][0]) for j in row) for row in rows)
+    K = 2 * max(len(row) for row in rows)
+    x = torch.zeros(len(rows), W, dtype=torch.long)
+    segments = torch.full((len(rows), W), -1, dtype=torch.long)  # -1: padding
+    branches = torch.zeros(len(rows), W, dtype=torch.long)
+    extract = torch.full((len(rows), K), -1, dtype=torch.long)
+    slots = torch.empty(n, 2, dtype=torch.long)
+    for i, row in enumerate(rows):
+        at = 0
+        for s, j in enumerate(row):
+            ids, branch, chosen_end, rejected_end = pieces[j]
+            x[i, at : at + len(ids)] = torch.from_numpy(ids)
+            segments[i, at : at + len(ids)] = s
+            branches[i, at : at + len(ids)] = torch.from_numpy(branch)
+            extract[i, 2 * s], extract[i, 2 * s + 1] = at + chosen_end, at + rejected_end
+            slots[j] = torch.tensor([i * K + 2 * s, i * K + 2 * s + 1])
+            at += len(ids)
+    return x, segments, branches, extract, slots
 
 
 def encode_reward_pairs(template: ChatTemplate, pairs: list[Pair], max_len: int) -> EncodedPairs:
@@ -147,20 +197,24 @@ def _idle_lm_head(model: nn.Module) -> Tensor | None:
 class RewardObjective(PairObjective):
     """The Bradley–Terry loss of a reward model on batches of pairs (see train.Objective)."""
 
-    collate = staticmethod(collate_rewards)  # a reward model reads each side's last token
+    sparse_token_grad = True  # the loss reads the token table only through the embedding lookup (no LM head): see train
 
-    def __init__(self, tokenizer: AnyTokenizer, cfg: RewardConfig, train: EncodedPairs, val: EncodedPairs | None) -> None:
+    def __init__(self, tokenizer: AnyTokenizer, cfg: RewardConfig, train: EncodedPairs, val: EncodedPairs | None, row_len: int) -> None:
         super().__init__(tokenizer, train, val)
-        self.cfg = cfg
+        self.cfg, self.row_len = cfg, row_len
+
+    def collate(self, sides: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Tensor, ...]:
+        """Both sides of each pair in one branched row (collate_branched); the reply masks are not used."""
+        return collate_branched(sides, self.row_len)
 
     def _pair_terms(self, model: nn.Module, batch: tuple[Tensor, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """Losses, margins r_w − r_l and reward sums r_w + r_l of the batch's pairs, each (n,)."""
-        x, last, index = batch
-        rewards = model(x.to(device), extract=last.to(device))[0].float()  # (2n,): the chosen sides, then the rejected
-        n = index.numel()
-        losses, gap = reward_loss(rewards[:n], rewards[n:], self.cfg.margin, self.cfg.center_weight)
+        x, segments, branches, extract, slots, index = batch
+        rewards = model(x.to(device), segments=segments.to(device), branches=branches.to(device), extract=extract.to(device))[0]
+        picked = rewards.float().reshape(-1)[slots.to(device)]  # (n, 2): each pair's chosen and rejected reward
+        losses, gap = reward_loss(picked[:, 0], picked[:, 1], self.cfg.margin, self.cfg.center_weight)
         keep = (index >= 0).to(device)  # exact held-out batches end with no pairs
-        return losses[keep], gap[keep], (rewards[:n] + rewards[n:])[keep]
+        return losses[keep], gap[keep], picked.sum(dim=1)[keep]
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, ...], device: torch.device) -> Tensor:
         loss = self._pair_terms(model, batch, device)[0].mean()
@@ -200,7 +254,7 @@ def build_objective(tokenizer: AnyTokenizer, cfg: RewardConfig, block_size: int,
     if max_len > block_size:
         raise ConfigError(f"max_len ({max_len}) exceeds the model's block_size ({block_size})")
     train, val = pair_splits(cfg.data, cfg.val_data, cfg.val_fraction, ChatTemplate(tokenizer), max_len, seed, encode_reward_pairs)
-    return RewardObjective(tokenizer, cfg, train, val)
+    return RewardObjective(tokenizer, cfg, train, val, block_size)
 
 
 # ----------------------------------------------------------------------------- the run

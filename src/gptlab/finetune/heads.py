@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from gptlab.checkpoint import HEAD_KEY
 from gptlab.config import GPTConfig, TrainConfig, _in_range, _Serializable
 from gptlab.errors import CheckpointError, ConfigError, DataError, GptlabError, InputError
-from gptlab.model import GPT, IGNORE_INDEX, cross_entropy
+from gptlab.model import GPT, IGNORE_INDEX, branched_positions_and_mask, cross_entropy
 from gptlab.tokenizer import AnyTokenizer
 
 TASKS = ("classify", "entail", "similar", "choice")
@@ -420,8 +420,10 @@ class TaskModel(GPT):
 
     def forward(  # type: ignore[override]
         self, idx: Tensor, targets: Tensor | None = None, segments: Tensor | None = None, logits_at: Tensor | None = None,
-        extract: Tensor | None = None,
+        extract: Tensor | None = None, branches: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+        if branches is not None:
+            return self._branched_rewards(idx, segments, branches, extract), None
         if extract is None:
             return super().forward(idx, targets, segments, logits_at)
         if segments is not None:
@@ -444,6 +446,22 @@ class TaskModel(GPT):
         rows = torch.arange(B * S, device=idx.device)
         feats = h[rows, extract.reshape(B * S).clamp(min=0)].view(B, S, -1)  # (B, S, C): the extract token's hidden state
         return self._task_logits(feats, extract), lm_loss
+
+    def _branched_rewards(self, idx: Tensor, segments: Tensor | None, branches: Tensor | None, extract: Tensor | None) -> Tensor:
+        """Rewards (B, K) read at extract (B, K) in rows (B, T) of prompts each followed by the replies to score,
+        the prompt's tokens once (see model.branched_positions_and_mask); extract < 0 reads nothing (reward 0)."""
+        if self.spec.task != "reward":
+            raise InputError(f"branched rows score replies with a reward head, not a {self.spec.task} one")
+        shapes = [tuple(t.shape) if t is not None else None for t in (idx, segments, branches, extract)]
+        if idx.dim() != 2 or shapes[1] != shapes[0] or shapes[2] != shapes[0] or extract is None or extract.dim() != 2 or extract.size(0) != idx.size(0):
+            raise InputError(f"branched rows are ids, segments and branches (B, T) with extract positions (B, K); got shapes {shapes}")
+        positions, mask = branched_positions_and_mask(segments, branches)  # (B, T), (B, 1, T, T)
+        self._check_input(idx, None, positions)
+        table = self.pos_table if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight
+        h = self._trunk(idx, table[positions], None, mask)  # (B, T, C)
+        rows = torch.arange(idx.size(0), device=idx.device)[:, None]  # (B, 1)
+        feats = h[rows, extract.clamp(min=0)]  # (B, K, C): the hidden state at each reply's last token
+        return self.head(self.head_drop(feats)).squeeze(-1).masked_fill(extract < 0, 0.0)  # (B, K)
 
     def _task_logits(self, feats: Tensor, extract: Tensor) -> Tensor:
         """The head on the extract tokens' hidden states feats (B, S, C)."""
