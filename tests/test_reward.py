@@ -18,7 +18,7 @@ from gptlab.chat import IM_START, ChatTemplate, add_chat_tokens
 from gptlab.checkpoint import HEAD_KEY, find_checkpoint, read_checkpoint_meta, save_checkpoint
 from gptlab.cli import main
 from gptlab.config import GPTConfig
-from gptlab.errors import CheckpointError, ConfigError
+from gptlab.errors import CheckpointError, ConfigError, InputError
 from gptlab.finetune.heads import HeadSpec, TaskConfig, TaskModel
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
@@ -135,6 +135,11 @@ def test_branched_rows_give_each_side_the_reward_it_gets_alone(tok: Tokenizer) -
                      for (a, _), (b, _) in zip(sides[:3], sides[3:]))  # fmt: skip
         assert int((segments >= 0).sum()) == stored  # the shared start once per pair, no padding inside a pair
     assert x.size(0) == 1 and x.size(1) > CFG.block_size  # one row of all three pairs, longer than the context: positions fit it
+    long = torch.zeros(1, CFG.block_size + 1, dtype=torch.long)  # one sequence past the context: a position reaches block_size
+    with pytest.raises(InputError, match=f"position {CFG.block_size} is beyond block_size {CFG.block_size}"):
+        model(long, segments=torch.zeros_like(long), branches=torch.zeros_like(long), extract=torch.tensor([[CFG.block_size]]))
+    with pytest.raises(InputError, match="branched rows are ids, segments and branches"):
+        model(x, branches=branches, extract=extract)  # no segments
     # the first tokens are the prompt, branch 0; each reply's tokens follow with its own branch id
     first = int(extract[0, 0])
     assert branches[0, 0] == 0 and branches[0, first] == 1 and branches[0, int(extract[0, 1])] == 2

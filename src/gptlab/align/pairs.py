@@ -201,10 +201,11 @@ Collate = Callable[[list[tuple[np.ndarray, np.ndarray]]], tuple[Tensor, ...]]  #
 
 
 class PairBatches:
-    """An endless, resumable stream of batches of pairs, each (*collate(sides), index) with the chosen
-    sides in the first half of the rows and the rejected sides in the second; `index` (B,) names the
-    pairs. The default collate gives (x, y) to score the replies' tokens (collate_sequences);
-    a reward model's reads the last token instead (gptlab.align.reward).
+    """An endless, resumable stream of batches of pairs, each (*collate(sides), index), where `sides`
+    holds the batch's chosen sides followed by its rejected sides and `index` (B,) names the pairs.
+    The default collate gives (x, y) to score the replies' tokens (collate_sequences);
+    a reward model's stores each pair's shared start once, the two replies as branches after it
+    (gptlab.align.reward.collate_branched).
 
     Epoch e visits the pairs in the permutation keyed by (seed, e). batch_size pairs make a
     global batch; each process takes its slice. With `exact` there is one epoch, then batches

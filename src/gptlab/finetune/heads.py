@@ -391,8 +391,9 @@ class TaskModel(GPT):
     `forward(idx, targets, segments)` is the GPT's language model (sampling, evaluation).
     `forward(idx, targets, extract=extract)` with idx (B, S, T) is the task: it returns the
     head's logits, (B, n_labels), (B, S) scores over choices or (B,) rewards, and the language-model loss
-    on the same tokens when targets are given. The task goes through forward so that DDP and
-    torch.compile see it.
+    on the same tokens when targets are given. `forward(idx, segments=, branches=, extract=)` with
+    idx (B, T) scores several replies after one shared prompt in a row (a reward head only: see
+    _branched_rewards). The task goes through forward so that DDP and torch.compile see it.
     """
 
     def __init__(self, config: GPTConfig, spec: HeadSpec) -> None:
