@@ -189,7 +189,8 @@ class Objective(Protocol):
     `LanguageModeling`; supervised fine-tuning (gptlab.finetune.sft) and the alignment
     losses are objectives too, so they get all of that without a second loop.
     An objective whose batches average over varying counts (e.g. trained tokens) also has
-    `weight(batch) -> int`, the count; see train_step.
+    `weight(batch) -> int`, the count; see train_step. One whose loss reads the token table only
+    through the embedding lookup (a reward model) sets `sparse_token_grad = True`; see row_sparse_grad.
     """
 
     tokenizer: AnyTokenizer  # saved with every checkpoint
