@@ -218,7 +218,7 @@ def run_rlhf_demo(out: Path, seeds: tuple[int, ...] = RLHF_SEEDS, scale: float =
     pairs, PPO against it, and DPO and GRPO from the same SFT model; one table of held-out exact-match accuracy,
     reward-model score, KL to the SFT model and wall time per method and seed (also in out/rlhf_demo.json).
 
-    `scale` multiplies every stage's steps and time budgets (the tests run the pipeline at a sliver of its size).
+    `scale` multiplies every stage's step count (the tests run the pipeline at a sliver of its size).
     """
     import json
 
@@ -237,7 +237,7 @@ def run_rlhf_demo(out: Path, seeds: tuple[int, ...] = RLHF_SEEDS, scale: float =
 
     if not scale > 0:
         raise ConfigError(f"scale must be positive, got {scale!r}")
-    sized = lambda fields: {k: (max(1, round(v * scale)) if k == "max_steps" else v * scale if k == "time_budget" else v) for k, v in fields.items()}  # noqa: E731
+    sized = lambda fields: {k: max(1, round(v * scale)) if k == "max_steps" else v for k, v in fields.items()}  # noqa: E731
     t_start = time.perf_counter()
     chat_run, root = out / "chat", out / "rlhf"
     if not (chat_run.is_dir() and find_checkpoint(chat_run) is not None):
