@@ -120,7 +120,7 @@ def row_sparse_grad(embedding: nn.Embedding) -> Iterator[None]:
     steps, for objectives that read the table only through the lookup (a reward model never applies the LM head).
 
     Its dense backward allocates and zero-fills a (vocab, C) gradient every step, 50304 x 256 floats for a
-    batch that touches a few hundred rows, page-faulting the fresh allocation in each time: a third of a small
+    batch that touches a few hundred rows, page-faulting the fresh allocation in each time: a quarter of a small
     reward model's step. With sparse=True the backward yields only the touched rows; the hook below adds them
     into the buffer (clearing the rows it wrote the step before) and hands the buffer to the optimizer. Clipping,
     AdamW and checkpoints see the same dense gradient as before, value for value. Not under DDP, whose buckets

@@ -131,7 +131,7 @@ def collate_branched(sides: list[tuple[np.ndarray, np.ndarray]], row_len: int) -
         cut = max(min(len(c), len(r)) - 1, 0)  # each branch keeps at least its last token
         differ = np.flatnonzero(c[:cut] != r[:cut])
         k = int(differ[0]) if len(differ) else cut  # the tokens both sides share
-        ids = np.concatenate([c[:k], c[k:], r[k:]])
+        ids = np.concatenate([c, r[k:]])  # the shared start and the chosen rest, then the rejected rest
         branch = np.concatenate([np.zeros(k, np.int64), np.ones(len(c) - k, np.int64), np.full(len(r) - k, 2, np.int64)])
         pieces.append((ids, branch, len(c) - 1, len(ids) - 1))
     rows: list[list[int]] = []  # pairs per row, in order: a row takes the next pair while it fits in row_len
@@ -157,7 +157,7 @@ def collate_branched(sides: list[tuple[np.ndarray, np.ndarray]], row_len: int) -
             segments[i, at : at + len(ids)] = s
             branches[i, at : at + len(ids)] = torch.from_numpy(branch)
             extract[i, 2 * s], extract[i, 2 * s + 1] = at + chosen_end, at + rejected_end
-            slots[j] = torch.tensor([i * K + 2 * s, i * K + 2 * s + 1])
+            slots[j, 0], slots[j, 1] = i * K + 2 * s, i * K + 2 * s + 1
             at += len(ids)
     return x, segments, branches, extract, slots
 
