@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 import torch
 
 from conftest import randomize_, small_text_corpus
 from gptlab.align.reward import RewardConfig, check_same_tokenizer, collate_branched, load_reward_model, pad_right, reward_loss, score_replies
 from gptlab.chat import IM_START, ChatTemplate, add_chat_tokens
-from gptlab.checkpoint import HEAD_KEY, find_checkpoint, read_checkpoint_meta, save_checkpoint
+from gptlab.checkpoint import HEAD_KEY, checkpoint_path, find_checkpoint, read_checkpoint_meta, save_checkpoint
 from gptlab.cli import main
 from gptlab.config import GPTConfig
 from gptlab.errors import CheckpointError, ConfigError, InputError
@@ -169,35 +171,78 @@ def _pairs(n: int, seed: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_row_sparse_token_gradient_trains_the_weights_the_dense_one_does(tmp_path: Path, tok: Tokenizer, monkeypatch, grad_accum: int) -> None:
-    """The reward objective lets the loop build the token table's gradient from the looked-up rows (train.row_sparse_grad);
-    the run must end with the weights the dense gradient gives, and leave the model's embedding as it was."""
+def test_sparse_token_table_trains_the_weights_the_dense_path_does(tmp_path: Path, tok: Tokenizer, monkeypatch, grad_accum: int) -> None:
+    """The reward objective lets the loop train the token table from the looked-up rows (train.SparseTokenTable):
+    the run must end with the weights and AdamW moments the dense gradient and torch's AdamW give, resume from
+    its own checkpoint to the same end, and leave the model's embedding as it was."""
     from gptlab.align.reward import RewardObjective, train_reward
     from gptlab.checkpoint import load_checkpoint
-    from gptlab.train import row_sparse_grad
 
     torch.manual_seed(0)
     base = GPT(CFG)
     save_checkpoint(tmp_path / "base", 0, base, base.config, tok)
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(64, 3)))
     cfg = RewardConfig(data=(str(tmp_path / "train.jsonl"),), val_fraction=0.0)
-    fields = {"max_steps": 6, "batch_size": 8, "grad_accum": grad_accum, "lr": 3e-3, "weight_decay": 0.1, "grad_clip": 0.5, "device": "cpu", "seed": 1}
-    states = {}
+    fields = {"max_steps": 6, "batch_size": 8, "grad_accum": grad_accum, "lr": 3e-3, "weight_decay": 0.1, "grad_clip": 0.5, "device": "cpu",
+              "seed": 1, "save_every": 3, "keep_last": 2}  # fmt: skip
+    ends = {}
     for sparse in (True, False):
         monkeypatch.setattr(RewardObjective, "sparse_token_grad", sparse)
         train_reward(str(tmp_path / "base"), cfg, dict(fields), tmp_path / f"rm{sparse}", progress=False, report=lambda line: None)
-        states[sparse] = load_checkpoint(tmp_path / f"rm{sparse}").model.state_dict()
+        ends[sparse] = load_checkpoint(tmp_path / f"rm{sparse}", with_trainer_state=True)
+    # the same run resumed at step 3 (the table's rows with moments are read back from the optimizer state)
+    monkeypatch.setattr(RewardObjective, "sparse_token_grad", True)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "rmTrue", resumed)
+    shutil.rmtree(checkpoint_path(resumed, 6))
+    train_reward(str(tmp_path / "base"), cfg, dict(fields), resumed, progress=False, report=lambda line: None, resume=True)
+    ends["resumed"] = load_checkpoint(resumed, with_trainer_state=True)
     wte = "transformer.wte.weight"
-    assert not torch.equal(states[True][wte], base.transformer.wte.weight)  # the table trained (clipped steps, decayed rows)
-    # one micro-batch: bit for bit; two: autograd adds the second one's rows into the first's in another order
-    atol = 0.0 if grad_accum == 1 else 2e-5
-    for name, value in states[True].items():
-        torch.testing.assert_close(value, states[False][name], rtol=0, atol=atol, msg=name)
-    emb = torch.nn.Embedding(5, 3)
-    with row_sparse_grad(emb):
-        emb(torch.tensor([1, 1, 4])).sum().backward()
-        assert not emb.weight.grad.is_sparse and emb.weight.grad[:, 0].tolist() == [0, 2, 0, 0, 1]  # repeated rows add up
-    assert not emb.sparse and not emb.weight._post_accumulate_grad_hooks  # put back
+    dense = ends[False]
+    assert not torch.equal(ends[True].model.state_dict()[wte], base.transformer.wte.weight)  # the table trained (clipped steps, decayed rows)
+    for run in (ends[True], ends["resumed"]):
+        for name, value in run.model.state_dict().items():
+            torch.testing.assert_close(value, dense.model.state_dict()[name], rtol=0, atol=2e-5, msg=name)
+        ours, theirs = run.trainer_state["optimizer"]["state"], dense.trainer_state["optimizer"]["state"]
+        assert ours.keys() == theirs.keys()
+        for key in theirs:
+            for field in ("step", "exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(ours[key][field], theirs[key][field], rtol=1e-4, atol=1e-7, msg=lambda m: f"{key} {field}: {m}")
+
+
+def test_sparse_token_table_matches_torch_adamw_step_by_step() -> None:
+    """SparseTokenTable.step against torch.optim.AdamW on the dense gradient: rows that appear late, rows looked up
+    twice, steps with and without clipping, weight decay, the lr changing; and the object puts the embedding back."""
+    from gptlab.train import SparseTokenTable, clip_gradients
+
+    torch.manual_seed(0)
+    ours, ref = torch.nn.Embedding(40, 6), torch.nn.Embedding(40, 6)
+    ref.load_state_dict(ours.state_dict())
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    with SparseTokenTable(ours) as table:
+        for step in range(8):
+            ids = torch.randint(0, 10 + 4 * step, (12,))  # more of the vocabulary in use as steps go on
+            ids[0] = ids[1]
+            scale = torch.randn(12, 6)
+            for group in (*opt.param_groups, *opt_ref.param_groups):
+                group["lr"] = 1e-2 / (1 + step)
+            (ours(ids) * scale).sum().backward()
+            (ref(ids) * scale).sum().backward()
+            assert ours.weight.grad is None and table.rows  # the loop's clipping and AdamW pass over the table
+            max_norm = 2.0 if step % 2 else 0.0
+            norm = clip_gradients(ours, max_norm, table)
+            assert norm == pytest.approx(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm or 1e9)), rel=1e-6)
+            opt.step()
+            table.step(opt)
+            opt_ref.step()
+            table.clear()
+            opt_ref.zero_grad()
+            torch.testing.assert_close(ours.weight, ref.weight, rtol=0, atol=1e-6)
+            for field in ("step", "exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(opt.state[ours.weight][field], opt_ref.state[ref.weight][field], rtol=1e-5, atol=1e-9)
+        assert not table.grad.any()  # cleared rows
+    assert not ours.sparse and not ours.weight._post_accumulate_grad_hooks  # put back
 
 
 def test_reward_train_learns_a_preference_scores_and_resumes(tmp_path: Path, tok: Tokenizer, capsys) -> None:

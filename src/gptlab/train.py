@@ -114,43 +114,101 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str, fused:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
 
 
-@contextmanager
-def row_sparse_grad(embedding: nn.Embedding) -> Iterator[None]:
-    """While open, the embedding table's gradient is built from the rows a batch looks up, in a buffer kept across
-    steps, for objectives that read the table only through the lookup (a reward model never applies the LM head).
+class SparseTokenTable:
+    """The token table trained from the rows each batch looks up, for objectives that read the table only
+    through the lookup (a reward model never applies the LM head). AdamW and clipping give the weights the
+    dense path gives, to float rounding, at a cost that follows the rows in use rather than the vocabulary.
 
-    Its dense backward allocates and zero-fills a (vocab, C) gradient every step, 50304 x 256 floats for a
-    batch that touches a few hundred rows, page-faulting the fresh allocation in each time: a quarter of a small
-    reward model's step. With sparse=True the backward yields only the touched rows; the hook below adds them
-    into the buffer (clearing the rows it wrote the step before) and hands the buffer to the optimizer. Clipping,
-    AdamW and checkpoints see the same dense gradient as before, value for value. Not under DDP, whose buckets
-    want dense gradients, nor torch.compile.
+    The dense path, on a small model with GPT-2's 50,304-row table of which a batch touches a few hundred
+    rows: the backward allocates and zero-fills a (vocab, C) gradient, clipping reads all of it and AdamW
+    updates every row: a third of a small reward model's step. Here the backward yields the touched rows
+    (Embedding(sparse=True)); a hook adds them into a buffer kept across steps and leaves the parameter
+    without a .grad, so the loop's clipping and AdamW pass over it, and the loop asks this object instead:
+    `norm_sq` for the clipping norm, `step` for AdamW on the rows that have ever had a gradient. That is
+    exact because a row never looked up has zero moments, so AdamW's step there is lr * 0 / (0 + eps) = 0;
+    only weight decay moves it, and that multiplies the whole table as AdamW does. The moments and step
+    count live in the optimizer's own state for the table, in torch's AdamW layout, so checkpoints and
+    resume do not know the difference. Not under DDP, whose buckets want dense gradients, nor torch.compile.
     """
-    weight = embedding.weight
-    buffer = torch.zeros_like(weight)
-    written: list[torch.Tensor | None] = [None]  # rows the buffer holds since it was cleared; None: unknown
 
-    def densify(param: torch.Tensor) -> None:
+    def __init__(self, embedding: nn.Embedding) -> None:
+        self.embedding = embedding
+        self.weight = embedding.weight
+        self.grad = torch.zeros_like(self.weight)  # the step's gradient; zero outside self.rows
+        self.rows: list[torch.Tensor] = []  # each micro-batch's looked-up rows (repeats allowed)
+        self.clip_coef = 1.0  # set by clip_gradients when the step's global norm is clipped
+        self._touched: torch.Tensor | None = None  # torch.unique of self.rows, once a step
+        self._seen: tuple[torch.Tensor, torch.Tensor] | None = None  # (the exp_avg_sq it was read from, rows with moments)
+
+    def __enter__(self) -> SparseTokenTable:
+        self._sparse = self.embedding.sparse
+        self.embedding.sparse = True
+        self._handle = self.weight.register_post_accumulate_grad_hook(self._take)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+        self.embedding.sparse = self._sparse
+
+    def _take(self, param: torch.Tensor) -> None:
         grad = param.grad
-        if grad is None or not grad.is_sparse:  # a later micro-batch of the step: autograd added its rows in place
-            written[0] = None
-            return
-        if written[0] is None:
-            buffer.zero_()
-        else:
-            buffer.index_fill_(0, written[0], 0.0)
+        assert grad is not None and grad.is_sparse, "the table's gradient comes only from the sparse lookup"
         rows = grad._indices()[0]
-        buffer.index_add_(0, rows, grad._values())  # repeated rows add up, as in the dense backward
-        param.grad, written[0] = buffer, rows
+        self.grad.index_add_(0, rows, grad._values())  # repeated rows add up, as in the dense backward
+        self.rows.append(rows)
+        self._touched = None
+        param.grad = None  # clipping and AdamW skip the table; the loop asks norm_sq and step
 
-    sparse = embedding.sparse
-    embedding.sparse = True
-    handle = weight.register_post_accumulate_grad_hook(densify)
-    try:
-        yield
-    finally:
-        handle.remove()
-        embedding.sparse = sparse
+    def touched(self) -> torch.Tensor:
+        """The distinct rows with a gradient this step."""
+        if self._touched is None:
+            self._touched = torch.unique(torch.cat(self.rows)) if self.rows else self.grad.new_zeros(0, dtype=torch.long)
+        return self._touched
+
+    def norm_sq(self) -> torch.Tensor:
+        """The squared L2 norm of the table's gradient, for the global clipping norm."""
+        return self.grad.index_select(0, self.touched()).square().sum()
+
+    def clear(self) -> None:
+        """Drop this step's gradient (after the step, or when the step is skipped)."""
+        if self.rows:
+            self.grad.index_fill_(0, self.touched(), 0.0)
+            self.rows.clear()
+            self._touched = None
+        self.clip_coef = 1.0
+
+    @torch.no_grad()
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """AdamW (torch.optim.AdamW's update, Loshchilov & Hutter 2019, alg. 2) on the table, with the
+        gradient times clip_coef, reading the hyperparameters of the table's parameter group."""
+        group = next(g for g in optimizer.param_groups if any(p is self.weight for p in g["params"]))
+        lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        state = optimizer.state[self.weight]
+        if not state:  # AdamW's own initial state, so a later dense step or a checkpoint reads it as its own
+            state["step"] = torch.zeros((), dtype=torch.float32, device=self.weight.device)
+            state["exp_avg"] = torch.zeros_like(self.weight)
+            state["exp_avg_sq"] = torch.zeros_like(self.weight)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if self._seen is None or self._seen[0] is not exp_avg_sq:  # another optimizer, or state loaded from a checkpoint
+            self._seen = (exp_avg_sq, exp_avg_sq.ne(0).any(1) | exp_avg.ne(0).any(1))
+        seen = self._seen[1]
+        seen[self.touched()] = True
+        rows = seen.nonzero().squeeze(1)  # every row whose moments are not zero
+        state["step"] += 1
+        t = float(state["step"])
+        if decay:
+            self.weight.mul_(1.0 - lr * decay)  # decoupled decay reaches every row, looked up or not
+        g = self.grad.index_select(0, rows)  # (R, C)
+        if self.clip_coef != 1.0:
+            g.mul_(self.clip_coef)
+        m = exp_avg.index_select(0, rows).lerp_(g, 1.0 - beta1)
+        v = exp_avg_sq.index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        bias1, bias2 = 1.0 - beta1**t, 1.0 - beta2**t
+        denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
+        p = self.weight.index_select(0, rows).addcdiv_(m, denom, value=-lr / bias1)
+        exp_avg.index_copy_(0, rows, m)
+        exp_avg_sq.index_copy_(0, rows, v)
+        self.weight.index_copy_(0, rows, p)
 
 
 def loss_metrics(loss: float, bytes_per_token: float) -> dict[str, float]:
@@ -190,7 +248,7 @@ class Objective(Protocol):
     losses are objectives too, so they get all of that without a second loop.
     An objective whose batches average over varying counts (e.g. trained tokens) also has
     `weight(batch) -> int`, the count; see train_step. One whose loss reads the token table only
-    through the embedding lookup (a reward model) sets `sparse_token_grad = True`; see row_sparse_grad.
+    through the embedding lookup (a reward model) sets `sparse_token_grad = True`; see SparseTokenTable.
     """
 
     tokenizer: AnyTokenizer  # saved with every checkpoint
@@ -287,6 +345,7 @@ def train_step(
     info: DistInfo | None = None,
     sync_target: nn.Module | None = None,
     objective: Objective | None = None,
+    table: SparseTokenTable | None = None,
 ) -> tuple[float, float, bool]:
     """One optimizer step over cfg.grad_accum micro-batches.
 
@@ -324,27 +383,38 @@ def train_step(
             else:
                 (loss * shares[micro]).backward()
                 loss_sum += loss.item() * shares[micro]
-    grad_norm = clip_gradients(model, cfg.grad_clip)
+    grad_norm = clip_gradients(model, cfg.grad_clip, table)
     mean_loss = mean_over_ranks(loss_sum / cfg.grad_accum if shares is None else loss_sum, info, device)
     stepped = math.isfinite(mean_loss) and math.isfinite(grad_norm)
     if stepped:
         optimizer.step()
+        if table is not None:
+            table.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
+    if table is not None:
+        table.clear()
     return mean_loss, grad_norm, stepped
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> float:
+def clip_gradients(model: nn.Module, max_norm: float, table: SparseTokenTable | None = None) -> float:
     """The gradients' global L2 norm, and when it is above max_norm (> 0) the gradients scaled by
     max_norm / (norm + 1e-6): torch.nn.utils.clip_grad_norm_'s result, without its multiplication of
     every gradient by 1.0 when nothing is clipped (it avoids a device sync there; the loop reads the norm
-    anyway). On a small model with a large vocabulary that pass is a tenth of the step."""
+    anyway). On a small model with a large vocabulary that pass is a tenth of the step. A sparse token
+    table's gradient counts in the norm and takes the same scale, applied by its step."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
+    with_table = table is not None and bool(table.rows)
+    if not params and not with_table:
         return 0.0
-    norm = nn.utils.get_total_norm([p.grad for p in params])
+    norm = nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+    if with_table:
+        norm = (norm.square() + table.norm_sq()).sqrt()
     value = float(norm)
     if max_norm > 0 and max_norm / (value + 1e-6) < 1.0:
-        nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        if params:
+            nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        if with_table:
+            table.clip_coef = max_norm / (value + 1e-6)
     return value
 
 
@@ -475,7 +545,7 @@ def steps_for_budget(cfg: TrainConfig, seconds_left: float, step_s: float, eval_
 
 def calibrate(
     model: nn.Module, sync_target: nn.Module, cfg: TrainConfig, loader: Batches, val_loader: Batches | None,
-    device: torch.device, info: DistInfo, budget_s: float, objective: Objective,
+    device: torch.device, info: DistInfo, budget_s: float, objective: Objective, table: SparseTokenTable | None = None,
 ) -> tuple[float, float]:
     """(seconds per optimizer step, seconds per evaluation), measured on the run's own model and data.
 
@@ -494,7 +564,7 @@ def calibrate(
     t_start, times = clock(), []
     for i in range(CALIBRATION_WARM_STEPS + CALIBRATION_STEPS):
         t0 = clock()
-        train_step(model, optimizer, loader, cfg, device, info, sync_target=sync_target, objective=objective)
+        train_step(model, optimizer, loader, cfg, device, info, sync_target=sync_target, objective=objective, table=table)
         if i >= CALIBRATION_WARM_STEPS:
             times.append(clock() - t0)
             if any_rank(clock() - t_start > CALIBRATION_SHARE * budget_s, info, device):
@@ -636,8 +706,9 @@ def _train(
     raw.train()
     raw.checkpoint_blocks = cfg.activation_checkpointing
     wte = raw.transformer.wte
+    table = None
     if getattr(objective, "sparse_token_grad", False) and wte.weight.requires_grad and not info.enabled and not cfg.compile:
-        cleanup.enter_context(row_sparse_grad(wte))
+        table = cleanup.enter_context(SparseTokenTable(wte))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         torch.backends.cudnn.allow_tf32 = cfg.tf32
@@ -656,7 +727,7 @@ def _train(
     plan = None
     save_s = 0.05 + checkpoint_bytes(model_config) / SAVE_BYTES_PER_S  # until the first checkpoint is timed
     if cfg.time_budget is not None and ckpt is None:
-        step_s, eval_s = calibrate(model, wrapped, cfg, loader, val_loader() if has_val else None, device, info, cfg.time_budget, objective)
+        step_s, eval_s = calibrate(model, wrapped, cfg, loader, val_loader() if has_val else None, device, info, cfg.time_budget, objective, table)
         setup_s = max_over_ranks(clock() - t_enter, info, device)
         steps = steps_for_budget(cfg, cfg.time_budget - setup_s, step_s, eval_s, save_s)
         if steps < 1:
@@ -763,7 +834,7 @@ def _train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t_step = clock()
-            train_loss, grad_norm, stepped = train_step(model, optimizer, loader, cfg, device, info, sync_target=wrapped, objective=objective)
+            train_loss, grad_norm, stepped = train_step(model, optimizer, loader, cfg, device, info, sync_target=wrapped, objective=objective, table=table)
             step_s = clock() - t_step
             done = step + 1
             bad_steps = 0 if stepped else bad_steps + 1

@@ -33,7 +33,7 @@ reply's first tokens): training rows hold it once, with the rest of each side as
 after it that attends to the shared start and to itself only, several pairs to a row and none
 padded to the batch's longest (collate_branched, TaskModel's branched rows). Each side gets the
 reward it gets alone (tested against the padded batch). And since only the embedding lookup
-reads the token table, its gradient is built from the rows looked up (train.row_sparse_grad).
+reads the token table, its gradient and AdamW step follow the rows looked up (train.SparseTokenTable).
 """
 
 from __future__ import annotations
