@@ -189,6 +189,27 @@ def test_each_row_of_a_batch_equals_the_prompt_run_alone(model):
         assert len(t.token_ids) == c.max_new_tokens
 
 
+def test_a_prompt_repeated_in_a_batch_is_prefilled_once(model, monkeypatch):
+    """n samples of one prompt (a GRPO group): the prefill runs each distinct prompt once, copies its keys and
+    values to every row that asks it, and each row still samples what the prompt run alone samples."""
+    prompts = [[5, 6, 7, 8], [9, 10], [5, 6, 7, 8], [5, 6, 7, 8], [9, 10]]
+    cfgs = [SampleConfig(max_new_tokens=15, temperature=1.0, seed=s, logprobs=0) for s in range(len(prompts))]
+    engine = Engine(model)
+    forward, shapes = engine.model.forward_cached, []
+
+    def counted(idx, step, *args):
+        shapes.append(tuple(idx.shape))
+        return forward(idx, step, *args)
+
+    monkeypatch.setattr(engine.model, "forward_cached", counted)  # engine.model may be the shared fixture itself
+    together = engine.generate(prompts, cfgs)
+    assert shapes[0] == (2, 4)  # two distinct prompts, padded to the longer
+    for p, c, t in zip(prompts, cfgs, together, strict=True):
+        alone = engine.generate([p], c)[0]
+        assert alone.token_ids == t.token_ids and alone.logprobs == pytest.approx(t.logprobs, abs=1e-5)
+    assert len({tuple(together[i].token_ids) for i in (0, 2, 3)}) > 1  # seeds differ: the rows are not one sample copied
+
+
 def test_seeded_sampling_repeats_and_seeds_differ(model):
     engine = Engine(model)
     cfg = SampleConfig(max_new_tokens=30, temperature=1.0, top_k=50, seed=123)

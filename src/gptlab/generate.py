@@ -490,20 +490,32 @@ class Engine:
         return min(block, max(len(p) + c.max_new_tokens - 1 + extra for p, c in zip(ids, cfgs, strict=True)))
 
     def _prefill(self, model: GPT, cache: KVCache, rows: list[int], seqs: list[list[int]]) -> Tensor:
-        """Fill cache rows `rows` with the keys and values of `seqs` (from position 0); logits at each one's end, (n, V)."""
-        n, T = len(seqs), max(len(s) for s in seqs)
+        """Fill cache rows `rows` with the keys and values of `seqs` (from position 0); logits at each one's end, (n, V).
+
+        A prompt asked several times (n samples of one prompt, a GRPO group) is run once and its keys and
+        values copied to each of its rows: the forward pass is most of a prefill, the copy a small part.
+        """
+        index_of: dict[tuple[int, ...], int] = {}
+        inverse = [index_of.setdefault(tuple(s), len(index_of)) for s in seqs]  # row -> its distinct prompt
+        distinct = [list(s) for s in index_of]
+        n, T = len(distinct), max(len(s) for s in distinct)
         idx = torch.zeros(n, T, dtype=torch.long, device=self.device)  # right padding; the causal mask hides it
-        for i, s in enumerate(seqs):
+        for i, s in enumerate(distinct):
             idx[i, : len(s)] = torch.tensor(s, device=self.device)
-        last = torch.tensor([len(s) - 1 for s in seqs], device=self.device)
-        if n == cache.batch_size:
+        last = torch.tensor([len(s) - 1 for s in distinct], device=self.device)
+        if n == len(seqs) == cache.batch_size:
             return model.forward_cached(idx, CacheStep(cache, T, None, T), last)
         part = KVCache(model.config, n, T, cache.k.dtype, self.device)
-        logits = model.forward_cached(idx, CacheStep(part, T, None, T), last)
+        logits = model.forward_cached(idx, CacheStep(part, T, None, T), last)  # (n, V)
         index = torch.tensor(rows, device=self.device)
-        cache.k[:, index, :, :T] = part.k
-        cache.v[:, index, :, :T] = part.v
-        return logits
+        if n == len(seqs):
+            cache.k[:, index, :, :T] = part.k
+            cache.v[:, index, :, :T] = part.v
+            return logits
+        pick = torch.tensor(inverse, device=self.device)
+        cache.k[:, index, :, :T] = part.k[:, pick]  # (n_layer, len(rows), nh, T, hs)
+        cache.v[:, index, :, :T] = part.v[:, pick]
+        return logits[pick]
 
     def _step(self, model: GPT, cache: KVCache, idx: Tensor, start: list[int], decode: bool = False) -> Tensor:
         """Logits (B, T, V) for idx (B, T) placed at per-row positions start[b]...; decode: the target's one-token step, compiled if asked."""
