@@ -14,7 +14,7 @@ from conftest import small_text_corpus
 from gptlab.align.grpo import grpo_loss, group_advantages
 from gptlab.align.rollout import PromptRow, collate_rollouts, sample_replies, wrong_reply_pairs
 from gptlab.chat import ChatTemplate, add_chat_tokens
-from gptlab.checkpoint import save_checkpoint
+from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.cli import main
 from gptlab.config import GPTConfig, SampleConfig
 from gptlab.model import GPT, IGNORE_INDEX, label_logprobs
@@ -200,10 +200,14 @@ def test_the_first_minibatch_of_an_epoch_has_ratio_one_and_clips_nothing() -> No
 def test_ppo_solves_the_toy_problem_and_reports_kl(colours: Path, tmp_path: Path) -> None:
     argv = ["ppo", "--policy", str(colours / "sft"), "--prompts", str(colours / "prompts.jsonl"), "--val-prompts", str(colours / "prompts.jsonl"),
             "--reward", "builtin:exact", "--prompts-per-step", "16", "--max-new-tokens", "4", "--max-steps", "25", "--eval-every", "25",
-            "--lr", "1e-3", "--min-lr", "1e-3", "--kl-coef", "0.01", "--out", str(tmp_path / "run"), "-q"]  # fmt: skip
+            "--lr", "1e-3", "--min-lr", "1e-3", "--value-lr", "2e-2", "--kl-coef", "0.01", "--out", str(tmp_path / "run"), "-q"]  # fmt: skip
     assert main(argv) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["reward"] < 0.6 and records[-1]["val_reward"] == 1.0
+    # the value head trains at its own rate, in its own AdamW group, and learns the returns
+    groups = load_checkpoint(tmp_path / "run", with_trainer_state=True).trainer_state["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3, 2e-2]) and len(groups[-1]["params"]) == 2
+    assert records[-1]["value_loss"] < records[0]["value_loss"] / 2
     assert records[-1]["kl"] > 0 and all({"value_loss", "entropy", "approx_kl", "clip_fraction", "kl_coef"} <= r.keys() for r in records)
     assert main(["ppo", "--out", str(tmp_path / "run"), "--resume", "--max-steps", "26", "-q"]) == 0
 

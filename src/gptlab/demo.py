@@ -213,6 +213,19 @@ RLHF_DPO = {"max_steps": 1400, "lr": 2e-5, "min_lr": 2e-6}  # ~2 min here
 RLHF_GRPO = {"max_steps": 450, "lr": 3e-4, "min_lr": 3e-5}
 
 
+def paired_gain(correct: list[bool], baseline: list[bool]) -> tuple[float, float]:
+    """(mean gain, half-width of its 95% interval) of a method's per-question exact match over the baseline's on
+    the same questions: the paired difference d_i in {-1, 0, 1}, its mean, and 1.96 standard errors
+    sd(d) / sqrt(n). Pairing cancels the questions both get right or both get wrong, so the interval is the
+    test set's sampling noise of the gain, not of each accuracy."""
+    if len(correct) != len(baseline) or len(correct) < 2:
+        raise ValueError(f"need two equal lists of at least 2 results, got {len(correct)} and {len(baseline)}")
+    d = [float(a) - float(b) for a, b in zip(correct, baseline, strict=True)]
+    n, mean = len(d), sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return mean, 1.96 * (var / n) ** 0.5
+
+
 def run_rlhf_demo(out: Path, seeds: tuple[int, ...] = RLHF_SEEDS, scale: float = 1.0, progress: bool = True) -> dict:
     """Seed 004's pipeline from the chat demo's model: SFT on a checkable task, a reward model on preference
     pairs, PPO against it, and DPO and GRPO from the same SFT model; one table of held-out exact-match accuracy,
@@ -226,12 +239,11 @@ def run_rlhf_demo(out: Path, seeds: tuple[int, ...] = RLHF_SEEDS, scale: float =
     from gptlab.align.grpo import GRPOConfig, grpo
     from gptlab.align.ppo import PPOConfig, ppo
     from gptlab.align.reward import RewardConfig, train_reward
-    from gptlab.align.rewards import load_reward_function
-    from gptlab.align.rl import ModelReward, evaluate_policy, kl_to
+    from gptlab.align.rl import ModelReward, evaluate_replies, greedy_replies, kl_to
     from gptlab.align.rollout import read_prompt_rows, wrong_reply_pairs
     from gptlab.chat import ChatTemplate
     from gptlab.checkpoint import find_checkpoint, load_checkpoint
-    from gptlab.datasets import load_preferences
+    from gptlab.datasets import exact_match, load_preferences
     from gptlab.finetune.sft import SFTConfig, sft
     from gptlab.fileio import write_atomic
 
@@ -247,7 +259,6 @@ def run_rlhf_demo(out: Path, seeds: tuple[int, ...] = RLHF_SEEDS, scale: float =
     quiet = lambda line: None  # noqa: E731  (each stage prints its own one-line summary here)
     task = f"builtin:{RLHF_TASK}"
     test_rows = read_prompt_rows(task, "test")
-    exact = load_reward_function("builtin:exact")
     common = {"device": str(device)}
 
     print(f"[1/5] SFT: the chat model fine-tuned on {task}'s answers for {sized(RLHF_SFT)['max_steps']} steps -> {root / 'sft'}", flush=True)
@@ -273,12 +284,22 @@ def run_rlhf_demo(out: Path, seeds: tuple[int, ...] = RLHF_SEEDS, scale: float =
     print(f"      held-out pairwise accuracy {rm_result.val['pair_accuracy']:.1%} after {rm_result.step} steps ({format_seconds(time.perf_counter() - t0)})")
     judge = ModelReward(str(root / "rm"), start.tokenizer, device)
 
+    sft_correct: list[bool] = []
+
     def measure(name: str, seed: int, model: torch.nn.Module, seconds: float) -> dict:
-        acc = evaluate_policy(model, template, test_rows, exact, 8)["accuracy"]
-        rm_score = evaluate_policy(model, template, test_rows, judge, 8)["reward"]
+        replies = greedy_replies(model, template, test_rows, 8)
+        correct = [exact_match(reply, r.reference) for reply, r in zip(replies, test_rows, strict=True)]
+        rm_score = evaluate_replies(template, test_rows, replies, judge)["reward"]
         kl = kl_to(model, start.model, template, test_rows, 8, seed) if name != "SFT" else 0.0
-        row = {"method": name, "seed": seed, "accuracy": acc, "rm_reward": rm_score, "kl": kl, "seconds": seconds}
-        print(f"      {name:5s} seed {seed}: exact match {acc:.1%}, reward-model score {rm_score:+.3f}, KL to SFT {kl:.3f} nats, {format_seconds(seconds)}", flush=True)
+        row = {"method": name, "seed": seed, "accuracy": sum(correct) / len(correct), "rm_reward": rm_score, "kl": kl, "seconds": seconds}
+        if name == "SFT":
+            sft_correct.extend(correct)
+            gain = ""
+        else:
+            row["gain"], row["gain_95"] = paired_gain(correct, sft_correct)
+            gain = f", {100 * row['gain']:+.1f} points over SFT (paired 95% interval ±{100 * row['gain_95']:.1f})"
+        print(f"      {name:5s} seed {seed}: exact match {row['accuracy']:.1%}{gain}, reward-model score {rm_score:+.3f}, KL to SFT {kl:.3f} nats, "
+              f"{format_seconds(seconds)}", flush=True)  # fmt: skip
         return row
 
     table = [measure("SFT", 0, start.model, 0.0)]
@@ -297,9 +318,16 @@ def run_rlhf_demo(out: Path, seeds: tuple[int, ...] = RLHF_SEEDS, scale: float =
             table.append(measure(name, seed, load_checkpoint(root / f"{name.lower()}-{seed}", device=device).model, time.perf_counter() - t0))
 
     print(f"[5/5] held-out results ({len(test_rows)} {RLHF_TASK} test questions, greedy replies)", flush=True)
-    print(f"      {'method':8s} {'seed':>4s} {'exact match':>12s} {'RM score':>9s} {'KL to SFT':>10s} {'wall time':>10s}")
+    print(f"      {'method':8s} {'seed':>4s} {'exact match':>12s} {'vs SFT (95%)':>14s} {'RM score':>9s} {'KL to SFT':>10s} {'wall time':>10s}")
     for r in table:
-        print(f"      {r['method']:8s} {r['seed']:>4d} {r['accuracy']:>12.1%} {r['rm_reward']:>+9.3f} {r['kl']:>10.3f} {format_seconds(r['seconds']):>10s}")
+        gain = f"{100 * r['gain']:+.1f} ±{100 * r['gain_95']:.1f}" if "gain" in r else ""
+        print(f"      {r['method']:8s} {r['seed']:>4d} {r['accuracy']:>12.1%} {gain:>14s} {r['rm_reward']:>+9.3f} {r['kl']:>10.3f} {format_seconds(r['seconds']):>10s}")
+    for method in ("PPO", "DPO", "GRPO"):
+        runs = [r for r in table if r["method"] == method]
+        beyond = sum(r["gain"] > r["gain_95"] for r in runs)
+        spread = max(r["accuracy"] for r in runs) - min(r["accuracy"] for r in runs)
+        print(f"      {method}: above SFT beyond the paired 95% interval in {beyond} of {len(runs)} runs; smallest gain {100 * min(r['gain'] for r in runs):+.1f} "
+              f"points, seeds {100 * spread:.1f} points apart")  # fmt: skip
     total = time.perf_counter() - t_start
     summary = {"minutes": total / 60, "task": RLHF_TASK, "eval_prompts": len(test_rows), "rm_pair_accuracy": rm_result.val["pair_accuracy"], "table": table}
     write_atomic(out / "rlhf_demo.json", json.dumps(summary, indent=2).encode())

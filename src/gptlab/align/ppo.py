@@ -58,6 +58,7 @@ class PPOConfig(_Serializable):
     clip: float = 0.2
     value_clip: float = 0.2
     vf_coef: float = 0.1
+    value_lr: float = 1e-3  # the value head's peak learning rate (the policy's is the TrainConfig's lr), same schedule
     gamma: float = 1.0
     lam: float = 0.95
     kl_coef: float = 0.05  # β at the start
@@ -81,6 +82,7 @@ class PPOConfig(_Serializable):
         for name in ("clip", "value_clip", "gamma", "lam"):
             _in_range(self, name, 0.0, 1.0)
         _in_range(self, "vf_coef", 0.0, 100.0)
+        _in_range(self, "value_lr", 0.0, 1.0)
         _in_range(self, "kl_coef", 0.0, 100.0)
         if self.target_kl is not None:
             _in_range(self, "target_kl", 0.0, 1e6)
@@ -193,7 +195,11 @@ def ppo(
     if run.trainer_state is not None:
         actor_critic.value_head.load_state_dict(run.trainer_state["value_head"])
         controller.value = float(run.trainer_state["kl_coef"])
-    optimizer = run.optimizer(actor_critic)
+    # The value head is a fresh linear layer: at the policy's learning rate (1e-5) it would stay near 0 for the
+    # whole run, and the advantages would be the rewards less a batch mean (REINFORCE); its own, larger rate
+    # lets it learn each prompt's expected reward within tens of steps, the per-prompt baseline PPO relies on.
+    optimizer = run.optimizer(actor_critic.policy, [{"params": list(actor_critic.value_head.parameters()), "weight_decay": 0.0,
+                                                     "lr_scale": cfg.value_lr / train_cfg.lr}])  # fmt: skip
     P = cfg.prompts_per_step
     run.describe(report, True)
     report(f"schedule: {train_cfg.max_steps} steps of {P} replies (<= {cfg.max_new_tokens} tokens, temperature {cfg.temperature:g}), {cfg.epochs} epochs "
@@ -227,7 +233,7 @@ def ppo(
                 kl = ((old_logp - ref_logp) * mask).sum(dim=1).mean().item()  # nats per reply
             actor_critic.train()
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, train_cfg)
+                group["lr"] = lr_at(step, train_cfg) * group.get("lr_scale", 1.0)
             totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "entropy": 0.0}
             updates = 0
             for _ in range(cfg.epochs):

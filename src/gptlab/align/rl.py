@@ -50,16 +50,21 @@ class PromptCursor:
 
 
 @torch.no_grad()
-def evaluate_policy(policy: nn.Module, template: ChatTemplate, rows: list[PromptRow], reward: Reward | ModelReward, max_new_tokens: int) -> dict[str, float]:
-    """The policy's greedy replies to `rows`: their mean reward (skipped samples left out), their mean length in
-    tokens, and, when the rows carry reference answers, the exact-match accuracy: a check that does not go
-    through the reward, so a reward the policy learns to exploit shows as reward rising while accuracy falls."""
+def greedy_replies(policy: nn.Module, template: ChatTemplate, rows: list[PromptRow], max_new_tokens: int) -> list[str]:
+    """The policy's greedy replies to `rows`, through the KV-cached engine."""
     from gptlab.chat import reply_all
-    from gptlab.datasets import exact_match
     from gptlab.generate import Engine
 
     engine = Engine(policy, template.tokenizer, onednn=False)  # the policy's current weights
-    replies = reply_all(engine, template, [r.messages for r in rows], SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0))
+    return reply_all(engine, template, [r.messages for r in rows], SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0))
+
+
+def evaluate_replies(template: ChatTemplate, rows: list[PromptRow], replies: list[str], reward: Reward | ModelReward) -> dict[str, float]:
+    """Replies to `rows` scored: their mean reward (skipped samples left out), their mean length in tokens, and,
+    when the rows carry reference answers, the exact-match accuracy: a check that does not go through the
+    reward, so a reward the policy learns to exploit shows as reward rising while accuracy falls."""
+    from gptlab.datasets import exact_match
+
     scores = score(reward, [r.messages for r in rows], replies, [r.reference for r in rows])
     values = [v for v in scores.rewards if v is not None]
     out = {"reward": sum(values) / max(len(values), 1), "reply_tokens": sum(len(template.tokenizer.encode_ordinary(t)) for t in replies) / len(replies)}
@@ -67,6 +72,11 @@ def evaluate_policy(policy: nn.Module, template: ChatTemplate, rows: list[Prompt
     if checked:
         out["accuracy"] = sum(exact_match(reply, ref) for reply, ref in checked) / len(checked)
     return out
+
+
+def evaluate_policy(policy: nn.Module, template: ChatTemplate, rows: list[PromptRow], reward: Reward | ModelReward, max_new_tokens: int) -> dict[str, float]:
+    """The policy's greedy replies to `rows`, scored by evaluate_replies."""
+    return evaluate_replies(template, rows, greedy_replies(policy, template, rows, max_new_tokens), reward)
 
 
 def describe_val(val: dict[str, float]) -> str:
@@ -154,11 +164,14 @@ class RLRun:
         ref = copy.deepcopy(self.model) if self.trainer_state is None else load_checkpoint(self.base_path).model
         return ref.to(self.device).eval().requires_grad_(False)
 
-    def optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
-        """AdamW over `module` (the policy, or the policy with a value head), its state restored on resume."""
+    def optimizer(self, module: nn.Module, extra_groups: list[dict[str, Any]] = ()) -> torch.optim.Optimizer:
+        """AdamW over `module` (the policy) and any `extra_groups` (PPO's value head, at its own rate), its state
+        restored on resume."""
         from gptlab.train import build_optimizer
 
         optimizer = build_optimizer(module, self.train_cfg, self.device.type)
+        for group in extra_groups:
+            optimizer.add_param_group(dict(group))
         if self.trainer_state is not None:
             optimizer.load_state_dict(self.trainer_state["optimizer"])
         return optimizer

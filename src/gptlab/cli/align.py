@@ -32,7 +32,7 @@ def cmd_dpo(args: argparse.Namespace) -> int:
 
 RL_FIELDS = {
     "grpo": ("group_size", "prompts_per_step", "max_new_tokens", "temperature", "clip", "beta", "updates_per_rollout", "eval_prompts"),
-    "ppo": ("prompts_per_step", "max_new_tokens", "temperature", "epochs", "minibatches", "clip", "value_clip", "vf_coef", "gamma", "lam",
+    "ppo": ("prompts_per_step", "max_new_tokens", "temperature", "epochs", "minibatches", "clip", "value_clip", "vf_coef", "value_lr", "gamma", "lam",
             "kl_coef", "target_kl", "eval_prompts"),
 }  # fmt: skip
 
@@ -155,6 +155,7 @@ def register(sub: argparse._SubParsersAction, command: Register) -> None:
             t.add_argument("--minibatches", type=int, help="minibatches per epoch (default 2)")
             t.add_argument("--value-clip", type=float, help="clip range of the value update (default 0.2)")
             t.add_argument("--vf-coef", type=float, help="weight of the value loss (default 0.1)")
+            t.add_argument("--value-lr", type=float, help="the value head's peak learning rate, on --lr's schedule (default 1e-3)")
             t.add_argument("--gamma", type=float, help="discount (default 1)")
             t.add_argument("--lam", type=float, help="GAE lambda (default 0.95)")
             t.add_argument("--kl-coef", type=float, help="initial KL penalty coefficient beta (default 0.05)")

@@ -13,7 +13,7 @@ always gives the same rows, whatever PYTHONHASHSEED or the time.
                 letters, how often one letter appears. Words from stdlib docstrings.  Checkable.
     sorting     "Sort these numbers: 5 2 9 1" -> "1 2 5 9"; also 3-5 words alphabetically.  Checkable.
     compare     "Which is larger, 37 or 45?" -> "45"; also the smaller. Not in mix: the alignment
-                demo's task (`gptlab demo --rlhf`).  Checkable.
+                demo's task (`gptlab demo --rlhf`), with 2000 test questions.  Checkable.
     stdlib      "What is the signature of json.dumps?", "What does textwrap.dedent do?" (the first
                 sentence of its docstring), "Which module defines the function `dedent`?" (only
                 names one covered module defines), "What is the json module for?".  Not checkable:
@@ -26,7 +26,7 @@ Rows are in the OpenAI chat format, with the subtask ("set/subtask") that made t
                   {"role": "assistant", "content": "82"}],
      "task": "arithmetic/addition"}
 
-Each set has a "train" and a "test" split (4000 / 400 rows for the checkable sets); no
+Each set has a "train" and a "test" split (4000 / 400 rows for the checkable sets, 4000 / 2000 for compare); no
 question is in both. A row's answer to score is its last assistant message, and it can
 be scored by `exact_match` when `checkable(row["task"].split("/")[0])`.
 

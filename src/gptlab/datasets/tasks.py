@@ -130,16 +130,17 @@ def _smaller(rng: random.Random) -> Turn:
 
 
 def compare() -> Splits:
-    """4000 train / 400 test questions: the larger or the smaller of two different numbers below 100.
+    """4000 train / 2000 test questions: the larger or the smaller of two different numbers below 100.
 
     Not in `mix`: the alignment demo's task. A small model learns the choice quickly but copies
     the number slowly (the prompt spells " 85" as " 8" + "5", the answer as "85"), so a short
-    fine-tune leaves mistakes of both kinds for preference and RL methods to remove.
+    fine-tune leaves mistakes of both kinds for preference and RL methods to remove. The test split
+    is five times the other sets': a gain of 3 points is then beyond the test set's sampling noise.
     """
     return draw_splits(
         [
-            Subtask("compare/larger", _larger, 2000, 200),
-            Subtask("compare/smaller", _smaller, 2000, 200),
+            Subtask("compare/larger", _larger, 2000, 1000),
+            Subtask("compare/smaller", _smaller, 2000, 1000),
         ],
         COMPARE_SEED,
     )
