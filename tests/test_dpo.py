@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,13 @@ def test_dpo_raises_the_held_out_preference_accuracy(tmp_path: Path, tok: Tokeni
     accuracy = [r["val_reward_accuracy"] for r in records if "val_reward_accuracy" in r]
     assert accuracy[-1] >= 0.95 and accuracy[-1] > accuracy[0] - 1e-9
     assert main(["dpo", "--out", str(tmp_path / "run"), "--resume", "--max-steps", "45", "-q"]) == 0
+    # the starting checkpoint (the reference, reloaded to resume) replaced by a model with another vocabulary
+    other = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    shutil.rmtree(tmp_path / "policy")
+    save_checkpoint(tmp_path / "policy", 0, other, other.config, tok)  # the step the run recorded as its start
+    assert main(["dpo", "--out", str(tmp_path / "run"), "--resume", "--max-steps", "50", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "has 512 token rows but the policy 448: it changed since the run began" in err and len(err.strip().splitlines()) == 1, err
     code = main(["dpo", "--policy", str(tmp_path / "policy"), "--data", str(tmp_path / "nowhere.jsonl"), "--out", str(tmp_path / "x"), "-q"])
     err = capsys.readouterr().err
     assert code == 2 and "nowhere.jsonl: cannot read" in err and len(err.strip().splitlines()) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,23 @@ def test_a_broken_reward_function_stops_the_run_in_one_line(colours: Path, tmp_p
         assert named in err and len(err.strip().splitlines()) == 1, err
     assert main([*base, "--reward", "builtin:exact", "--batch-size", "4"]) == 2
     assert "grpo does not take --batch-size" in capsys.readouterr().err
+
+
+def test_resuming_against_a_changed_reference_is_refused_in_one_line(colours: Path, tmp_path: Path, capsys) -> None:
+    """The frozen reference is reloaded from the starting checkpoint on resume: a model there with another
+    tokenizer (same vocabulary size) must be refused, not scored at the wrong ids."""
+    shutil.copytree(colours / "sft", tmp_path / "start")
+    argv = ["grpo", "--policy", str(tmp_path / "start"), "--prompts", str(colours / "prompts.jsonl"), "--reward", "builtin:exact",
+            "--group-size", "4", "--prompts-per-step", "2", "--max-new-tokens", "4", "--max-steps", "2", "--out", str(tmp_path / "run"), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    other, _ = add_chat_tokens(Tokenizer.train(small_text_corpus(20_000), vocab_size=380, progress=False))
+    model = GPT(GPTConfig(vocab_size=448, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    step = load_checkpoint(tmp_path / "start").step  # the checkpoint the run recorded as its start
+    shutil.rmtree(tmp_path / "start")
+    save_checkpoint(tmp_path / "start", step, model, model.config, other)
+    assert main(["grpo", "--out", str(tmp_path / "run"), "--resume", "--max-steps", "3", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "(the run's starting policy, reloaded to resume) has another tokenizer than the policy" in err and len(err.strip().splitlines()) == 1, err
 
 
 # ----------------------------------------------------------------------------- PPO

@@ -187,7 +187,12 @@ def dpo(
     run_dir = Path(run_dir)
     resumed = find_resumed(run_dir, KEY, DPOConfig, cfg, "DPO") if resume else None
     if resumed is not None:
+        from gptlab.align.reward import check_reference
+
         start = load_checkpoint(resumed.meta["base"]["path"])
+        run = load_checkpoint(resumed.path)
+        check_reference(start, run.model_config, run.tokenizer)
+        del run
         objective = build_objective(start.model, start.tokenizer, resumed.settings, resumed.block_size, resumed.seed)
         del start
         return train(None, None, objective, run_dir, resume=True, progress=progress, resume_overrides=train_fields, report=report, started=started)

@@ -159,9 +159,15 @@ class RLRun:
 
     def reference_model(self) -> nn.Module:
         """The frozen reference: the starting policy (a copy of it on a fresh run, reloaded on resume)."""
+        from gptlab.align.reward import check_reference
         from gptlab.checkpoint import load_checkpoint
 
-        ref = copy.deepcopy(self.model) if self.trainer_state is None else load_checkpoint(self.base_path).model
+        if self.trainer_state is None:
+            ref = copy.deepcopy(self.model)
+        else:
+            start = load_checkpoint(self.base_path)
+            check_reference(start, self.model.config, self.tokenizer)
+            ref = start.model
         return ref.to(self.device).eval().requires_grad_(False)
 
     def optimizer(self, module: nn.Module, extra_groups: list[dict[str, Any]] = ()) -> torch.optim.Optimizer:
