@@ -10,7 +10,7 @@ sample, chat, eval and export take, and --resume restores optimizer, cursor and 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from gptlab.align.rewards import PY_PREFIX, Reward, Scores, Skip, load_reward_fu
 from gptlab.align.rollout import PromptRow, read_prompt_rows
 from gptlab.chat import ChatTemplate
 from gptlab.config import SampleConfig, TrainConfig
-from gptlab.errors import ConfigError
+from gptlab.errors import CheckpointError, ConfigError
 from gptlab.tokenizer import AnyTokenizer
 
 
@@ -170,16 +170,26 @@ class RLRun:
             ref = start.model
         return ref.to(self.device).eval().requires_grad_(False)
 
-    def optimizer(self, module: nn.Module, extra_groups: list[dict[str, Any]] = ()) -> torch.optim.Optimizer:
+    def optimizer(self, module: nn.Module, extra_groups: Sequence[dict[str, Any]] = ()) -> torch.optim.Optimizer:
         """AdamW over `module` (the policy) and any `extra_groups` (PPO's value head, at its own rate), its state
-        restored on resume."""
+        restored on resume (the groups' own settings, such as an lr_scale, stay this call's)."""
         from gptlab.train import build_optimizer
 
         optimizer = build_optimizer(module, self.train_cfg, self.device.type)
         for group in extra_groups:
             optimizer.add_param_group(dict(group))
         if self.trainer_state is not None:
-            optimizer.load_state_dict(self.trainer_state["optimizer"])
+            saved = self.trainer_state["optimizer"]
+            if len(saved["param_groups"]) != len(optimizer.param_groups):
+                raise CheckpointError(
+                    f"the optimizer state in {self.run_dir} has {len(saved['param_groups'])} parameter groups, this gptlab's "
+                    f"{self.key} {len(optimizer.param_groups)} (an older gptlab wrote it); start a new run"
+                )
+            scales = [g.get("lr_scale") for g in optimizer.param_groups]
+            optimizer.load_state_dict(saved)
+            for group, scale in zip(optimizer.param_groups, scales, strict=True):
+                if scale is not None:
+                    group["lr_scale"] = scale
         return optimizer
 
     def describe(self, report: Callable[[str], None], uses_reference: bool) -> None:
