@@ -203,7 +203,7 @@ RLHF_SEEDS = (1, 2)
 # mistakes (a miscopied digit: "44" against "41"), and PPO finds those. Steps, not time budgets,
 # for the reward model and DPO: a budget's step count follows the machine's speed, and the reward
 # model, and PPO with it, then changed from run to run. The test split has 2000 questions so that the
-# paired 95% interval of a gain is about ±2 points (it was ±4 on 400); PPO's value head learns at 1e-3
+# paired 95% interval of a gain is about ±2 points (it was ±4.5 on 400); PPO's value head learns at 1e-3
 # (at the policy's 1e-5 it stayed near 0): +3.5 / +2.6 points over SFT then, each beyond its interval.
 RLHF_SFT = {"max_steps": 42, "lr": 1e-3, "min_lr": 1e-4, "batch_size": 8}
 RLHF_SAMPLES = 4  # sampled replies per prompt whose mistakes become preference pairs
