@@ -1,4 +1,5 @@
-"""Evaluation beyond loss: attention maps (`gptlab.evals.attention`).
+"""Evaluation beyond loss: log-likelihood requests and multiple-choice metrics as lm-evaluation-harness
+computes them (`gptlab.evals.harness`), attention maps (`gptlab.evals.attention`).
 
 The submodules are imported on use; this package imports nothing itself.
 """
