@@ -508,11 +508,7 @@ class Engine:
         part = KVCache(model.config, n, T, cache.k.dtype, self.device)
         logits = model.forward_cached(idx, CacheStep(part, T, None, T), last)  # (n, V)
         index = torch.tensor(rows, device=self.device)
-        if n == len(seqs):
-            cache.k[:, index, :, :T] = part.k
-            cache.v[:, index, :, :T] = part.v
-            return logits
-        pick = torch.tensor(inverse, device=self.device)
+        pick = torch.tensor(inverse, device=self.device) if n < len(seqs) else slice(None)  # distinct prompt -> its rows
         cache.k[:, index, :, :T] = part.k[:, pick]  # (n_layer, len(rows), nh, T, hs)
         cache.v[:, index, :, :T] = part.v[:, pick]
         return logits[pick]

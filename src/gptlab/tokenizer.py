@@ -980,6 +980,16 @@ def _load_gpt2() -> Tokenizer:
         return Tokenizer.from_gpt2_files(vocab, merges, name="gpt2")
 
 
+def same_encoding(a: AnyTokenizer, b: AnyTokenizer) -> bool:
+    """Whether two tokenizers map text to the same ids (their names aside): what two models that read
+    each other's token ids (draft and target, policy and reward model or reference) must share."""
+
+    def content(tok: AnyTokenizer) -> dict[str, Any]:
+        return {k: v for k, v in tok.to_dict().items() if k != "name"}
+
+    return type(a) is type(b) and content(a) == content(b)
+
+
 def tokenizer_from_dict(data: Any, *, source: str = "tokenizer data") -> AnyTokenizer:
     """Either kind of tokenizer from its one-file JSON form, by its "format" field."""
     if isinstance(data, dict) and data.get("format") == WrappedTokenizer.FORMAT:

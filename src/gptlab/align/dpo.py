@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from gptlab.align.pairs import EncodedPairs, PairObjective, collate_sequences, pair_splits, sequence_logprobs
 from gptlab.chat import ChatTemplate
-from gptlab.config import TrainConfig, _in_range, _Serializable
+from gptlab.config import GPTConfig, TrainConfig, _in_range, _Serializable
 from gptlab.errors import ConfigError
 from gptlab.model import IGNORE_INDEX
 from gptlab.tokenizer import AnyTokenizer
@@ -181,18 +181,17 @@ def dpo(
     log-probs are computed again from the starting policy recorded there.
     """
     from gptlab.checkpoint import load_checkpoint
-    from gptlab.finetune.runs import check_fresh, find_resumed, schedule
+    from gptlab.finetune.runs import check_fresh, check_reference, find_resumed, schedule
     from gptlab.train import train
 
     run_dir = Path(run_dir)
     resumed = find_resumed(run_dir, KEY, DPOConfig, cfg, "DPO") if resume else None
     if resumed is not None:
-        from gptlab.align.reward import check_reference
+        from gptlab.checkpoint import TOKENIZER_FILE
+        from gptlab.tokenizer import read_tokenizer
 
         start = load_checkpoint(resumed.meta["base"]["path"])
-        run = load_checkpoint(resumed.path)
-        check_reference(start, run.model_config, run.tokenizer)
-        del run
+        check_reference(start, GPTConfig.from_dict(resumed.meta["model_config"]), read_tokenizer(resumed.path / TOKENIZER_FILE))
         objective = build_objective(start.model, start.tokenizer, resumed.settings, resumed.block_size, resumed.seed)
         del start
         return train(None, None, objective, run_dir, resume=True, progress=progress, resume_overrides=train_fields, report=report, started=started)

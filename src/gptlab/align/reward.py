@@ -55,7 +55,7 @@ from gptlab.chat import ChatTemplate
 from gptlab.checkpoint import HEAD_KEY, Checkpoint
 from gptlab.config import TrainConfig, _in_range, _Serializable
 from gptlab.errors import CheckpointError, ConfigError, DataError, InputError
-from gptlab.tokenizer import AnyTokenizer
+from gptlab.tokenizer import AnyTokenizer, same_encoding
 
 KEY = "reward"  # checkpoint.json entry with the run's RewardConfig (and the head kind in "task_head")
 
@@ -325,34 +325,13 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> C
     return ckpt
 
 
-def same_tokenizer(a: AnyTokenizer, b: AnyTokenizer) -> bool:
-    """Whether the two tokenizers map text to the same ids (their names aside)."""
-
-    def content(tok: AnyTokenizer) -> dict[str, Any]:
-        return {k: v for k, v in tok.to_dict().items() if k != "name"}
-
-    return type(a) is type(b) and content(a) == content(b)
-
-
 def check_same_tokenizer(reward: AnyTokenizer, policy: AnyTokenizer) -> None:
     """ConfigError unless the reward model reads the policy's token ids as the same text: PPO hands it the
     policy's ids."""
-    if not same_tokenizer(reward, policy):
+    if not same_encoding(reward, policy):
         raise ConfigError(
             f"the reward model's tokenizer differs from the policy's ({reward.name!r}, {reward.vocab_size} ids vs {policy.name!r}, {policy.vocab_size} ids)"
         )
-
-
-def check_reference(reference: Any, policy_config: Any, policy_tokenizer: AnyTokenizer) -> None:
-    """A resumed run reloads its frozen reference from the starting checkpoint's path; ConfigError when what
-    is there now cannot be the model the run started from (another vocabulary or tokenizer): its
-    log-probabilities would be read at the wrong ids, silently."""
-    what = f"the reference {reference.path} (the run's starting policy, reloaded to resume)"
-    if reference.model_config.vocab_size != policy_config.vocab_size:
-        raise ConfigError(f"{what} has {reference.model_config.vocab_size} token rows but the policy {policy_config.vocab_size}: it changed since the run began")
-    if not same_tokenizer(reference.tokenizer, policy_tokenizer):
-        raise ConfigError(f"{what} has another tokenizer than the policy ({reference.tokenizer.name!r}, {reference.tokenizer.vocab_size} ids vs "
-                          f"{policy_tokenizer.name!r}, {policy_tokenizer.vocab_size} ids): it changed since the run began")  # fmt: skip
 
 
 @torch.no_grad()

@@ -159,7 +159,7 @@ class RLRun:
 
     def reference_model(self) -> nn.Module:
         """The frozen reference: the starting policy (a copy of it on a fresh run, reloaded on resume)."""
-        from gptlab.align.reward import check_reference
+        from gptlab.finetune.runs import check_reference
         from gptlab.checkpoint import load_checkpoint
 
         if self.trainer_state is None:

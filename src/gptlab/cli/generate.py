@@ -43,7 +43,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from gptlab.checkpoint import load_checkpoint
     from gptlab.errors import ConfigError, InputError
     from gptlab.generate import Engine
-    from gptlab.tokenizer import EOT
+    from gptlab.tokenizer import EOT, same_encoding
     from gptlab.train import resolve_device
 
     cfg = _sample_config(args, context_overflow="slide" if args.sliding_window else "error")
@@ -58,7 +58,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     draft = None
     if args.draft_ckpt:
         d = load_checkpoint(args.draft_ckpt, device=device)
-        if d.tokenizer.to_dict() != tok.to_dict():
+        if not same_encoding(d.tokenizer, tok):
             raise ConfigError(f"the draft checkpoint {args.draft_ckpt} has a different tokenizer from {args.ckpt}; speculative decoding needs the same one")
         draft = d.model
     dtype = _dtype(args.dtype, device)

@@ -81,7 +81,7 @@ def loglikelihoods(model: nn.Module, tokenizer: AnyTokenizer, requests: Sequence
             logp = target_logprobs(logits, targets).cpu()  # (N,)
             hit = (logits.argmax(dim=-1) == targets).cpu()  # (N,)
             counts = scored.sum(dim=1).tolist()
-            for b, (i, lp, ok) in enumerate(zip(rows, logp.split(counts), hit.split(counts), strict=True)):
+            for i, lp, ok in zip(rows, logp.split(counts), hit.split(counts), strict=True):
                 out[i] = LogLikelihood(float(lp.double().sum()), bool(ok.all()), encoded[i][2])
     finally:
         model.train(was_training)

@@ -16,6 +16,7 @@ from typing import Any
 
 from gptlab.config import GPTConfig, TrainConfig
 from gptlab.errors import ConfigError
+from gptlab.tokenizer import AnyTokenizer, same_encoding
 
 
 @dataclass
@@ -46,6 +47,18 @@ def find_resumed(run_dir: Path, key: str, cfg_cls: type, cfg: Any, command: str)
     block = GPTConfig.from_dict(meta["model_config"]).block_size
     seed = (meta.get("train_config") or {}).get("seed", TrainConfig().seed)
     return Resumed(ckpt_dir, meta, saved, block, seed)
+
+
+def check_reference(reference: Any, policy_config: GPTConfig, policy_tokenizer: AnyTokenizer) -> None:
+    """A resumed DPO or RL run reloads its frozen reference (a Checkpoint) from the starting checkpoint's path;
+    ConfigError when what is there now cannot be the model the run started from (another vocabulary or
+    tokenizer): its log-probabilities would be read at the wrong ids, silently."""
+    what = f"the reference {reference.path} (the run's starting policy, reloaded to resume)"
+    if reference.model_config.vocab_size != policy_config.vocab_size:
+        raise ConfigError(f"{what} has {reference.model_config.vocab_size} token rows but the policy {policy_config.vocab_size}: it changed since the run began")
+    if not same_encoding(reference.tokenizer, policy_tokenizer):
+        raise ConfigError(f"{what} has another tokenizer than the policy ({reference.tokenizer.name!r}, {reference.tokenizer.vocab_size} ids vs "
+                          f"{policy_tokenizer.name!r}, {policy_tokenizer.vocab_size} ids): it changed since the run began")  # fmt: skip
 
 
 def check_fresh(base: Any, cfg: Any, train_fields: dict[str, Any], needs: str) -> None:
