@@ -53,6 +53,14 @@ def gpt2_files() -> Path:
     return GPT2_FILES
 
 
+@pytest.fixture(scope="session")
+def tok():
+    """A 300-id byte-level BPE trained on pydoc text: real merges, cheap models (the evaluation tests)."""
+    from gptlab.tokenizer import Tokenizer
+
+    return Tokenizer.train(small_text_corpus(30_000), vocab_size=300, progress=False)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models gain nothing from threads, and on a shared machine each op can wait milliseconds for the second."""

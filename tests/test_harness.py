@@ -4,22 +4,18 @@ acc / acc_norm / acc_bytes worked by hand."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from conftest import small_text_corpus
 from gptlab.config import GPTConfig
 from gptlab.errors import InputError
-from gptlab.evals.harness import choice_metrics, encode_pair, loglikelihoods
+from gptlab.evals.harness import choice_loglikelihoods, choice_metrics, encode_pair, loglikelihoods
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.train(small_text_corpus(30_000), vocab_size=300, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +76,47 @@ def test_choice_metrics_by_hand() -> None:
     assert choice_metrics([-1.0, -1.0, -2.0], [" x", " y", " z"], gold=1)["acc"] == 0.0
     with pytest.raises(InputError, match="gold index 3 is out of range for 2 choices"):
         choice_metrics([-1.0, -2.0], [" a", " b"], gold=3)
+
+
+def test_choices_scored_on_one_shared_context_equal_each_request_alone(tok, model):
+    # one row per document (context once, each choice a branch) against the plain forward of each request;
+    # includes an empty context, one-token choices, a choice that is a prefix of another, and a document
+    # long enough to be truncated (which goes request by request)
+    docs = [
+        ("The quick brown fox", [" jumps", " jumped over", " j", " sleeps all day"]),
+        ("", ["Hello there", "Bye"]),
+        ("def f(x): return", [" x", " x + 1", " None"]),
+        ("word " * 30, [" a", " longer choice here"]),
+    ]
+    encoded = [(encode_pair(tok, c, conts[0])[0], [encode_pair(tok, c, k)[1] for k in conts]) for c, conts in docs]
+    got = choice_loglikelihoods(model, tok, encoded, batch_size=3)
+    for (ctx, conts), results in zip(encoded, got):
+        for cont, r in zip(conts, results):
+            ids = ([tok.eot_id] if not ctx else []) + ctx + cont
+            lp, greedy = reference(model, ids, len(cont))
+            assert r.logprob == pytest.approx(lp, abs=1e-4) and r.greedy == greedy
+            assert r.truncated == (len(ids) > model.config.block_size + 1)
+    assert [r.truncated for r in got[3]] == [True, True]
+
+
+def test_a_prefix_every_context_shares_is_run_once_and_changes_nothing(tok, model, monkeypatch):
+    # few-shot contexts with the same exemplars: the shared tokens go through a KV cache once; rows continue it.
+    # One document's choices make its row longer than the context, so its batch runs whole rows instead.
+    from gptlab.model import GPT
+
+    calls = []
+    real = GPT.forward_cached
+    monkeypatch.setattr(GPT, "forward_cached", lambda self, idx, step, *a, **k: calls.append(tuple(idx.shape)) or real(self, idx, step, *a, **k))
+    shared = "Q: one\nA: two\n\nQ:"
+    docs = [(shared + q, conts) for q, conts in [(" three", [" four", " six"]), (" seven", [" eight"]), (" nine ten", [" x", " y z", " w"]),
+                                                  (" a", [" ab cd", " ef gh", " ij kl"])]]  # fmt: skip
+    encoded = [(encode_pair(tok, c, conts[0])[0], [encode_pair(tok, c, k)[1] for k in conts]) for c, conts in docs]
+    n_shared = len(os.path.commonprefix([ctx for ctx, _ in encoded]))
+    ctx, conts = encoded[3]
+    assert n_shared >= 4 and len(ctx) + sum(len(c) - 1 for c in conts) > model.config.block_size >= len(ctx) + max(map(len, conts)) - 1
+    got = choice_loglikelihoods(model, tok, encoded, batch_size=2)
+    assert calls[0] == (1, n_shared) and len(calls) == 2  # the prefix once; the batch of long rows ran whole
+    for (ctx, conts), results in zip(encoded, got):
+        for cont, r in zip(conts, results):
+            lp, greedy = reference(model, ctx + cont, len(cont))
+            assert r.logprob == pytest.approx(lp, abs=1e-4) and r.greedy == greedy and not r.truncated, (len(ctx), len(cont))

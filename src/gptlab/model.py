@@ -176,15 +176,28 @@ class CacheStep:
             raise InputError(f"{T} new tokens reaching slot {kv_len} do not fit a KV cache of {cache.max_len} positions")
         self.cache = cache
         self.kv_len = kv_len
-        self.positions: Tensor | None = None
+        self.positions: Tensor | None = None  # (B, T): what the position embedding reads
+        self.slots: Tensor | None = None  # (B, T): where the keys and values go; the positions, but for after_prefix
         self.mask: Tensor | None = None
         self.rows: Tensor | None = None
         if start is not None:
             offsets = torch.arange(T, device=start.device)
-            self.positions = start[:, None] + offsets  # (B, T)
+            self.positions = self.slots = start[:, None] + offsets  # (B, T)
             slots = torch.arange(kv_len, device=start.device)
             self.mask = (slots <= self.positions[:, :, None]).unsqueeze(1)  # (B, 1, T, kv_len)
             self.rows = torch.arange(start.size(0), device=start.device)[:, None]  # (B, 1), pairs with positions
+
+    @classmethod
+    def after_prefix(cls, cache: KVCache, prefix_len: int, positions: Tensor, mask: Tensor) -> CacheStep:
+        """Rows of T tokens that all continue one prefix, whose keys and values fill the cache's first
+        prefix_len slots of every row. A row's tokens go to slots prefix_len..prefix_len+T-1, are numbered
+        prefix_len + positions (B, T) (branched rows repeat numbers: model.branched_positions_and_mask), and
+        each sees the whole prefix and the row's tokens its `mask` (B, 1, T, T) allows."""
+        B, T = positions.shape
+        step = cls(cache, T, torch.full((B,), prefix_len, device=positions.device), prefix_len + T)
+        step.positions = prefix_len + positions  # (B, T)
+        step.mask = torch.cat([mask.new_ones(B, 1, T, prefix_len), mask], dim=-1)  # (B, 1, T, prefix_len + T)
+        return step
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this pass's k, v (B, T, nh, hs) and return the keys and values to attend over, (B, nh, kv_len, hs) each."""
@@ -195,8 +208,8 @@ class CacheStep:
             cv[:, :, :T] = v.transpose(1, 2)
         else:
             # advanced indices around a slice put their dims first: ck[rows, :, positions] is (B, T, nh, hs)
-            ck[self.rows, :, self.positions] = k
-            cv[self.rows, :, self.positions] = v
+            ck[self.rows, :, self.slots] = k
+            cv[self.rows, :, self.slots] = v
         return ck[:, :, : self.kv_len], cv[:, :, : self.kv_len]
 
 
@@ -367,28 +380,31 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, segments: Tensor | None = None, logits_at: Tensor | None = None,
+        branches: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         """Logits (B, T, vocab_size) for token ids (B, T), and the mean cross-entropy against targets (B, T).
 
         Targets equal to -100 are ignored. Position t's logits depend only on idx[:, :t+1].
         `segments` (B, T) packs several sequences in a row: runs of equal ids are separate
         sequences, each numbering its positions from 0 and attending only within itself, so
-        every sequence gets the logits it would get alone. `logits_at`, a boolean (B, T),
-        asks for the logits at those positions only, (N, vocab_size) in row-major order
-        (see label_logprobs); it does not combine with targets.
+        every sequence gets the logits it would get alone. With `branches` (B, T) as well, each
+        segment is a shared prefix followed by continuations of it (model.branched_positions_and_mask),
+        and a row may be longer than block_size as long as no position reaches it. `logits_at`, a
+        boolean (B, T), asks for the logits at those positions only, (N, vocab_size) in row-major
+        order (see label_logprobs); it does not combine with targets.
         """
-        self._check_input(idx, targets)
+        if branches is not None and (segments is None or branches.shape != idx.shape or segments.shape != idx.shape):
+            raise InputError(f"branches need segments, both shaped like the token ids {tuple(idx.shape)}")
+        positions = mask = None
+        if segments is not None:
+            positions, mask = packed_positions_and_mask(segments) if branches is None else branched_positions_and_mask(segments, branches)
+        self._check_input(idx, targets, positions if branches is not None else None)
         if logits_at is not None and (targets is not None or logits_at.shape != idx.shape or logits_at.dtype != torch.bool):
             raise InputError(f"logits_at must be a boolean mask shaped like the token ids {tuple(idx.shape)}, without targets; "
                              f"got {logits_at.dtype} {tuple(logits_at.shape)}{' and targets' if targets is not None else ''}")  # fmt: skip
         B, T = idx.shape
         table = self.pos_table if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight
-        mask = None
-        if segments is None:
-            pos = table[:T]  # (T, C)
-        else:
-            positions, mask = packed_positions_and_mask(segments)
-            pos = table[positions]  # (B, T, C)
+        pos = table[:T] if positions is None else table[positions]  # (T, C) or (B, T, C)
         h = self._trunk(idx, pos, None, mask)  # (B, T, C)
         logits = self.lm_head(h if logits_at is None else h[logits_at])  # (B, T, V), or (N, V) at logits_at
         if targets is None:
@@ -403,11 +419,12 @@ class GPT(nn.Module):
         pos = self.pos_table[:T] if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight[:T]  # (T, C)
         return self._trunk(idx, pos, None)
 
-    def forward_cached(self, idx: Tensor, step: CacheStep, last: Tensor | None = None) -> Tensor:
+    def forward_cached(self, idx: Tensor, step: CacheStep, last: Tensor | None = None, logits_at: Tensor | None = None) -> Tensor:
         """Logits for tokens idx (B, T) placed in a KVCache as `step` says, reading the row's earlier keys and values.
 
         Returns (B, T, V), or (B, V) at index last[b] of each row when `last` (B,) is given
-        (the prefill of right-padded prompts needs only each row's final position). The
+        (the prefill of right-padded prompts needs only each row's final position), or (N, V)
+        at the N positions a boolean `logits_at` (B, T) marks, in row-major order. The
         generation engine checks ids and lengths before calling; this is its inner loop.
         """
         T = idx.size(1)
@@ -416,6 +433,8 @@ class GPT(nn.Module):
         x = self._trunk(idx, pos, step)  # (B, T, C)
         if last is not None:
             x = x[torch.arange(x.size(0), device=x.device), last]  # (B, C)
+        elif logits_at is not None:
+            x = x[logits_at]  # (N, C)
         return self.lm_head(x)
 
     def _trunk(self, idx: Tensor, pos: Tensor, step: CacheStep | None, mask: Tensor | None = None) -> Tensor:
