@@ -71,6 +71,9 @@ def test_a_task_file_reads_as_lm_eval_reads_it(tmp_path: Path) -> None:
     assert task.text(doc) == "Q: capital of Egypt?\nA:" and task.choices(doc)[0] == "Cairo" and task.gold(doc, task.choices(doc)) == 0
     json_task = load_task_file(write_task(tmp_path, "caps_json", ".json"))
     assert json_task.text(doc) == task.text(doc)
+    # without fewshot_split, exemplars come from training_split, then validation_split, then the test split (as lm-eval)
+    assert load_task_file(write_task(tmp_path, "a", fewshot_split=None)).fewshot_split == "test"
+    assert load_task_file(write_task(tmp_path, "b", fewshot_split=None, training_split="train")).fewshot_split == "train"
 
 
 @pytest.mark.parametrize(
@@ -393,7 +396,23 @@ def test_evaluate_show_prompt_chat_and_bad_input(tmp_path: Path, run_dir: Path, 
         (["--tasks", "analogies", "--show-prompt", "9999"], "--show-prompt 9999: analogies has"),
         (["--tasks", "analogies", "--cot"], "--cot applies to generation tasks"),
         (["--tasks", "analogies", "--limit", "0"], "--limit must be at least 1"),
+        (["--tasks", "analogies", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--tasks", "analogies", "--out", str(tmp_path / "r.md")], "name a .json file"),
+        (["--tasks", str(tmp_path / "missing.yaml")], "missing.yaml: cannot read the task file"),
     ]:
         assert main(["evaluate", "--ckpt", str(run_dir), *argv, "-q"]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_sampled_generation_is_fixed_by_the_seed_whatever_the_batch(tmp_path: Path, tok: Tokenizer, model: GPT) -> None:
+    rows = [{"q": f"Say {w}:", "a": w} for w in ("one", "two", "three", "four", "five")]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {"task": "say", "output_type": "generate_until", "dataset_kwargs": {"data_files": {"test": "t.jsonl"}}, "doc_to_text": "{{q}}",
+            "doc_to_target": "a", "generation_kwargs": {"max_gen_toks": 12, "do_sample": True, "temperature": 1.0, "until": ["\n\n\n"]}}  # fmt: skip
+    (tmp_path / "t.json").write_text(json.dumps(spec))
+    task = load_task_file(tmp_path / "t.json")
+    assert task.temperature == 1.0
+    outputs = lambda seed, bs: [s["output"] for s in run_task(model, tok, task, seed=seed, batch_size=bs, progress=False).samples]  # noqa: E731
+    first = outputs(0, 2)
+    assert first == outputs(0, 5) and first != outputs(1, 2) and len(set(first)) > 1

@@ -42,8 +42,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name in ("shots", "limit", "show_prompt"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.limit == 0:
-        raise InputError("--limit must be at least 1")
+    if args.limit == 0 or args.batch_size < 1:
+        raise InputError(f"--{'limit' if args.limit == 0 else 'batch-size'} must be at least 1")
+    if args.out and not args.out.endswith(".json"):
+        raise InputError(f"--out {args.out}: name a .json file (the report card goes next to it as .md)")
     tasks = resolve_tasks(args.tasks, args.stride)  # a bad task file fails before the model loads
     ckpt = load_checkpoint(args.ckpt, device=resolve_device(args.device))
     chat = None

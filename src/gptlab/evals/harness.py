@@ -406,7 +406,7 @@ def run_task(
             if task.output_type == "multiple_choice":
                 result = _run_choice(model, prompter, task, docs, contexts, batch_size, bar)
             else:
-                result = _run_generate(model, prompter, task, docs, contexts, cot, shots, batch_size, bar, engine)
+                result = _run_generate(model, prompter, task, docs, contexts, cot, shots, seed, batch_size, bar, engine)
         finally:
             bar.close()
     metrics, samples, truncated = result
@@ -447,7 +447,9 @@ def _run_choice(model: nn.Module, prompter: Prompter, task: Task, docs: list[Doc
     return metrics, samples, truncated
 
 
-def _run_generate(model: nn.Module, prompter: Prompter, task: Task, docs: list[Doc], contexts: list, cot: bool, shots: int, batch_size: int, bar: Any, engine: Any) -> tuple:
+def _run_generate(
+    model: nn.Module, prompter: Prompter, task: Task, docs: list[Doc], contexts: list, cot: bool, shots: int, seed: int, batch_size: int, bar: Any, engine: Any,
+) -> tuple:  # fmt: skip
     from gptlab.config import SampleConfig
     from gptlab.generate import Engine
 
@@ -463,12 +465,11 @@ def _run_generate(model: nn.Module, prompter: Prompter, task: Task, docs: list[D
     room = max(block - task.max_gen_toks, 1)
     truncated = sum(len(p) > room for p in prompts)
     prompts = [p[-room:] for p in prompts]
-    outputs = _generate(engine, prompts, cfg, batch_size, bar, seed=0)
-    replies = list(outputs)
+    outputs = replies = _generate(engine, prompts, cfg, batch_size, bar, seed=2 * seed)
     if cot and not shots:  # Kojima et al.'s second stage: the reasoning, then the answer trigger, then a short answer
         answer_cfg = cfg.replace(max_new_tokens=min(task.max_gen_toks, 16))
         second = [(p + prompter.tokenizer.encode_ordinary(r + " " + task.cot_answer_trigger))[-room:] for p, r in zip(prompts, replies, strict=True)]
-        answers = _generate(engine, second, answer_cfg, batch_size, None, seed=1)
+        answers = _generate(engine, second, answer_cfg, batch_size, None, seed=2 * seed + 1)
         outputs = [f"{r} {task.cot_answer_trigger}{a}" for r, a in zip(replies, answers, strict=True)]
         extracted = [extract_answer(a, task.answer_regex) for a in answers]
     elif cot:
@@ -490,7 +491,8 @@ def _run_generate(model: nn.Module, prompter: Prompter, task: Task, docs: list[D
 
 
 def _generate(engine: Any, prompts: list[list[int]], cfg: Any, batch_size: int, bar: Any, seed: int) -> list[str]:
-    """Replies in prompt order, batched by length; a sampled run seeds each request by its index."""
+    """Replies in prompt order, batched by length; a sampled run seeds each request by `seed` and its index,
+    so a document's reply does not depend on the batch it ran in."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [""] * len(prompts)
     for s in range(0, len(order), batch_size):
@@ -511,7 +513,8 @@ def _run_rolling(model: nn.Module, tokenizer: AnyTokenizer, task: Task, docs: li
 
     total_nll = words = nbytes = 0.0
     samples = []
-    for i, doc in enumerate(tqdm_docs(docs, task.name, progress)):
+    bar = _bar(len(docs), task.name, progress)
+    for i, doc in enumerate(docs):
         text = task.text(doc)
         r = evaluate_text(model, tokenizer, text, stride=task.stride, batch_size=batch_size)
         nll = float(r["loss"]) * int(r["tokens"])
@@ -519,18 +522,14 @@ def _run_rolling(model: nn.Module, tokenizer: AnyTokenizer, task: Task, docs: li
         words += len(re.split(r"\s+", text))
         nbytes += len(text.encode("utf-8"))
         samples.append({"doc": i, "where": doc.where, "nll": nll, "tokens": r["tokens"], "windows": r["windows"], "stride": r["stride"]})
+        bar.update(1)
+    bar.close()
     metrics = {
         "word_perplexity": (math.exp(total_nll / words), None),
         "byte_perplexity": (math.exp(total_nll / nbytes), None),
         "bits_per_byte": (total_nll / nbytes / math.log(2), None),
     }
     return {m: metrics[m] for m in task.metrics}, samples, 0
-
-
-def tqdm_docs(docs: list[Doc], name: str, progress: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(docs, desc=name, unit="doc", disable=not progress, leave=False)
 
 
 # ----------------------------------------------------------------------------- the report card

@@ -8,7 +8,7 @@ so one file serves both harnesses (gptlab reads the subset below; its own few ke
     dataset_path: json
     dataset_kwargs: {data_files: {train: train.jsonl, test: test.jsonl}}   # relative to this file
     test_split: test
-    fewshot_split: train                  # exemplars come from here, never the evaluated document
+    fewshot_split: train                  # exemplars (default: training_split, validation_split, else test_split)
     doc_to_text: "Question: {{question}}\\nAnswer:"
     doc_to_choice: choices                # a field holding a list, "{{field}}", or a YAML list
     doc_to_target: answer                 # an index into the choices, or the target text
@@ -26,6 +26,7 @@ so one file serves both harnesses (gptlab reads the subset below; its own few ke
     cot_target: "{{reasoning}} The answer is {{answer}}."   # an exemplar's answer under --cot
     cot_regex: "The answer is (-?\\\\d+)" # extracts the answer from a --cot reply (last match)
     stride: 512                           # loglikelihood_rolling: tokens each window moves on
+    # and a data file may be a .txt: one document {"text": the whole file}
 
 Templates substitute `{{field}}` (dotted paths and [index] reach into objects and lists); a
 template that is a field name alone is that field. The prompt of a document with K exemplars
@@ -131,8 +132,8 @@ class Task:
     # ------------------------------------------------------------------ templates
 
     def text(self, doc: Doc, chat: bool = False) -> str:
-        template = self.chat_text if chat and self.chat_text is not None else self.doc_to_text
-        return _as_text(render(template, doc, "chat_text" if chat and self.chat_text is not None else "doc_to_text", self.source))
+        key = "chat_text" if chat and self.chat_text is not None else "doc_to_text"
+        return _as_text(render(getattr(self, key), doc, key, self.source), doc.where, key, self.source)
 
     def choices(self, doc: Doc) -> list[str]:
         value = self.doc_to_choice if isinstance(self.doc_to_choice, list) else render(self.doc_to_choice or "", doc, "doc_to_choice", self.source)
@@ -163,7 +164,7 @@ class Task:
     def target(self, doc: Doc, cot: bool = False) -> str:
         """The reference answer text (generation), or an exemplar's answer in a prompt (every kind)."""
         if cot and self.cot_target is not None:
-            return _as_text(render(self.cot_target, doc, "cot_target", self.source))
+            return _as_text(render(self.cot_target, doc, "cot_target", self.source), doc.where, "cot_target", self.source)
         if self.output_type == "multiple_choice":
             choices = self.choices(doc)
             return choices[self.gold(doc, choices)]
@@ -250,7 +251,7 @@ def _lookup(doc: Doc, path: str, key: str, source: str, missing_ok: bool = False
     return value
 
 
-def _as_text(value: Any, where: str = "", key: str = "", source: str = "") -> str:
+def _as_text(value: Any, where: str, key: str, source: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -333,14 +334,15 @@ def task_from_dict(spec: Any, source: str, base: Path | None = None, builtin: st
         raise InputError(f"{source}: output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
     kw: dict[str, Any] = {"name": name, "output_type": output_type, "source": source, "builtin": builtin}
     if builtin is None:
-        if spec.get("dataset_path", "json") not in ("json", "text"):
-            raise InputError(f"{source}: dataset_path {spec['dataset_path']!r}: only local files (json) can be read; hub datasets need lm-eval")
+        if spec.get("dataset_path", "json") != "json":
+            raise InputError(f"{source}: dataset_path {spec['dataset_path']!r}: only local JSONL files (dataset_path: json) can be read; hub datasets need lm-eval")
         files = (check("dataset_kwargs", dict) or {}).get("data_files")
         if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
             raise InputError(f"{source}: missing key 'dataset_kwargs.data_files' (a mapping of split name to a local JSONL file)")
         kw["data_files"] = {split: str((base or Path(".")) / f) for split, f in files.items()}
     kw["test_split"] = check("test_split", str) or check("validation_split", str) or "test"
-    kw["fewshot_split"] = check("fewshot_split", str) or check("training_split", str)
+    # lm-eval's fallbacks: the training split, the validation split, else the test split less the document itself
+    kw["fewshot_split"] = check("fewshot_split", str) or check("training_split", str) or check("validation_split", str) or kw["test_split"]
     kw["doc_to_text"] = need("doc_to_text")
     if output_type == "multiple_choice":
         kw["doc_to_choice"] = need("doc_to_choice", (str, list))
@@ -372,10 +374,7 @@ def task_from_dict(spec: Any, source: str, base: Path | None = None, builtin: st
                 re.compile(kw[key])
             except re.error as err:
                 raise InputError(f"{source}: {'filter_list regex_pattern' if key == 'answer_regex' else key} is not a regular expression ({err})") from None
-    task = Task(**kw)
-    if task.fewshot_split is None and task.num_fewshot:
-        raise InputError(f"{source}: num_fewshot is {task.num_fewshot} but no fewshot_split names where exemplars come from")
-    return task
+    return Task(**kw)
 
 
 def _metrics(items: list | None, output_type: str, source: str) -> dict[str, Any]:
