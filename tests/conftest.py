@@ -86,3 +86,28 @@ def data_dir(tmp_path_factory, corpus_dir) -> Path:
     # small shards, so every training, resume and distributed test streams across several of them
     prepare(out, "train:512", inputs=[corpus_dir], val_fraction=0.1, seed=0, shard_tokens=8192, progress=False)
     return out
+
+
+class LoopbackServer:
+    """An ASGI app served by uvicorn on a free loopback port, in a thread (the serving tests)."""
+
+    def __init__(self, app) -> None:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

@@ -158,6 +158,12 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.size(3)
 
+    def first(self, n: int) -> KVCache:
+        """Rows 0..n-1 as a cache of their own, sharing this one's memory (a continuous-batching step)."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, :n], self.v[:, :n]
+        return view
+
 
 class CacheStep:
     """Where one forward pass writes into a KVCache, and which cached keys each query sees.
