@@ -117,3 +117,24 @@ def test_bad_requests_are_refused_before_they_queue(model, tok) -> None:
                 sched.submit(Request(prompt, cfg, Collect()))
     finally:
         sched.close()
+
+
+def test_a_failed_step_ends_its_requests_with_an_error_and_the_loop_lives_on(model, tok, monkeypatch) -> None:
+    sched = Scheduler(model, tok, max_batch=2)
+    try:
+        real, calls = sched.engine._step, []
+
+        def flaky(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("simulated kernel failure")
+            return real(*a, **k)
+
+        monkeypatch.setattr(sched.engine, "_step", flaky)
+        req, out = run(sched, tok.encode("Return the"), SampleConfig(max_new_tokens=20, temperature=0, ignore_eot=True))
+        assert out.done.wait(30) and out.events[-1].finish_reason == "error" and isinstance(req.error, RuntimeError)
+        _, after = run(sched, tok.encode("Return the"), SampleConfig(max_new_tokens=5, temperature=0))
+        assert after.done.wait(30) and after.events[-1].finish_reason in ("stop", "length")
+        assert sched._held == 0 and sched.stats.running == 0
+    finally:
+        sched.close()

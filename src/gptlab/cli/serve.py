@@ -26,12 +26,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run = ckpt.path.parent.parent if ckpt.path.parent.name == "checkpoints" else ckpt.path
     name = args.model_name or run.name
     sched = Scheduler(ckpt.model, ckpt.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
-                      dtype=_dtype(args.dtype, next(ckpt.model.parameters()).device))  # fmt: skip
+                      dtype=_dtype(args.dtype, next(ckpt.model.parameters()).device), thread=False)  # fmt: skip
     cfg = ServeConfig(model_name=name, api_key=key, max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
                       max_request_tokens=args.max_request_tokens, max_body_bytes=args.max_body_bytes, cors_origins=tuple(args.cors_origin or ()))  # fmt: skip
     where = f"http://{args.host}:{args.port}"
     print(f"serving {ckpt.path} as model {name!r} at {where} (chat page {where}/, API {where}/v1, key {'required' if key else 'off'}); Ctrl-C stops", flush=True)
-    serve(sched, cfg, args.host, args.port)
+    if not serve(sched, cfg, args.host, args.port):
+        raise InputError(f"could not listen on {args.host}:{args.port} (in use, or not an address of this machine)")
     return 0
 
 

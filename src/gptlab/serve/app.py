@@ -123,25 +123,16 @@ def create_app(sched: Scheduler, cfg: ServeConfig) -> FastAPI:
     def error(err: ApiError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
-    @app.middleware("http")
-    async def guard(request: HttpRequest, call_next: Any) -> Any:
-        """One log line per request; the key; any failure a JSON error, never a traceback page."""
-        t0 = time.perf_counter()
-        try:
-            if cfg.api_key is not None and request.url.path.startswith("/v1/"):
-                given = request.headers.get("authorization", "")
-                token = given[7:] if given.lower().startswith("bearer ") else ""
-                if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):  # constant time: no key leaks by timing
-                    raise ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
-            response = await call_next(request)
-        except ApiError as err:
-            response = error(err)
-        except Exception:  # noqa: BLE001 - a bug must still answer in OpenAI's shape, and the server lives on
-            log.exception("internal error on %s %s", request.method, request.url.path)
-            response = error(ApiError(500, "internal server error", type="server_error"))
-        metrics.by_status[response.status_code] = metrics.by_status.get(response.status_code, 0) + 1
-        log.info("%s %s %d %.3fs", request.method, request.url.path, response.status_code, time.perf_counter() - t0)
-        return response
+    app.add_middleware(_Guard, api_key=cfg.api_key, metrics=metrics)
+
+    @app.exception_handler(ApiError)
+    async def refused(request: HttpRequest, err: ApiError) -> JSONResponse:
+        return error(err)
+
+    @app.exception_handler(Exception)
+    async def fault(request: HttpRequest, err: Exception) -> JSONResponse:  # a bug still answers in OpenAI's shape
+        log.error("internal error on %s %s: %r", request.method, request.url.path, err)
+        return error(ApiError(500, "internal server error", type="server_error"))
 
     @app.exception_handler(404)
     async def not_found(request: HttpRequest, exc: Exception) -> JSONResponse:
@@ -206,6 +197,38 @@ def create_app(sched: Scheduler, cfg: ServeConfig) -> FastAPI:
         return await run.respond()
 
     return app
+
+
+class _Guard:
+    """ASGI middleware: the API key on /v1 (compared in constant time, so no key leaks by timing), one log
+    line and a status count per request. Plain ASGI rather than Starlette's BaseHTTPMiddleware, which
+    adds a task and a queue to every chunk of a streamed response."""
+
+    def __init__(self, app: Any, api_key: str | None, metrics: Metrics) -> None:
+        self.app, self.key, self.metrics = app, api_key.encode() if api_key is not None else None, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), 500
+
+        async def sending(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.key is not None and scope["path"].startswith("/v1/"):
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                token = given[7:] if given[:7].lower() == b"bearer " else b""
+                if not hmac.compare_digest(token, self.key):
+                    err = ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+                    return await JSONResponse(err.body(), status_code=401)(scope, receive, sending)
+            await self.app(scope, receive, sending)
+        finally:
+            self.metrics.by_status[status] = self.metrics.by_status.get(status, 0) + 1
+            log.info("%s %s %d %.3fs", scope["method"], scope["path"], status, time.perf_counter() - t0)
 
 
 def _sample_config(s: Sampling, extra_stops: tuple[str, ...], stop_ids: tuple[int, ...] = ()) -> SampleConfig:
@@ -303,11 +326,19 @@ class Run:
             if self.chat:
                 for c in choices:
                     yield _sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
-            while not all(c.finish for c in choices):
-                index, item = await self._next()
-                chunk = choices[index].add(item)
-                if chunk is not None:
-                    yield _sse({**head, "choices": [chunk]})
+            while not all(c.finish_sent for c in choices):
+                batch = [await self._next()]
+                while not self.events.empty():  # whatever else already arrived goes out with it
+                    batch.append(self.events.get_nowait())
+                try:
+                    for index, item in batch:
+                        choices[index].add(item)
+                except ApiError as err:  # the headers are sent: the error goes in the stream, as OpenAI does
+                    yield _sse(err.body())
+                    return
+                out = "".join(_sse({**head, "choices": [chunk]}) for chunk in (choices[i].chunk() for i in sorted({i for i, _ in batch})) if chunk)
+                if out:
+                    yield out
             self._observe()
             if self.s.include_usage:
                 yield _sse({**head, "choices": [], "usage": self._usage(choices)})
@@ -338,35 +369,43 @@ class _Choice:
         self.prompt_lps: list | None = None
         self.tokens: list[tuple[int, float | None, list[tuple[int, float]] | None]] = []
         self.zero = run.s.max_tokens == 0  # echo only: the one token drawn is not reported
+        self.chunked = self.finish_sent = False  # what the stream has sent so far
+        self.sent_text = self.sent_tokens = 0
 
-    def add(self, item: Any) -> dict[str, Any] | None:
-        """Record an event; the stream chunk it makes (None when it has nothing to say)."""
+    def add(self, item: Any) -> None:
+        """Record an event (a token, or the prompt's log-probs for echo)."""
         if isinstance(item, tuple) and item[0] == "prompt":
             self.prompt_lps = item[1]
-            return None
+            return
         ev: TokenEvent = item
-        if ev.finish_reason == "error":
-            self.finish = "error"
-            return {"index": self.index, "text" if not self.run.chat else "delta": "" if not self.run.chat else {}, "finish_reason": "error"}
-        chunk_text = ""
-        first = not self.tokens and self.generated == 0
+        if ev.finish_reason == "error":  # the scheduler's step failed: a server fault, reported as one
+            raise ApiError(500, "generation failed on the server; see its log", type="server_error")
         if not self.zero:
             self.generated += 1
             self.text += ev.text
-            chunk_text = ev.text
             self.tokens.append((ev.token_id, ev.logprob, ev.top_logprobs))
-        if first and self.run.echo:
-            chunk_text = self.run.tok.decode(self.prompt) + chunk_text
         if ev.finish_reason is not None:
             self.finish = "length" if self.zero else ev.finish_reason
-        if not chunk_text and self.finish is None and self.run.s.logprobs is None:
+
+    def chunk(self) -> dict[str, Any] | None:
+        """The stream chunk for what arrived since the last one (several tokens when the client reads
+        slower than they come), or None when there is nothing to say."""
+        first = not self.chunked
+        text = self.text[self.sent_text :]
+        tokens = self.tokens[self.sent_tokens :]
+        if first and self.run.echo:
+            text = self.run.tok.decode(self.prompt) + text
+        ended = self.finish is not None and not self.finish_sent
+        if not text and not ended and not (tokens and self.run.s.logprobs is not None):
             return None
+        self.chunked, self.finish_sent = True, self.finish is not None
+        self.sent_text, self.sent_tokens = len(self.text), len(self.tokens)
+        wants = self.run.s.logprobs is not None
         if self.run.chat:
-            delta = {"content": chunk_text} if chunk_text else {}
-            lp = self._chat_logprobs(self.tokens[-1:]) if self.run.s.logprobs is not None and not self.zero else None
-            return {"index": self.index, "delta": delta, "logprobs": lp, "finish_reason": self.finish}
-        lp = self._completion_logprobs(self.tokens[-1:], with_prompt=first) if self.run.s.logprobs is not None else None
-        return {"index": self.index, "text": chunk_text, "logprobs": lp, "finish_reason": self.finish}
+            lp = self._chat_logprobs(tokens) if wants and tokens else None
+            return {"index": self.index, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": self.finish}
+        lp = self._completion_logprobs(tokens, with_prompt=first) if wants else None
+        return {"index": self.index, "text": text, "logprobs": lp, "finish_reason": self.finish}
 
     def final(self) -> dict[str, Any]:
         if self.run.chat:
@@ -433,13 +472,28 @@ def _chat_template(tok: AnyTokenizer) -> _ChatFormat:
     return _ChatFormat(plain, ("\nUser:", "\nSystem:"), ())
 
 
-def serve(sched: Scheduler, cfg: ServeConfig, host: str, port: int) -> None:
-    """Run the server until Ctrl-C or SIGTERM (uvicorn's graceful shutdown), then stop the scheduler."""
+def serve(sched: Scheduler, cfg: ServeConfig, host: str, port: int) -> bool:
+    """Serve until Ctrl-C or SIGTERM; False when the server could not start (the port is taken).
+
+    uvicorn's event loop runs on a second thread and the scheduler (made with thread=False) on this
+    one, the main thread, where PyTorch's kernels run fastest (see Scheduler.run)."""
+    import signal
+    import threading
+
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    server = uvicorn.Server(uvicorn.Config(create_app(sched, cfg), host=host, port=port, log_level="warning", access_log=False,
+                                           timeout_keep_alive=5, limit_concurrency=cfg.max_queue + cfg.max_batch + 64))  # fmt: skip
+    web = threading.Thread(target=server.run, name="gptlab-http", daemon=True)
+    web.start()
+    previous = signal.signal(signal.SIGTERM, lambda *_: sched.close())  # a scheduler's preemption: stop like Ctrl-C
     try:
-        uvicorn.run(create_app(sched, cfg), host=host, port=port, log_level="warning", access_log=False,
-                    timeout_keep_alive=5, limit_concurrency=cfg.max_queue + cfg.max_batch + 64)  # fmt: skip
+        sched.run(until=lambda: not web.is_alive())
+    except KeyboardInterrupt:
+        pass
     finally:
-        sched.close()
+        signal.signal(signal.SIGTERM, previous)
+        server.should_exit = True
+        web.join(10)
+    return server.started
