@@ -124,11 +124,12 @@ def test_models_health_and_metrics(setup) -> None:
 
 
 FUZZ_COMPLETIONS = [
-    b"", b"null", b"[]", b'"a string"', b"{", b'{"prompt": "hi",}', b"\xff\xfe{}", b'{"prompt": "hi"}' * 2,
+    b"", b"null", b"[]", b'"a string"', b"{", b'{"prompt": "hi",}', b"\xff\xfe{}", b'{"prompt": "hi"}' * 2, b"[" * 100_000 + b"]" * 100_000,
+    {"prompt": ["hi"] * 40, "n": 2}, {"prompt": "hi", "stop": ["x" * 5000]},
     {"prompt": None}, {"prompt": 5}, {"prompt": []}, {"prompt": [[]]}, {"prompt": [["a"]]}, {"prompt": [True, False]},
     {"prompt": [1.5, 2]}, {"prompt": [10**12]}, {"prompt": {"text": "hi"}}, {"prompt": "hi", "max_tokens": "10"},
     {"prompt": "hi", "max_tokens": 1.5}, {"prompt": "hi", "max_tokens": True}, {"prompt": "hi", "temperature": -1},
-    {"prompt": "hi", "temperature": 1e308}, {"prompt": "hi", "top_p": 2}, {"prompt": "hi", "n": 0}, {"prompt": "hi", "n": -3},
+    {"prompt": "hi", "temperature": 1e308}, {"prompt": "hi", "top_p": 2}, {"prompt": "hi", "top_p": 0}, {"prompt": "hi", "n": 0}, {"prompt": "hi", "n": -3},
     {"prompt": "hi", "stop": 5}, {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, {"prompt": "hi", "stop": [""]},
     {"prompt": "hi", "seed": "x"}, {"prompt": "hi", "seed": 2**70}, {"prompt": "hi", "logprobs": 50}, {"prompt": "hi", "logprobs": -1},
     {"prompt": "hi", "logit_bias": {"abc": 1}}, {"prompt": "hi", "logit_bias": {"1": 500}}, {"prompt": "hi", "logit_bias": {"99999": 1}},

@@ -20,6 +20,7 @@ new "\\nUser:" line.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import logging
@@ -36,7 +37,7 @@ from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 
 from gptlab.config import SampleConfig
-from gptlab.errors import InputError
+from gptlab.errors import ConfigError, InputError
 from gptlab.generate import TokenEvent
 from gptlab.serve.schema import ApiError, Sampling, check_model, messages, parse_body, prompts, sampling
 from gptlab.serve.scheduler import QueueFull, Request, Scheduler
@@ -114,6 +115,14 @@ def create_app(sched: Scheduler, cfg: ServeConfig) -> FastAPI:
     cap = min(cfg.max_request_tokens or block, block)
     chat = _chat_template(tok)
     metrics = Metrics()
+    relays: list[_Relay] = []
+
+    def relay() -> _Relay:
+        """The app's one relay, made on the first request (the event loop is known only then)."""
+        if not relays:
+            relays.append(_Relay(asyncio.get_running_loop()))
+        return relays[0]
+
     app = FastAPI(title="gptlab", docs_url=None, redoc_url=None, openapi_url=None)
     if cfg.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -182,7 +191,7 @@ def create_app(sched: Scheduler, cfg: ServeConfig) -> FastAPI:
             raise ApiError(400, "'echo': expected true or false", param="echo", code="invalid_value")
         items = prompts(body, sched.engine.V)
         ids = [tok.encode(p) if isinstance(p, str) else p for p in items]
-        run = Run(sched, metrics, "cmpl", "text_completion", cfg.model_name, tok, s, chat=False, echo=echo)
+        run = Run(sched, metrics, relay(), "cmpl", "text_completion", cfg.model_name, tok, s, chat=False, echo=echo)
         run.start(ids, _sample_config(s, (), chat.stop_ids), request)  # a chat model's end of turn ends a completion too
         return await run.respond()
 
@@ -192,7 +201,7 @@ def create_app(sched: Scheduler, cfg: ServeConfig) -> FastAPI:
         check_model(body, cfg.model_name)
         s = sampling(body, sched.engine.V, cap, None, chat=True)
         ids = chat.prompt(messages(body))
-        run = Run(sched, metrics, "chatcmpl", "chat.completion", cfg.model_name, tok, s, chat=True, echo=False)
+        run = Run(sched, metrics, relay(), "chatcmpl", "chat.completion", cfg.model_name, tok, s, chat=True, echo=False)
         run.start([ids], _sample_config(s, chat.stops, chat.stop_ids), request)
         return await run.respond()
 
@@ -232,6 +241,13 @@ class _Guard:
 
 
 def _sample_config(s: Sampling, extra_stops: tuple[str, ...], stop_ids: tuple[int, ...] = ()) -> SampleConfig:
+    try:
+        return _settings(s, extra_stops, stop_ids)
+    except ConfigError as err:  # a combination the schema let through but generation refuses: still the client's 400
+        raise ApiError(400, str(err), code="invalid_value") from None
+
+
+def _settings(s: Sampling, extra_stops: tuple[str, ...], stop_ids: tuple[int, ...]) -> SampleConfig:
     return SampleConfig(
         max_new_tokens=max(s.max_tokens or 1, 1), temperature=s.temperature, top_p=s.top_p, stop=(*s.stop, *extra_stops), stop_token_ids=stop_ids,
         seed=s.seed, presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, logit_bias=s.logit_bias, logprobs=s.logprobs,
@@ -244,11 +260,13 @@ def _sample_config(s: Sampling, extra_stops: tuple[str, ...], stop_ids: tuple[in
 class Run:
     """The scheduler requests of one HTTP request (prompts x n choices), and its response."""
 
-    def __init__(self, sched: Scheduler, metrics: Metrics, prefix: str, kind: str, model: str, tok: AnyTokenizer, s: Sampling, chat: bool, echo: bool) -> None:
+    def __init__(
+        self, sched: Scheduler, metrics: Metrics, relay: _Relay, prefix: str, kind: str, model: str, tok: AnyTokenizer, s: Sampling, chat: bool, echo: bool,
+    ) -> None:  # fmt: skip
         self.sched, self.metrics, self.tok, self.s, self.chat, self.echo = sched, metrics, tok, s, chat, echo
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         self.kind, self.model, self.created = kind, model, int(time.time())
-        self.loop = asyncio.get_running_loop()
+        self.relay = relay
         self.events: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self.reqs: list[Request] = []
         self.prompts: list[list[int]] = []
@@ -283,7 +301,7 @@ class Run:
             raise
 
     def _put(self, index: int, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (index, item))
+        self.relay.put(self.events, (index, item))
 
     def cancel(self) -> None:
         for req in self.reqs:
@@ -357,6 +375,26 @@ class Run:
         prompt = sum(len(p) for p in self.prompts)
         completion = sum(c.generated for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class _Relay:
+    """Hands events from the scheduler's thread to the event loop: appended to one inbox, delivered by one
+    callback however many arrive before it runs (one wake-up of the loop per decode step, not per token)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.inbox, self.pending = loop, collections.deque(), False
+
+    def put(self, queue: asyncio.Queue, item: Any) -> None:  # on the scheduler's thread
+        self.inbox.append((queue, item))  # before the flag is read: a drain running now either takes it or is followed by another
+        if not self.pending:
+            self.pending = True
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:  # on the event loop
+        self.pending = False
+        while self.inbox:
+            queue, item = self.inbox.popleft()
+            queue.put_nowait(item)
 
 
 class _Choice:

@@ -15,6 +15,8 @@ from typing import Any
 
 MAX_N = 16  # choices per request (OpenAI allows 128; each is a running request here)
 MAX_STOP = 4  # stop sequences, as OpenAI
+MAX_STOP_CHARS = 1000
+MAX_CHOICES = 64  # prompts x n in one request
 MAX_TOP_LOGPROBS = 20
 
 
@@ -38,6 +40,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise ApiError(400, "the request body is not UTF-8", code="invalid_json") from None
     except json.JSONDecodeError as err:
         raise ApiError(400, f"the request body is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
@@ -72,6 +76,13 @@ def _integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> in
     return value
 
 
+def _top_p(body: dict) -> float | None:
+    value = _number(body, "top_p", None, 0.0, 1.0)
+    if value == 0:
+        raise _bad("top_p", "must be above 0 (a nucleus holding no token); use temperature 0 for greedy")
+    return value
+
+
 def _flag(body: dict, name: str) -> bool:
     value = body.get(name, False)
     if value is None:
@@ -90,6 +101,8 @@ def _stop(body: dict) -> tuple[str, ...]:
         raise _bad("stop", "expected a non-empty string or a list of them")
     if len(values) > MAX_STOP:
         raise _bad("stop", f"at most {MAX_STOP} stop sequences, got {len(values)}")
+    if max(map(len, values)) > MAX_STOP_CHARS:
+        raise _bad("stop", f"a stop sequence may be at most {MAX_STOP_CHARS} characters")
     return tuple(values)
 
 
@@ -161,7 +174,7 @@ def sampling(body: dict, vocab: int, max_tokens_cap: int, default_max: int | Non
     return Sampling(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),  # type: ignore[arg-type]
-        top_p=_number(body, "top_p", None, 0.0, 1.0),
+        top_p=_top_p(body),
         n=_integer(body, "n", 1, 1, MAX_N),  # type: ignore[arg-type]
         stop=_stop(body),
         seed=_integer(body, "seed", None, -(2**63), 2**63 - 1),
@@ -187,6 +200,9 @@ def prompts(body: dict, vocab: int) -> list[str | list[int]]:
         items = value
     else:
         raise _bad("prompt", "expected a string, a list of strings, a list of token ids or a list of such lists")
+    n = body.get("n", 1) if isinstance(body.get("n", 1), int) else 1
+    if len(items) * n > MAX_CHOICES:
+        raise _bad("prompt", f"{len(items)} prompts x n = {n} asks for {len(items) * n} completions; at most {MAX_CHOICES} per request")
     for item in items:
         if isinstance(item, str):
             continue
