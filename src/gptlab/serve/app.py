@@ -67,12 +67,12 @@ class Histogram:
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds, self.counts, self.sum, self.n = bounds, [0] * len(bounds), 0.0, 0
 
-    def observe(self, value: float) -> None:
-        self.n += 1
-        self.sum += value
+    def observe(self, value: float, times: int = 1) -> None:
+        self.n += times
+        self.sum += value * times
         for i, b in enumerate(self.bounds):
             if value <= b:
-                self.counts[i] += 1
+                self.counts[i] += times
 
     def lines(self, name: str) -> list[str]:
         out = [f"# TYPE {name} histogram"]
@@ -85,12 +85,11 @@ class Metrics:
     by_status: dict[int, int] = field(default_factory=dict)
     ttft: Histogram = field(default_factory=lambda: Histogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)))
     latency: Histogram = field(default_factory=lambda: Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)))
-    batch: Histogram = field(default_factory=lambda: Histogram((1, 2, 4, 8, 16, 32, 64, 128)))
 
     def render(self, sched: Scheduler) -> str:
-        for size in sched.stats.batch_sizes[:]:
-            self.batch.observe(size)
-        sched.stats.batch_sizes.clear()
+        batch = Histogram((1, 2, 4, 8, 16, 32, 64, 128))
+        for size, steps in list(sched.stats.batch_sizes.items()):  # a snapshot: the scheduler's thread adds to it
+            batch.observe(size, steps)
         lines = ["# TYPE gptlab_requests_total counter"]
         lines += [f'gptlab_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.by_status.items())]
         st = sched.stats
@@ -101,7 +100,7 @@ class Metrics:
             "# TYPE gptlab_queue_depth gauge", f"gptlab_queue_depth {st.waiting}",
             "# TYPE gptlab_running_requests gauge", f"gptlab_running_requests {st.running}",
         ]  # fmt: skip
-        lines += self.batch.lines("gptlab_batch_size") + self.ttft.lines("gptlab_time_to_first_token_seconds")
+        lines += batch.lines("gptlab_batch_size") + self.ttft.lines("gptlab_time_to_first_token_seconds")
         lines += self.latency.lines("gptlab_request_latency_seconds")
         return "\n".join(lines) + "\n"
 

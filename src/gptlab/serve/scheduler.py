@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 import queue
 import threading
 import time
@@ -89,7 +90,7 @@ class SchedulerStats:
     steps: int = 0
     running: int = 0
     waiting: int = 0
-    batch_sizes: list[int] = field(default_factory=list)  # one per decode step since the last read
+    batch_sizes: Counter[int] = field(default_factory=Counter)  # decode steps by batch size (bounded by max_batch)
 
 
 class Scheduler:
@@ -225,7 +226,7 @@ class Scheduler:
         start = [s.rows.cached[0] for s in self._running]
         logits = self.engine._step(self.model, self._cache.first(n), pending, start, decode=True)[:, 0, : self.engine.V]  # (n, V)
         self.stats.steps += 1
-        self.stats.batch_sizes.append(n)
+        self.stats.batch_sizes[n] += 1
         self._sample(list(self._running), _upcast(logits), fed=True)
 
     def _sample(self, slots: Sequence[_Slot], logits: Tensor, fed: bool) -> None:
