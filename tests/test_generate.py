@@ -8,15 +8,18 @@ from gptlab.config import GPTConfig, SampleConfig
 from gptlab.errors import ConfigError, InputError
 from gptlab.generate import (
     Engine,
+    KernelPlan,
     OneDNNLinear,
-    _Controls,
-    _History,
+    TunedLinear,
+    SamplingControls,
+    TokenHistory,
     accept_or_resample,
     apply_logit_bias,
     apply_presence_frequency,
     apply_repetition_penalty,
     apply_temperature,
     generate_uncached,
+    greedy_argmax,
     min_p_filter,
     top_k_filter,
     top_p_filter,
@@ -80,17 +83,17 @@ def test_composed_distribution_matches_the_hand_computed_one():
     # by hand: T=0.5 -> logits*2; top-3 keeps ids 1,2,3 with weights e^2, e^4, e^6 (probabilities
     # 0.0159, 0.1173, 0.8668); top-p 0.95 keeps the smallest set reaching 0.95, ids 3 and 2 (0.984)
     w = torch.tensor([0.0, 0.0, math.e**4, math.e**6, 0.0])
-    probs = _Controls([cfg], 5, torch.device("cpu")).probs(logits, None)
+    probs = SamplingControls([cfg], 5, torch.device("cpu")).probs(logits, None)
     assert torch.allclose(probs[0], w / w.sum(), atol=1e-6)
     # min-p 0.2 on top of that drops id 2: e^4 / e^6 = 0.135 < 0.2
-    probs = _Controls([cfg.replace(min_p=0.2)], 5, torch.device("cpu")).probs(logits, None)
+    probs = SamplingControls([cfg.replace(min_p=0.2)], 5, torch.device("cpu")).probs(logits, None)
     assert torch.allclose(probs[0], torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]))
     # penalties come before greedy: id 3 seen with penalty 4 -> 0.75 < 2.0
-    hist = _History([[3]], 5, torch.device("cpu"))
-    greedy = _Controls([SampleConfig(temperature=0, repetition_penalty=4.0)], 5, torch.device("cpu"))
+    hist = TokenHistory([[3]], 5, torch.device("cpu"))
+    greedy = SamplingControls([SampleConfig(temperature=0, repetition_penalty=4.0)], 5, torch.device("cpu"))
     assert greedy.next_tokens(logits, hist).tolist() == [2]
     # and the draws follow the distribution
-    many = _Controls([cfg.replace(seed=0)], 5, torch.device("cpu"))
+    many = SamplingControls([cfg.replace(seed=0)], 5, torch.device("cpu"))
     draws = torch.cat([many.draw(many.probs(logits, None).expand(20_000, -1).contiguous()[i : i + 1]) for i in range(20_000)])
     freq = torch.bincount(draws, minlength=5).double() / draws.numel()
     assert torch.allclose(freq, (w / w.sum()).double(), atol=0.015)
@@ -324,6 +327,51 @@ def test_onednn_linears_share_the_weights_and_compute_the_same_function(model):
     b = Engine(fp32, onednn=False).generate(mixed_prompts(3), cfg)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
     assert max(abs(x - y) for c, d in zip(a, b, strict=True) for x, y in zip(c.logprobs, d.logprobs, strict=True)) < 1e-5
+
+
+def test_greedy_argmax_equals_torch_argmax_with_ties_nan_and_short_chunks():
+    g = torch.Generator().manual_seed(0)
+    for V in (7, 1023, 1024, 1025, 50257):
+        x = torch.randn(6, V, generator=g)
+        x[1, :] = 0.5  # every logit tied: the first index
+        x[2, V // 3] = x[2, V - 1] = 100.0  # tied maxima in different chunks, the second in the short last chunk
+        x[3, V - 1] = 100.0  # the maximum in the short last chunk
+        x[4, V // 2] = float("nan")  # NaN counts as the maximum, as torch.argmax has it
+        x[5, :] = float("-inf")
+        assert torch.equal(greedy_argmax(x), x.argmax(-1)), V
+        wide = torch.randn(3, 1, V + 47, generator=g)[:, 0, :V]  # a non-contiguous slice of padded logits
+        assert torch.equal(greedy_argmax(wide), wide.argmax(-1))
+    ints = torch.randint(0, 5, (64, 4096), generator=g).float()  # many ties everywhere
+    assert torch.equal(greedy_argmax(ints), ints.argmax(-1))
+
+
+def test_tuned_linears_pick_a_measured_kernel_per_batch_size_and_compute_the_same_function(model):
+    fp32 = GPT(model.config).eval()
+    fp32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    engine = Engine(fp32, tune=[1, 3])
+    plan = engine.plan
+    assert plan is not None and plan.sizes == [1, 3] and set(plan.times) == {1, 3}
+    assert all(k in ("blas", "transposed", "onednn") and plan.times[M][k] == min(plan.times[M].values()) for M, k in zip(plan.sizes, plan.kernels, strict=True))
+    assert any(isinstance(m, TunedLinear) for m in engine.model.modules()) and not any(isinstance(m, TunedLinear) for m in fp32.modules())
+    ours, theirs = dict(engine.model.named_parameters()), dict(fp32.named_parameters())
+    assert ours.keys() == theirs.keys() and all(ours[k] is theirs[k] for k in ours)  # shared, not copied
+    cfg = SampleConfig(max_new_tokens=30, temperature=0, logprobs=0)
+    want = Engine(fp32, onednn=False).generate(mixed_prompts(3), cfg)
+    for kernel in ("blas", "transposed", "onednn"):  # each kernel, forced, at every batch size
+        plan.kernels = [kernel] * len(plan.sizes)
+        for layer in engine.model.modules():
+            if isinstance(layer, TunedLinear) and layer.weight_t is None:
+                layer.weight_t = layer.weight.detach().t().contiguous()
+        got = engine.generate(mixed_prompts(3), cfg)
+        assert [c.token_ids for c in got] == [c.token_ids for c in want], kernel
+        assert max(abs(x - y) for c, d in zip(got, want, strict=True) for x, y in zip(c.logprobs, d.logprobs, strict=True)) < 1e-5
+    picks = KernelPlan([16, 1, 4], "blas")
+    picks.kernels = ["a", "b", "c"]  # sizes sorted: 1, 4, 16
+    assert [picks.pick(M) for M in (1, 2, 4, 5, 16, 17, 500)] == ["a", "b", "b", "c", "c", "c", "c"]
+    with pytest.raises(ConfigError, match="do not also set onednn"):
+        Engine(fp32, tune=[1], onednn=True)
+    with pytest.raises(ConfigError, match="batch sizes >= 1"):
+        Engine(fp32, tune=[0])
 
 
 def test_engine_leaves_the_model_as_it_was(model):

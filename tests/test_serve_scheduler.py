@@ -46,12 +46,13 @@ def run(sched: Scheduler, prompt: list[int], cfg: SampleConfig) -> tuple[Request
     return req, out
 
 
-def test_a_request_gets_the_engines_tokens_alone_and_in_a_busy_changing_batch(model, tok) -> None:
+@pytest.mark.parametrize("tune", [False, True], ids=["fixed-kernels", "measured-kernels"])
+def test_a_request_gets_the_engines_tokens_alone_and_in_a_busy_changing_batch(model, tok, tune) -> None:
     prompts = [tok.encode(t) for t in ("Return the", "The module", "def f(x):", "class A", "import os", "a b c d e f", "x", "Hello there, how")]
     cfgs = [SampleConfig(max_new_tokens=8 + 3 * i, temperature=0, logprobs=2) for i in range(len(prompts))]
     engine = Engine(model, tok)
     alone = [engine.generate([p], c)[0] for p, c in zip(prompts, cfgs)]
-    sched = Scheduler(model, tok, max_batch=4, max_queue=64)
+    sched = Scheduler(model, tok, max_batch=4, max_queue=64, tune=tune)  # measured: whichever kernel won at 1 and 4 rows
     try:
         # two waves: the first requests are mid-generation when the others arrive; at most 4 run at once,
         # so requests also wait, join when others leave, and slots are reused
@@ -122,7 +123,7 @@ def test_bad_requests_are_refused_before_they_queue(model, tok) -> None:
 def test_a_failed_step_ends_its_requests_with_an_error_and_the_loop_lives_on(model, tok, monkeypatch) -> None:
     sched = Scheduler(model, tok, max_batch=2)
     try:
-        real, calls = sched.engine._step, []
+        real, calls = sched.engine.step, []
 
         def flaky(*a, **k):
             calls.append(1)
@@ -130,7 +131,7 @@ def test_a_failed_step_ends_its_requests_with_an_error_and_the_loop_lives_on(mod
                 raise RuntimeError("simulated kernel failure")
             return real(*a, **k)
 
-        monkeypatch.setattr(sched.engine, "_step", flaky)
+        monkeypatch.setattr(sched.engine, "step", flaky)
         req, out = run(sched, tok.encode("Return the"), SampleConfig(max_new_tokens=20, temperature=0, ignore_eot=True))
         assert out.done.wait(30) and out.events[-1].finish_reason == "error" and isinstance(req.error, RuntimeError)
         _, after = run(sched, tok.encode("Return the"), SampleConfig(max_new_tokens=5, temperature=0))

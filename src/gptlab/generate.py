@@ -7,7 +7,7 @@ right-padded for the prefill, and from then on each row writes and attends at it
 positions, stopping on its own.
 
 Sampling controls are small pure functions over (B, V) logits, composed per row by
-`_Controls`. Text comes out through the tokenizer's `TextStream`, so streamed pieces are
+`SamplingControls`. Text comes out through the tokenizer's `TextStream`, so streamed pieces are
 always whole characters. With a draft model, speculative decoding (Leviathan et al.
 2023; Chen et al. 2023) proposes several tokens with the draft and verifies them in one
 target pass; greedy output is that of the target alone, and sampled output follows the
@@ -16,6 +16,7 @@ target's distribution.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import itertools
 import time
@@ -23,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptlab.config import SampleConfig
@@ -90,7 +92,32 @@ def apply_logit_bias(logits: Tensor, bias: Tensor) -> Tensor:
     return logits + bias
 
 
-def _upcast(logits: Tensor) -> Tensor:
+_ARGMAX_CHUNK = 256
+
+
+def greedy_argmax(logits: Tensor) -> Tensor:
+    """torch.argmax over the last dim of (B, V) logits (the first index among equal maxima, NaN
+    counted as the maximum), faster on CPU.
+
+    PyTorch's CPU argmax runs a scalar loop (1.8 ms for 32 x 50257 float32 here) while amax is
+    vectorised: so take the max of each chunk of 256 logits, find the first chunk holding the
+    row's maximum, and run argmax inside that chunk only (0.4 ms; the same indices).
+    """
+    B, V = logits.shape
+    C = _ARGMAX_CHUNK
+    if logits.device.type != "cpu" or V < 4 * C:
+        return logits.argmax(-1)
+    full = V // C * C
+    best = logits[:, :full].reshape(B, V // C, C).amax(-1)  # (B, V // C): each chunk's maximum
+    if full < V:
+        best = torch.cat([best, logits[:, full:].amax(-1, keepdim=True)], dim=1)  # the short last chunk
+    chunk = best.argmax(-1)  # (B,): the first chunk holding the row's maximum
+    # a short last chunk is padded with copies of the row's last logit, which come after it: argmax still finds the first
+    index = (chunk[:, None] * C + torch.arange(C, device=logits.device)).clamp_(max=V - 1)  # (B, C)
+    return chunk * C + logits.gather(1, index).argmax(-1)
+
+
+def upcast_logits(logits: Tensor) -> Tensor:
     """Logits in at least float32 for the sampling arithmetic; float64 stays float64."""
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
@@ -151,10 +178,96 @@ def with_onednn_linears(model: GPT) -> GPT:
     return view
 
 
+class KernelPlan:
+    """Which kernel the TunedLinears of one model run for x with M rows: kernels[i] for M <= sizes[i]
+    (the last one for more). One plan is shared by all of a model's layers, so a measurement can
+    switch every layer at once. times: the measured seconds per decode step, {M: {kernel: s}}."""
+
+    def __init__(self, sizes: Sequence[int], kernel: str) -> None:
+        self.sizes = sorted(set(sizes))
+        self.kernels = [kernel] * len(self.sizes)
+        self.times: dict[int, dict[str, float]] = {}
+
+    def pick(self, rows: int) -> str:
+        return self.kernels[min(bisect.bisect_left(self.sizes, rows), len(self.sizes) - 1)]
+
+
+class TunedLinear(nn.Module):
+    """An nn.Linear computed by the kernel its KernelPlan names for the rows at hand: "blas" (F.linear),
+    "onednn" (as OneDNNLinear) or "transposed" (a GEMM on a contiguous (in, out) copy of the weight,
+    made only when the plan uses it; so the copy does not follow later changes to the weight, and
+    this is for models that stay fixed, as a served one does). Same function, sums in another order."""
+
+    def __init__(self, linear: nn.Linear, plan: KernelPlan) -> None:
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.plan = plan
+        self.weight_t: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel = self.plan.pick(x.numel() // x.size(-1))
+        if kernel == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if kernel == "transposed":
+            assert self.weight_t is not None, "a plan names the transposed kernel only after tune_linears made the copies"
+            rows = x.reshape(-1, x.size(-1))  # (M, in)
+            out = torch.mm(rows, self.weight_t) if self.bias is None else torch.addmm(self.bias, rows, self.weight_t)  # (M, out)
+            return out.view(*x.shape[:-1], out.size(-1))
+        return F.linear(x, self.weight, self.bias)
+
+
+def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 2, calls: int = 4) -> tuple[GPT, KernelPlan]:
+    """A view of `model` whose Linears run, for each batch size in `sizes`, the kernel that made a whole
+    decode step fastest when measured here, now.
+
+    The fastest GEMM for decode shapes depends on the CPU and on the number of rows (on one Xeon,
+    oneDNN's kernel took 6.1 ms per step of a 16M-parameter model at batch 1 where BLAS took 3.4,
+    while at batch 32 BLAS on a transposed weight copy was fastest), so it is measured rather than
+    fixed: whole decode steps, each kernel in turn for every layer, the best of `rounds` rounds.
+    """
+    kernels = ["blas", "transposed"] + (["onednn"] if onednn_applies(model) else [])
+    plan = KernelPlan(sizes, "blas")
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    view = copy.deepcopy(model, shared).eval()  # new modules over the same tensors
+    tuned: list[TunedLinear] = []
+    for module in list(view.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                tuned.append(TunedLinear(child, plan))
+                setattr(module, name, tuned[-1])
+    for layer in tuned:
+        layer.weight_t = layer.weight.detach().t().contiguous()  # (in, out)
+    p = next(model.parameters())
+    kv = min(64, model.config.block_size)
+    best = []
+    with torch.no_grad():
+        for M in plan.sizes:
+            cache = KVCache(model.config, M, kv, p.dtype, p.device)
+            step = CacheStep(cache, 1, torch.full((M,), kv - 1, device=p.device), kv)  # one token at the last slot
+            idx = torch.zeros(M, 1, dtype=torch.long, device=p.device)
+            times = dict.fromkeys(kernels, float("inf"))
+            for _ in range(rounds):
+                for kernel in kernels:
+                    plan.kernels = [kernel] * len(plan.sizes)
+                    view.forward_cached(idx, step)  # warm-up: first calls pack weights and allocate
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        view.forward_cached(idx, step)
+                    times[kernel] = min(times[kernel], (time.perf_counter() - t0) / calls)
+            plan.times[M] = times
+            best.append(min(kernels, key=times.__getitem__))
+    plan.kernels = best
+    if "transposed" not in best:
+        for layer in tuned:
+            layer.weight_t = None
+    return view, plan
+
+
 # ----------------------------------------------------------------------------- per-request state
 
 
-class _History:
+class TokenHistory:
     """Which tokens each row has seen (prompt and output) and how often each was output."""
 
     def __init__(self, prompts: Sequence[Sequence[int]], V: int, device: torch.device) -> None:
@@ -168,14 +281,14 @@ class _History:
         self.seen[rows, tokens] = True
         self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=self.counts.dtype), accumulate=True)
 
-    def plus(self, tokens: Tensor) -> _History:
+    def plus(self, tokens: Tensor) -> TokenHistory:
         out = copy.copy(self)
         out.seen, out.counts = self.seen.clone(), self.counts.clone()
         out.add(tokens)
         return out
 
 
-class _Controls:
+class SamplingControls:
     """The sampling settings of a batch of requests as per-row tensors, and drawing with them."""
 
     def __init__(self, cfgs: Sequence[SampleConfig], V: int, device: torch.device) -> None:
@@ -202,7 +315,7 @@ class _Controls:
     def needs_history(self) -> bool:
         return self.repetition is not None or self.counted
 
-    def adjust(self, logits: Tensor, hist: _History | None) -> Tensor:
+    def adjust(self, logits: Tensor, hist: TokenHistory | None) -> Tensor:
         """Bias and penalties: what shapes the distribution before greedy or sampling choose."""
         if self.bias is not None:
             logits = apply_logit_bias(logits, self.bias)
@@ -212,10 +325,10 @@ class _Controls:
             logits = apply_presence_frequency(logits, hist.counts, self.presence, self.frequency)
         return logits
 
-    def probs(self, logits: Tensor, hist: _History | None) -> Tensor:
+    def probs(self, logits: Tensor, hist: TokenHistory | None) -> Tensor:
         """The distribution each row draws from, (B, V); one-hot on the argmax for greedy rows."""
         logits = self.adjust(logits, hist)
-        onehot = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        onehot = torch.zeros_like(logits).scatter_(-1, greedy_argmax(logits)[:, None], 1.0)
         if self.all_greedy:
             return onehot
         logits = apply_temperature(logits, self.temperature)
@@ -230,14 +343,14 @@ class _Controls:
     def draw(self, probs: Tensor) -> Tensor:
         """One token per row from (B, V) probabilities, each row with its own generator."""
         if self.all_greedy:
-            return probs.argmax(-1)
+            return greedy_argmax(probs)
         if all(g is None for g in self.generators):
             return torch.multinomial(probs, 1).squeeze(-1)
         return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(self.generators)])
 
-    def next_tokens(self, logits: Tensor, hist: _History | None) -> Tensor:
+    def next_tokens(self, logits: Tensor, hist: TokenHistory | None) -> Tensor:
         if self.all_greedy:
-            return self.adjust(logits, hist).argmax(-1)
+            return greedy_argmax(self.adjust(logits, hist))
         return self.draw(self.probs(logits, hist))
 
     def uniform(self, n: int, device: torch.device) -> Tensor:
@@ -359,9 +472,11 @@ class Engine:
     compute the Linear layers with oneDNN's kernel (`OneDNNLinear`, sharing the weights)
     where that applies, float32 on CPU; None does so unless compiling. static keeps
     every decode step's shapes fixed (attention over the whole cache, masked), as
-    torch.compile and CUDA graphs want; compile=True also compiles the decode step. The
-    model passed in is never changed. The draft model must share the tokenizer;
-    draft_tokens is how many tokens it proposes per step.
+    torch.compile and CUDA graphs want; compile=True also compiles the decode step.
+    tune: batch sizes at which to measure the Linear kernels now and use the fastest at each
+    (`tune_linears`; for a server, whose batch size varies), in place of the onednn rule; the
+    plan is `self.plan`. The model passed in is never changed. The draft model must share the
+    tokenizer; draft_tokens is how many tokens it proposes per step.
     """
 
     def __init__(
@@ -375,10 +490,18 @@ class Engine:
         onednn: bool | None = None,
         static: bool = False,
         compile: bool = False,
+        tune: Sequence[int] = (),
     ) -> None:
+        if tune and (onednn is not None or compile):
+            raise ConfigError("tune measures the Linear kernels itself: do not also set onednn or compile")
+        if any(not isinstance(M, int) or M < 1 for M in tune):
+            raise ConfigError(f"tune takes batch sizes >= 1, got {list(tune)}")
         if onednn is None:
-            onednn = not compile
+            onednn = not compile and not tune
         self.model = self._prepare(model, dtype, onednn)
+        self.plan: KernelPlan | None = None
+        if tune:
+            self.model, self.plan = tune_linears(self.model, tune)
         self.tokenizer = tokenizer
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
@@ -489,7 +612,10 @@ class Engine:
         extra = self.draft_tokens if self.draft is not None else 0
         return min(block, max(len(p) + c.max_new_tokens - 1 + extra for p, c in zip(ids, cfgs, strict=True)))
 
-    def _prefill(self, model: GPT, cache: KVCache, rows: list[int], seqs: list[list[int]]) -> Tensor:
+    # prefill and step, with SamplingControls, TokenHistory and RowProgress, are the parts a scheduler composes
+    # when requests come and go between steps (gptlab.serve.scheduler); `_run` composes them for one batch
+
+    def prefill(self, model: GPT, cache: KVCache, rows: list[int], seqs: list[list[int]]) -> Tensor:
         """Fill cache rows `rows` with the keys and values of `seqs` (from position 0); logits at each one's end, (n, V).
 
         A prompt asked several times (n samples of one prompt, a GRPO group) is run once and its keys and
@@ -513,7 +639,7 @@ class Engine:
         cache.v[:, index, :, :T] = part.v[:, pick]
         return logits[pick]
 
-    def _step(self, model: GPT, cache: KVCache, idx: Tensor, start: list[int], decode: bool = False) -> Tensor:
+    def step(self, model: GPT, cache: KVCache, idx: Tensor, start: list[int], decode: bool = False) -> Tensor:
         """Logits (B, T, V) for idx (B, T) placed at per-row positions start[b]...; decode: the target's one-token step, compiled if asked."""
         T = idx.size(1)
         kv_len = cache.max_len if self.static else max(start) + T
@@ -524,16 +650,16 @@ class Engine:
         t0 = time.perf_counter()
         self.stats = GenerationStats(prompt_tokens=sum(map(len, ids)))
         S = self._cache_len(ids, cfgs)
-        rows = _Rows(ids, cfgs, S, self.tokenizer, self.stats)
-        ctl = _Controls(cfgs, self.V, self.device)
-        hist = _History(ids, self.V, self.device) if ctl.needs_history else None
+        rows = RowProgress(ids, cfgs, S, self.tokenizer, self.stats)
+        ctl = SamplingControls(cfgs, self.V, self.device)
+        hist = TokenHistory(ids, self.V, self.device) if ctl.needs_history else None
         B, block = len(ids), self.model.config.block_size
         cache = KVCache(self.model.config, B, S, self.dtype, self.device)
         dcache = KVCache(self.draft.config, B, S, self.dtype, self.device) if self.draft is not None else None
         try:
-            logits = _upcast(self._prefill(self.model, cache, list(range(B)), ids)[:, : self.V])  # (B, V)
+            logits = upcast_logits(self.prefill(self.model, cache, list(range(B)), ids)[:, : self.V])  # (B, V)
             if dcache is not None:
-                self._prefill(self.draft, dcache, list(range(B)), ids)
+                self.prefill(self.draft, dcache, list(range(B)), ids)
             # the first token of every row comes from the prefill
             yield from self._sample_and_emit(logits, list(range(B)), ctl, hist, rows, fed=False)
             while any(rows.active):
@@ -542,9 +668,9 @@ class Engine:
                 for r in range(B):
                     if rows.active[r] and rows.cached[r] >= S:
                         keep = rows.seqs[r][-_window(block) :][:-1]  # the newest token is fed below, as every step
-                        self._prefill(self.model, cache, [r], [keep])
+                        self.prefill(self.model, cache, [r], [keep])
                         if dcache is not None:
-                            self._prefill(self.draft, dcache, [r], [keep])
+                            self.prefill(self.draft, dcache, [r], [keep])
                         rows.cached[r] = len(keep)
                 live = [r for r in range(B) if rows.active[r]]
                 # finished rows still ride along in the batch, writing to early slots nobody reads
@@ -556,7 +682,7 @@ class Engine:
                     left = max(cfgs[r].max_new_tokens - rows.made[r] for r in live) - 1
                     gamma = max(0, min(self.draft_tokens, room, left))
                 if gamma == 0:
-                    logits = _upcast(self._step(self.model, cache, pending[:, None], start, decode=True)[:, 0, : self.V])  # (B, V)
+                    logits = upcast_logits(self.step(self.model, cache, pending[:, None], start, decode=True)[:, 0, : self.V])  # (B, V)
                     yield from self._sample_and_emit(logits, live, ctl, hist, rows, fed=True)
                 else:
                     assert dcache is not None
@@ -564,7 +690,7 @@ class Engine:
         finally:
             self.stats.seconds = time.perf_counter() - t0
 
-    def _sample_and_emit(self, logits: Tensor, live: list[int], ctl: _Controls, hist: _History | None, rows: _Rows, fed: bool) -> Iterator[TokenEvent]:
+    def _sample_and_emit(self, logits: Tensor, live: list[int], ctl: SamplingControls, hist: TokenHistory | None, rows: RowProgress, fed: bool) -> Iterator[TokenEvent]:
         """One ordinary step: a token for each live row from its (B, V) logits; fed: the step put one more token in the cache."""
         toks = ctl.next_tokens(logits, hist)
         lps = torch.log_softmax(logits, -1) if rows.want_logprobs else None
@@ -576,7 +702,7 @@ class Engine:
             hist.add(toks[index], index)
 
     def _speculate(
-        self, gamma: int, start: list[int], pending: Tensor, live: list[int], ctl: _Controls, hist: _History | None, rows: _Rows, cache: KVCache, dcache: KVCache
+        self, gamma: int, start: list[int], pending: Tensor, live: list[int], ctl: SamplingControls, hist: TokenHistory | None, rows: RowProgress, cache: KVCache, dcache: KVCache
     ) -> Iterator[TokenEvent]:
         """One round of speculative decoding: the draft proposes gamma tokens per row, the target checks them in one pass."""
         assert self.draft is not None
@@ -584,7 +710,7 @@ class Engine:
         # the draft re-reads the token before the pending one: after a round where all gamma
         # proposals were accepted, the last proposal was never fed to it
         prev = torch.tensor([seq[-2] for seq in rows.seqs], device=dev)
-        dlogits = _upcast(self._step(self.draft, dcache, torch.stack([prev, pending], 1), [s - 1 for s in start])[:, -1, :V])
+        dlogits = upcast_logits(self.step(self.draft, dcache, torch.stack([prev, pending], 1), [s - 1 for s in start])[:, -1, :V])
         h = hist
         proposals, qs = [], []
         for i in range(gamma):
@@ -595,9 +721,9 @@ class Engine:
             if h is not None:
                 h = h.plus(x)
             if i + 1 < gamma:
-                dlogits = _upcast(self._step(self.draft, dcache, x[:, None], [s + 1 + i for s in start])[:, 0, :V])
+                dlogits = upcast_logits(self.step(self.draft, dcache, x[:, None], [s + 1 + i for s in start])[:, 0, :V])
         xs = torch.stack(proposals, 1)  # (B, gamma)
-        out = _upcast(self._step(self.model, cache, torch.cat([pending[:, None], xs], 1), start)[:, :, :V])  # (B, gamma+1, V)
+        out = upcast_logits(self.step(self.model, cache, torch.cat([pending[:, None], xs], 1), start)[:, :, :V])  # (B, gamma+1, V)
         lps = torch.log_softmax(out, -1) if rows.want_logprobs else None
         h = hist
         ps = []  # the target's distribution after the pending token and after each proposal
@@ -633,7 +759,7 @@ class Engine:
             rows.cached[r] = start[r] + n + 1  # the pending token and the accepted proposals
 
 
-class _Rows:
+class RowProgress:
     """Per-row progress of a run: tokens, cache fill, text, and when each row is done."""
 
     def __init__(self, ids: list[list[int]], cfgs: list[SampleConfig], S: int, tokenizer: AnyTokenizer | None, stats: GenerationStats) -> None:

@@ -26,7 +26,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run = ckpt.path.parent.parent if ckpt.path.parent.name == "checkpoints" else ckpt.path
     name = args.model_name or run.name
     sched = Scheduler(ckpt.model, ckpt.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
-                      dtype=_dtype(args.dtype, next(ckpt.model.parameters()).device), thread=False)  # fmt: skip
+                      dtype=_dtype(args.dtype, next(ckpt.model.parameters()).device), thread=False, tune=args.kernels == "measure")  # fmt: skip
+    if sched.engine.plan is not None:
+        plan = sched.engine.plan
+        print("decode kernels measured: " + ", ".join(f"batch {M}: {k} ({plan.times[M][k] * 1e3:.2f} ms/step)" for M, k in zip(plan.sizes, plan.kernels, strict=True)), flush=True)
     cfg = ServeConfig(model_name=name, api_key=key, max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
                       max_request_tokens=args.max_request_tokens, max_body_bytes=args.max_body_bytes, cors_origins=tuple(args.cors_origin or ()))  # fmt: skip
     where = f"http://{args.host}:{args.port}"
@@ -51,3 +54,6 @@ def register(sub: argparse._SubParsersAction, command: Register) -> None:
     t.add_argument("--cors-origin", action="append", help="allow browser pages from this origin (repeatable); CORS is off by default")
     t.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="weights while decoding; auto is bfloat16 where matmuls run it natively")
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    t.add_argument("--kernels", choices=["measure", "default"], default="measure",
+                   help="measure: time the Linear kernels at start-up at a few batch sizes and use the fastest at each (the default); "
+                        "default: the engine's fixed rule (oneDNN for float32 on CPU)")  # fmt: skip

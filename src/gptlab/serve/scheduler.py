@@ -35,7 +35,7 @@ from torch import Tensor
 
 from gptlab.config import SampleConfig
 from gptlab.errors import InputError
-from gptlab.generate import Engine, GenerationStats, TokenEvent, _Controls, _History, _Rows, _upcast
+from gptlab.generate import Engine, GenerationStats, TokenEvent, SamplingControls, TokenHistory, RowProgress, upcast_logits
 from gptlab.model import GPT, KVCache
 from gptlab.tokenizer import AnyTokenizer
 
@@ -75,9 +75,9 @@ class Request:
 @dataclass(eq=False)
 class _Slot:
     req: Request
-    rows: _Rows  # the engine's per-row bookkeeping, for this one request
+    rows: RowProgress  # the engine's per-row bookkeeping, for this one request
     generator: torch.Generator | None
-    hist: _History | None
+    hist: TokenHistory | None
 
 
 @dataclass
@@ -94,15 +94,18 @@ class SchedulerStats:
 
 
 class Scheduler:
-    """Owns `model` on a background thread; `submit` requests from any thread."""
+    """Owns `model` on a background thread (or, with thread=False, on the thread that calls `run`);
+    `submit` requests from any thread."""
 
     def __init__(
         self, model: GPT, tokenizer: AnyTokenizer, *, max_batch: int = 16, max_queue: int = 256, max_tokens: int | None = None,
-        dtype: torch.dtype | None = None, thread: bool = True,
+        dtype: torch.dtype | None = None, thread: bool = True, tune: bool = False,
     ) -> None:  # fmt: skip
         if max_batch < 1 or max_queue < 0:
             raise InputError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        self.engine = Engine(model, tokenizer, dtype=dtype)  # its prepared model, prefill and step
+        # tune: measure the Linear kernels at a few batch sizes up to max_batch (Engine's tune) rather than use the fixed rule
+        sizes = sorted({M for M in (1, 4, 16) if M < max_batch} | {max_batch}) if tune else ()
+        self.engine = Engine(model, tokenizer, dtype=dtype, tune=sizes)  # its prepared model, prefill and step
         self.model = self.engine.model.eval()
         self.tokenizer = tokenizer
         self.block = self.model.config.block_size
@@ -117,6 +120,7 @@ class Scheduler:
         self._running: list[_Slot] = []
         self._cache = KVCache(self.model.config, max_batch, self.block, self.engine.dtype, self.engine.device)
         self._held = 0  # tokens reserved by running requests
+        self._controls: tuple[tuple[int, ...], SamplingControls | None] = ((), None)  # the last batch's request ids and sampling settings
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gptlab-scheduler", daemon=True) if thread else None
         if self._thread is not None:
@@ -198,18 +202,18 @@ class Scheduler:
             self._pending -= len(held_back) - len(rest)
             self.stats.waiting = self._pending
         if fresh:
-            self._prefill(fresh)
+            self.prefill(fresh)
         return rest
 
-    def _prefill(self, reqs: list[Request]) -> None:
+    def prefill(self, reqs: list[Request]) -> None:
         start = len(self._running)
         slots = []
         for req in reqs:
             stats = GenerationStats()
-            rows = _Rows([req.prompt], [req.cfg], self.block, self.tokenizer, stats)
+            rows = RowProgress([req.prompt], [req.cfg], self.block, self.tokenizer, stats)
             gen = None if req.cfg.seed is None else torch.Generator(device=self.engine.device).manual_seed(req.cfg.seed)
             penalised = req.cfg.repetition_penalty != 1 or req.cfg.presence_penalty or req.cfg.frequency_penalty
-            hist = _History([req.prompt], self.engine.V, self.engine.device) if penalised else None
+            hist = TokenHistory([req.prompt], self.engine.V, self.engine.device) if penalised else None
             slots.append(_Slot(req, rows, gen, hist))
             self.stats.requests += 1
             self.stats.prompt_tokens += len(req.prompt)
@@ -217,25 +221,29 @@ class Scheduler:
                 req.on_prompt(self._prompt_logprobs(req.prompt, req.cfg.logprobs or 0))
         self._running += slots
         self.stats.running = len(self._running)
-        logits = _upcast(self.engine._prefill(self.model, self._cache, list(range(start, start + len(reqs))), [r.prompt for r in reqs])[:, : self.engine.V])
+        logits = upcast_logits(self.engine.prefill(self.model, self._cache, list(range(start, start + len(reqs))), [r.prompt for r in reqs])[:, : self.engine.V])
         self._sample(slots, logits, fed=False)
 
     def _decode(self) -> None:
         n = len(self._running)
         pending = torch.tensor([[s.rows.seqs[0][-1]] for s in self._running], device=self.engine.device)  # (n, 1)
         start = [s.rows.cached[0] for s in self._running]
-        logits = self.engine._step(self.model, self._cache.first(n), pending, start, decode=True)[:, 0, : self.engine.V]  # (n, V)
+        logits = self.engine.step(self.model, self._cache.first(n), pending, start, decode=True)[:, 0, : self.engine.V]  # (n, V)
         self.stats.steps += 1
         self.stats.batch_sizes[n] += 1
-        self._sample(list(self._running), _upcast(logits), fed=True)
+        self._sample(list(self._running), upcast_logits(logits), fed=True)
 
     def _sample(self, slots: Sequence[_Slot], logits: Tensor, fed: bool) -> None:
         """Draw each slot's next token from its row of logits (n, V), emit it, and retire finished slots."""
-        ctl = _Controls([s.req.cfg for s in slots], self.engine.V, self.engine.device)
-        ctl.generators = [s.generator for s in slots]  # each request's own stream of random numbers, kept across steps
+        key = tuple(s.req.id for s in slots)
+        if key != self._controls[0]:  # the batch changed: its settings as tensors again (kept while it does not)
+            ctl = SamplingControls([s.req.cfg for s in slots], self.engine.V, self.engine.device)
+            ctl.generators = [s.generator for s in slots]  # each request's own stream of random numbers, kept across steps
+            self._controls = (key, ctl)
+        ctl = self._controls[1]
         hist = None
         if ctl.needs_history:
-            hist = _History([[]] * len(slots), self.engine.V, self.engine.device)
+            hist = TokenHistory([[]] * len(slots), self.engine.V, self.engine.device)
             for b, s in enumerate(slots):
                 if s.hist is not None:
                     hist.seen[b], hist.counts[b] = s.hist.seen[0], s.hist.counts[0]
@@ -281,7 +289,7 @@ class Scheduler:
     def _prompt_logprobs(self, prompt: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]] | None]:
         """(log p(prompt[t] | prompt[:t]), the `top` most likely (id, log-prob)) for t >= 1; None for t = 0."""
         idx = torch.tensor([prompt], device=self.engine.device)
-        lps = torch.log_softmax(_upcast(self.model(idx)[0][0, :-1, : self.engine.V]), -1)  # (T-1, V)
+        lps = torch.log_softmax(upcast_logits(self.model(idx)[0][0, :-1, : self.engine.V]), -1)  # (T-1, V)
         chosen = lps.gather(1, idx[0, 1:, None])[:, 0].tolist()
         values, ids = lps.topk(top, dim=-1) if top else (lps[:, :0], lps[:, :0].long())  # (T-1, top)
         alternatives = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
