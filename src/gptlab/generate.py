@@ -217,7 +217,7 @@ class TunedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 2, calls: int = 4) -> tuple[GPT, KernelPlan]:
+def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int = 5) -> tuple[GPT, KernelPlan]:
     """A view of `model` whose Linears run, for each batch size in `sizes`, the kernel that made a whole
     decode step fastest when measured here, now.
 
@@ -225,6 +225,9 @@ def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 2, calls: int =
     oneDNN's kernel took 6.1 ms per step of a 16M-parameter model at batch 1 where BLAS took 3.4,
     while at batch 32 BLAS on a transposed weight copy was fastest), so it is measured rather than
     fixed: whole decode steps, each kernel in turn for every layer, the best of `rounds` rounds.
+    Whole steps, because timing one layer alone in a loop misleads: the 256 -> 50257 head at 8
+    rows took 2.0 ms on the transposed copy and 3.4 with BLAS when repeated, while whole steps
+    with it were faster with BLAS (its weight is no longer in the caches when its turn comes).
     """
     kernels = ["blas", "transposed"] + (["onednn"] if onednn_applies(model) else [])
     plan = KernelPlan(sizes, "blas")

@@ -316,8 +316,11 @@ class Run:
     async def _next(self) -> tuple[int, Any]:
         """The next event; a client that went away cancels everything (checked each second)."""
         while True:
+            if not self.events.empty():
+                return self.events.get_nowait()
             try:
-                return await asyncio.wait_for(self.events.get(), timeout=1.0)
+                async with asyncio.timeout(1.0):  # a timer handle, where wait_for (3.11) makes a task per event
+                    return await self.events.get()
             except TimeoutError:
                 if await self.http.is_disconnected():
                     self.cancel()
@@ -515,6 +518,7 @@ def serve(sched: Scheduler, cfg: ServeConfig, host: str, port: int) -> bool:
     uvicorn's event loop runs on a second thread and the scheduler (made with thread=False) on this
     one, the main thread, where PyTorch's kernels run fastest (see Scheduler.run)."""
     import signal
+    import sys
     import threading
 
     import uvicorn
@@ -525,11 +529,17 @@ def serve(sched: Scheduler, cfg: ServeConfig, host: str, port: int) -> bool:
     web = threading.Thread(target=server.run, name="gptlab-http", daemon=True)
     web.start()
     previous = signal.signal(signal.SIGTERM, lambda *_: sched.close())  # a scheduler's preemption: stop like Ctrl-C
+    # Every PyTorch call releases the GIL and takes it back; while the HTTP thread runs Python, taking it back
+    # waits up to the switch interval (5 ms). A decode step makes ~100 calls: measured with 32 streams, the
+    # scheduler waited ~2 ms per step at 5 ms and ~0.3 ms at 0.2 ms, for 5-15% more tokens/s.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(2e-4)
     try:
         sched.run(until=lambda: not web.is_alive())
     except KeyboardInterrupt:
         pass
     finally:
+        sys.setswitchinterval(interval)
         signal.signal(signal.SIGTERM, previous)
         server.should_exit = True
         web.join(10)

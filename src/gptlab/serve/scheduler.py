@@ -103,8 +103,9 @@ class Scheduler:
     ) -> None:  # fmt: skip
         if max_batch < 1 or max_queue < 0:
             raise InputError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        # tune: measure the Linear kernels at a few batch sizes up to max_batch (Engine's tune) rather than use the fixed rule
-        sizes = sorted({M for M in (1, 4, 16) if M < max_batch} | {max_batch}) if tune else ()
+        # tune: measure the Linear kernels at each power of two up to max_batch (Engine's tune) rather than use the
+        # fixed rule; the winner can change between neighbouring sizes (BLAS at 8 rows, a transposed copy at 16)
+        sizes = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch} | {max_batch}) if tune else ()
         self.engine = Engine(model, tokenizer, dtype=dtype, tune=sizes)  # its prepared model, prefill and step
         self.model = self.engine.model.eval()
         self.tokenizer = tokenizer
@@ -202,10 +203,10 @@ class Scheduler:
             self._pending -= len(held_back) - len(rest)
             self.stats.waiting = self._pending
         if fresh:
-            self.prefill(fresh)
+            self._prefill(fresh)
         return rest
 
-    def prefill(self, reqs: list[Request]) -> None:
+    def _prefill(self, reqs: list[Request]) -> None:
         start = len(self._running)
         slots = []
         for req in reqs:
