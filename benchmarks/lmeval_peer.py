@@ -72,8 +72,11 @@ def write_lmeval_task(
     return path
 
 
-def run_lmeval(hf_dir: Path, task_yaml: Path, *, num_fewshot: int, limit: int | None = None, batch_size: int = 16) -> dict:
-    """Evaluate the HF model in `hf_dir` (float32, CPU) on the task in `task_yaml` with lm_eval's Python API."""
+def run_lmeval(hf_dir: Path, task_yaml: Path, *, num_fewshot: int, limit: int | None = None, batch_size: int = 16, server: str | None = None) -> dict:
+    """Evaluate the HF model in `hf_dir` (float32, CPU) on the task in `task_yaml` with lm_eval's Python API.
+
+    server: the base URL of an OpenAI-compatible server (gptlab serve) to score through lm-eval's
+    `local-completions` model instead (echo + prompt log-probs), with hf_dir's tokenizer."""
     for key, value in OFFLINE.items():
         os.environ.setdefault(key, value)
     import lm_eval
@@ -84,8 +87,15 @@ def run_lmeval(hf_dir: Path, task_yaml: Path, *, num_fewshot: int, limit: int | 
     task_yaml = Path(task_yaml).resolve()
     name = str(_yaml_field(task_yaml, "task"))
     start = time.perf_counter()  # what simple_evaluate(model="hf", model_args=...) does first, timed apart
-    lm = get_model("hf").create_from_arg_obj({"pretrained": str(Path(hf_dir).resolve()), "dtype": "float32"},
-                                             {"batch_size": batch_size, "device": "cpu"})
+    if server is None:
+        lm = get_model("hf").create_from_arg_obj({"pretrained": str(Path(hf_dir).resolve()), "dtype": "float32"},
+                                                 {"batch_size": batch_size, "device": "cpu"})
+    else:
+        lm = get_model("local-completions").create_from_arg_obj(
+            {"base_url": server + "/v1/completions", "model": "m", "tokenizer_backend": "huggingface", "tokenizer": str(Path(hf_dir).resolve()),
+             "num_concurrent": 1, "max_retries": 1},
+            {"batch_size": batch_size},
+        )  # fmt: skip
     load_seconds, start = time.perf_counter() - start, time.perf_counter()
     out = lm_eval.simple_evaluate(
         model=lm, tasks=[name], task_manager=TaskManager(include_path=str(task_yaml.parent), include_defaults=False),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -27,6 +28,8 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "
 from serve import make_model, start, wait_ready  # noqa: E402  (benchmarks/serve.py)
 from test_serve_api import FUZZ_CHAT, FUZZ_COMPLETIONS  # noqa: E402  (the cases gptlab's own test sends)
 
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}Assistant:{% endif %}")
 KILLERS = [{"prompt": ""}, {"prompt": "Return the", "max_tokens": 10**9}, {"prompt": "x " * 500_000}]
 
 
@@ -68,6 +71,16 @@ def echo_logprobs(url: str, model: str, timeout: float) -> str:
     return f"no (HTTP {r.status_code}, logprobs {json.dumps(lp)[:60]})"
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 10 s (the peer with a dead batching worker ignores SIGTERM)."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--servers", nargs="+", default=["gptlab", "hf-batching", "hf"], choices=["gptlab", "hf-batching", "hf"])
@@ -76,6 +89,11 @@ def main() -> None:
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gptlab_robust_"))
     ckpt, hf = make_model(work, 2, 128)
+    # the export has no chat template, which alone makes every chat request a 500 in the peer: give it gptlab's
+    # plain template for base models, so that chat cases test request handling, not a missing template
+    config = json.loads((hf / "tokenizer_config.json").read_text())
+    config["chat_template"] = PLAIN_TEMPLATE
+    (hf / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     rows, detail = [], {}
     for i, kind in enumerate(args.servers):
         port = 8750 + i
@@ -102,20 +120,15 @@ def main() -> None:
                     "2xx (accepted)" if isinstance(status, int) and status < 300 else str(status))  # fmt: skip
                 tally[outcome] += 1
                 tally["dead after"] += not lives
-                outcomes.append({"path": path, "origin": origin, "case": (body if isinstance(body, str) else body.decode("latin-1"))[:100],
-                                 "status": status, "shape": form, "alive_after": lives})  # fmt: skip
-                print(f"  {kind:12s} {path:22s} {outcomes[-1]['case'][:60]!r:64s} -> {status} {form}{'' if lives else '  SERVER DEAD'}", flush=True)
+                shown = (case.decode("latin-1") if isinstance(case, bytes) else json.dumps(case))[:100]  # without the model name
+                outcomes.append({"path": path, "origin": origin, "case": shown, "status": status, "shape": form, "alive_after": lives})
+                print(f"  {kind:12s} {path:22s} {shown[:60]!r:64s} -> {status} {form}{'' if lives else '  SERVER DEAD'}", flush=True)
                 if not lives:  # restart, so that later cases are judged on a working server
-                    proc.terminate()
-                    proc.wait(30)
+                    stop(proc)
                     proc, model = start(kind, ckpt, hf, port, 2)
                     asyncio.run(wait_ready(url, proc))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except Exception:  # noqa: BLE001 - a server that will not stop is killed
-                proc.kill()
+            stop(proc)
         rows.append((kind, len(outcomes), tally, echo))
         detail[kind] = outcomes
     print("\n| server | cases | 4xx, OpenAI error shape | 4xx, other shape | 5xx | 2xx (accepted) | hang or dropped | server dead after | echo + prompt log-probs |")
@@ -124,7 +137,7 @@ def main() -> None:
         other4 = sum(v for k, v in t.items() if k.startswith("4xx ") and k != "4xx openai")
         print(f"| {kind} | {n} | {t['4xx openai']} | {other4} | {t['5xx']} | {t['2xx (accepted)']} | {t['hang'] + t['dropped']} | {t['dead after']} | {echo} |")
     for kind, outcomes in detail.items():
-        dead = [o["case"][:50] for o in outcomes if not o["alive_after"]]
+        dead = [o["case"][:70] for o in outcomes if not o["alive_after"]]
         if dead:
             print(f"{kind}: stopped serving after {dead}")
     if args.json:

@@ -58,3 +58,36 @@ def test_loglikelihoods_and_accuracy_equal_lm_evals(tmp_path: Path, monkeypatch:
         assert ours.truncated == 1  # the long story lost its start in both
         assert len({tuple(round(x, 3) for x in lls) for lls in got}) == 11  # the documents really differ
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_lm_evals_local_completions_scores_through_gptlab_serve_as_gptlab_evaluate_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval's `local-completions` model reads the prompt's log-probs from /v1/completions with echo: through
+    gptlab serve it must give the log-likelihoods, acc and acc_norm that `gptlab evaluate` computes itself."""
+    from conftest import LoopbackServer
+
+    from gptlab.serve.app import ServeConfig, create_app
+    from gptlab.serve.scheduler import Scheduler
+
+    for key, value in {**OFFLINE, "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "ds"), "TOKENIZERS_PARALLELISM": "false"}.items():
+        monkeypatch.setenv(key, value)
+    torch.manual_seed(1)
+    cfg = GPTConfig(vocab_size=50257, block_size=128, n_layer=2, n_head=2, n_embd=64, init_std=0.3)
+    run = save_checkpoint(tmp_path / "run", 1, GPT(cfg), cfg, Tokenizer.gpt2())
+    hf_dir = export_hf(run, tmp_path / "hf")  # only its tokenizer is used: lm-eval tokenizes, gptlab serve scores
+    rows = [{"question": f"What color is {t}?", "choices": [COLORS[(i + k) % 8] for k in range(4)], "answer": (i * 3) % 4} for i, t in enumerate(THINGS[:12])]
+    yaml_path = write_lmeval_task(tmp_path / "task", "colors_api", rows[:4], rows[4:], doc_to_text="Question: {{question}}\nAnswer:",
+                                  doc_to_choice="choices", doc_to_target="answer")  # fmt: skip
+    ckpt = load_checkpoint(run)
+    sched = Scheduler(ckpt.model, ckpt.tokenizer, max_batch=4)
+    server = LoopbackServer(create_app(sched, ServeConfig(model_name="m")))
+    try:
+        peer = run_lmeval(hf_dir, yaml_path, num_fewshot=2, batch_size=1, server=server.url)
+    finally:
+        server.close()
+        sched.close()
+    ours = run_task(ckpt.model, ckpt.tokenizer, load_task_file(yaml_path), shots=2, batch_size=4, progress=False)
+    got = [s["loglikelihoods"] for s in ours.samples]
+    assert len(got) == len(peer["loglikelihoods"]) == 8
+    for a, b in zip(got, peer["loglikelihoods"], strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert ours.metrics["acc"][0] == peer["acc"] and ours.metrics["acc_norm"][0] == peer["acc_norm"]
