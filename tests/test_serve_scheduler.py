@@ -52,7 +52,7 @@ def test_a_request_gets_the_engines_tokens_alone_and_in_a_busy_changing_batch(mo
     cfgs = [SampleConfig(max_new_tokens=8 + 3 * i, temperature=0, logprobs=2) for i in range(len(prompts))]
     engine = Engine(model, tok)
     alone = [engine.generate([p], c)[0] for p, c in zip(prompts, cfgs)]
-    sched = Scheduler(model, tok, max_batch=4, max_queue=64, tune=tune)  # measured: whichever kernel won at 1 and 4 rows
+    sched = Scheduler(model, tok, max_batch=4, max_queue=64, tune=tune)  # measured: whichever kernel won at 1, 2 and 4 rows
     try:
         # two waves: the first requests are mid-generation when the others arrive; at most 4 run at once,
         # so requests also wait, join when others leave, and slots are reused

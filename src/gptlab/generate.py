@@ -254,9 +254,11 @@ def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int =
                 for kernel in kernels:
                     plan.kernels = [kernel] * len(plan.sizes)
                     view.forward_cached(idx, step)  # warm-up: first calls pack weights and allocate
+                    _synchronize(p.device)
                     t0 = time.perf_counter()
                     for _ in range(calls):
                         view.forward_cached(idx, step)
+                    _synchronize(p.device)  # a GPU runs the calls after they return
                     times[kernel] = min(times[kernel], (time.perf_counter() - t0) / calls)
             plan.times[M] = times
             best.append(min(kernels, key=times.__getitem__))
@@ -265,6 +267,11 @@ def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int =
         for layer in tuned:
             layer.weight_t = None
     return view, plan
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- per-request state

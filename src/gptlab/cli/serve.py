@@ -55,5 +55,6 @@ def register(sub: argparse._SubParsersAction, command: Register) -> None:
     t.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="weights while decoding; auto is bfloat16 where matmuls run it natively")
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     t.add_argument("--kernels", choices=["measure", "default"], default="measure",
-                   help="measure: time the Linear kernels at start-up at a few batch sizes and use the fastest at each (the default); "
-                        "default: the engine's fixed rule (oneDNN for float32 on CPU)")  # fmt: skip
+                   help="measure: time the Linear kernels at start-up at a few batch sizes and use the fastest at each (the default; "
+                        "if a transposed-weight kernel wins, the Linear weights are held twice); default: the engine's fixed rule "
+                        "(oneDNN for float32 on CPU)")  # fmt: skip
