@@ -351,17 +351,18 @@ def test_tuned_linears_pick_a_measured_kernel_per_batch_size_and_compute_the_sam
     engine = Engine(fp32, tune=[1, 3])
     plan = engine.plan
     assert plan is not None and plan.sizes == [1, 3] and set(plan.times) == {1, 3}
-    assert all(k in ("blas", "transposed", "onednn") and plan.times[M][k] == min(plan.times[M].values()) for M, k in zip(plan.sizes, plan.kernels, strict=True))
+    assert all(k in ("blas", "transposed", "onednn", "packed") and plan.times[M][k] == min(plan.times[M].values()) for M, k in zip(plan.sizes, plan.kernels, strict=True))
     assert any(isinstance(m, TunedLinear) for m in engine.model.modules()) and not any(isinstance(m, TunedLinear) for m in fp32.modules())
     ours, theirs = dict(engine.model.named_parameters()), dict(fp32.named_parameters())
     assert ours.keys() == theirs.keys() and all(ours[k] is theirs[k] for k in ours)  # shared, not copied
     cfg = SampleConfig(max_new_tokens=30, temperature=0, logprobs=0)
     want = Engine(fp32, onednn=False).generate(mixed_prompts(3), cfg)
-    for kernel in ("blas", "transposed", "onednn"):  # each kernel, forced, at every batch size
+    kernels = ("blas", "transposed", "onednn", "packed")
+    for layer in engine.model.modules():
+        if isinstance(layer, TunedLinear):
+            layer.make_copies(kernels)
+    for kernel in kernels:  # each kernel, forced: 3 rows per decode step, more in the prefill (past the largest size tuned)
         plan.kernels = [kernel] * len(plan.sizes)
-        for layer in engine.model.modules():
-            if isinstance(layer, TunedLinear) and layer.weight_t is None:
-                layer.weight_t = layer.weight.detach().t().contiguous()
         got = engine.generate(mixed_prompts(3), cfg)
         assert [c.token_ids for c in got] == [c.token_ids for c in want], kernel
         assert max(abs(x - y) for c, d in zip(got, want, strict=True) for x, y in zip(c.logprobs, d.logprobs, strict=True)) < 1e-5
