@@ -249,7 +249,8 @@ def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int =
     The fastest GEMM for decode shapes depends on the CPU and on the number of rows (on one Xeon,
     oneDNN's kernel took 6.1 ms per step of a 16M-parameter model at batch 1 where BLAS took 3.4,
     while at batch 32 BLAS on a transposed weight copy was fastest), so it is measured rather than
-    fixed: whole decode steps, each kernel in turn for every layer, the best of `rounds` rounds.
+    fixed: whole decode steps, each of TunedLinear's kernels in turn for every layer, the best of
+    `rounds` rounds, after checking that the kernel gives F.linear's logits.
     Whole steps, because timing one layer alone in a loop misleads: the 256 -> 50257 head at 8
     rows took 2.0 ms on the transposed copy and 3.4 with BLAS when repeated, while whole steps
     with it were faster with BLAS (its weight is no longer in the caches when its turn comes).
@@ -264,8 +265,15 @@ def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int =
             if isinstance(child, nn.Linear):
                 tuned.append(TunedLinear(child, plan))
                 setattr(module, name, tuned[-1])
-    for layer in tuned:
-        layer.make_copies(kernels)
+    try:
+        for layer in tuned:
+            layer.make_copies(kernels)
+    except RuntimeError:
+        if "packed" not in kernels:
+            raise
+        kernels.remove("packed")  # an MKL build that refuses to pack: measure the others
+        for layer in tuned:
+            layer.make_copies(kernels)
     p = next(model.parameters())
     kv = min(64, model.config.block_size)
     best = []

@@ -104,7 +104,7 @@ class Scheduler:
         if max_batch < 1 or max_queue < 0:
             raise InputError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         # tune: measure the Linear kernels at each power of two up to max_batch (Engine's tune) rather than use the
-        # fixed rule; the winner can change between neighbouring sizes (BLAS at 8 rows, a transposed copy at 16)
+        # fixed rule; the winner can change between neighbouring sizes (measured: BLAS at 2 rows, MKL's packed GEMM at 4-16)
         sizes = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch} | {max_batch}) if tune else ()
         self.engine = Engine(model, tokenizer, dtype=dtype, tune=sizes)  # its prepared model, prefill and step
         self.model = self.engine.model.eval()
