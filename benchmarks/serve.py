@@ -62,6 +62,16 @@ def start(kind: str, ckpt: Path, hf: Path, port: int, threads: int, dtype: str =
     return proc, model
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 10 s (the peer with a dead batching worker ignores SIGTERM)."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 async def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     import httpx
 
@@ -228,11 +238,7 @@ def main() -> None:
                           f"TTFT p50 {r['p50_ttft'] * 1000:.0f} ms, {r['failed']} failed {r['errors']}", flush=True)  # fmt: skip
     finally:
         for proc, _, _ in servers.values():
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     med = statistics.median
     rows = [{"server": kind, "concurrency": c, "rounds": len(rs), "requests": sum(r["requests"] for r in rs), "failed": sum(r["failed"] for r in rs),
              **{k: med(r[k] for r in rs) for k in ("tokens_per_s", "p50_latency", "p95_latency", "p50_ttft")},

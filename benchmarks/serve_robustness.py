@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -25,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "tests")]
-from serve import make_model, start, wait_ready  # noqa: E402  (benchmarks/serve.py)
+from serve import make_model, start, stop, wait_ready  # noqa: E402  (benchmarks/serve.py)
 from test_serve_api import FUZZ_CHAT, FUZZ_COMPLETIONS  # noqa: E402  (the cases gptlab's own test sends)
 
 PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
@@ -69,16 +68,6 @@ def echo_logprobs(url: str, model: str, timeout: float) -> str:
     if lp and isinstance(lp.get("token_logprobs"), list) and len(lp["token_logprobs"]) >= 3:
         return "yes"
     return f"no (HTTP {r.status_code}, logprobs {json.dumps(lp)[:60]})"
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL after 10 s (the peer with a dead batching worker ignores SIGTERM)."""
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def main() -> None:
