@@ -47,6 +47,7 @@ TRAINER_FILE = "trainer.pt"
 CORE_META_KEYS = ("format", "version", "step", "model_config", "train_config", "files", "metrics")  # the rest: extra_meta
 LORA_KEY = "lora"  # checkpoint.json entry of an adapter checkpoint (see gptlab.finetune.lora)
 HEAD_KEY = "task_head"  # checkpoint.json entry of a model with a task head (see gptlab.finetune.heads)
+QUANT_KEY = "quantization"  # checkpoint.json entry of a quantized model (see gptlab.compress.quantize)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -198,7 +199,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", with_t
 
     An adapter checkpoint (a LoRA run's) is rebuilt from its base; with merge_lora (the default:
     what sampling, evaluation and export want) the adapters are folded into plain Linear
-    weights, otherwise the model keeps its LoRA layers (to resume training them).
+    weights, otherwise the model keeps its LoRA layers (to resume training them). A quantized
+    checkpoint (`gptlab quantize`) comes back with its QuantLinears, ready for inference.
     """
     ckpt = find_checkpoint(path)
     if ckpt is None:
@@ -224,6 +226,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", with_t
             model = task_model_for(model_config, meta[HEAD_KEY], ckpt / META_FILE)
         else:
             model = GPT(model_config)
+        if QUANT_KEY in meta:
+            from gptlab.compress.quantize import QuantConfig, quantize_model  # quantization builds on this module
+
+            try:
+                quantize_model(model, QuantConfig.from_dict(meta[QUANT_KEY]), empty=True)
+            except (TypeError, ConfigError) as err:
+                raise CheckpointError(f"{ckpt / META_FILE}: invalid quantization entry ({err})") from None
         try:
             missing, unexpected = _load_safetensors_model(model, str(ckpt / MODEL_FILE), strict=False, device=str(device))
         except (SafetensorError, RuntimeError, OSError) as err:

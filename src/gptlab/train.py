@@ -105,6 +105,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str, fused:
     The fused implementation is used where this PyTorch offers it (CUDA, CPU, MPS) and `fused`
     allows (FSDP's sharded parameters take the default one).
     """
+    if any(getattr(m, "inference_only", False) for m in model.modules()):
+        raise ConfigError("the model is quantized (gptlab quantize), which is for inference only; train or fine-tune the checkpoint it was made from")
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() already yields tied weights once
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},

@@ -1,6 +1,6 @@
 """The `gptlab` command line. Thin: parse arguments, build configs, call the library.
 
-Commands are grouped by what they do (one module each: pretrain, finetune, align, evals, generate, interop, serve);
+Commands are grouped by what they do (one module each: pretrain, finetune, align, evals, generate, compress, interop, serve);
 each module registers its subcommands. Handlers import their library modules lazily, so
 `gptlab --help` never loads torch.
 """
@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gptlab.cli import align, evals, finetune, generate, interop, pretrain, serve
+from gptlab.cli import align, compress, evals, finetune, generate, interop, pretrain, serve
 from gptlab.cli.common import duration
 
 __all__ = ["build_parser", "duration", "main"]
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         return sp
 
-    for group in (pretrain, finetune, align, evals, generate, interop, serve):
+    for group in (pretrain, finetune, align, evals, generate, compress, interop, serve):
         group.register(sub, command)
     return p
 
