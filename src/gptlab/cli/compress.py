@@ -1,10 +1,10 @@
-"""Compression commands: quantize."""
+"""Compression commands: quantize, distill."""
 
 from __future__ import annotations
 
 import argparse
 
-from gptlab.cli.common import Register
+from gptlab.cli.common import MODEL_FIELDS, TRAIN_FIELDS, Register, add_model_flags, add_train_flags, explicit, report_train
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -22,6 +22,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from gptlab.checkpoint import find_checkpoint, read_checkpoint_meta
+    from gptlab.compress.distill import distill, student_config
+    from gptlab.config import GPTConfig, TrainConfig
+    from gptlab.errors import CheckpointError, ConfigError
+
+    teacher = find_checkpoint(args.teacher)
+    if teacher is None:
+        raise CheckpointError(f"{args.teacher}: run directory has no checkpoint yet")
+    if args.time_budget is not None and args.max_steps is not None:
+        raise ConfigError("--time-budget sets the number of steps of a new run; give it or --max-steps, not both")
+    student = student_config(GPTConfig.from_dict(read_checkpoint_meta(teacher)["model_config"]), explicit(args, MODEL_FIELDS))
+    train_fields = explicit(args, TRAIN_FIELDS)
+    result = distill(
+        teacher, args.data, args.out, student, TrainConfig(**train_fields), {k: v for k, v in (("temperature", args.temperature), ("alpha", args.alpha)) if v is not None},
+        resume=args.resume, stop_at=args.stop_at, progress=not args.quiet, resume_overrides=train_fields, report=print, started=args.started,
+    )  # fmt: skip
+    report_train(result)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction, command: Register) -> None:
     t = command("quantize", cmd_quantize, "store a checkpoint's weights in int8 or int4 for faster, smaller decoding (weight-only; activations stay float)")
     t.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
@@ -33,3 +54,14 @@ def register(sub: argparse._SubParsersAction, command: Register) -> None:
     )
     t.add_argument("--keep-head", action="store_true", help="leave the output head (and the token table tied to it) in float")
     t.add_argument("--force", action="store_true", help="replace --out if it already holds files")
+
+    t = command("distill", cmd_distill, "train a smaller student on prepared shards with a teacher's soft targets (knowledge distillation, Hinton et al. 2015)")
+    t.add_argument("--teacher", required=True, help="the teacher's run or checkpoint directory (the data's tokenizer)")
+    t.add_argument("--data", required=True, help="data directory from `gptlab prepare`, tokenized with the teacher's tokenizer")
+    t.add_argument("--out", required=True, help="the student's run directory")
+    t.add_argument("--temperature", type=float, help="tau: softens both distributions (default 2; a resumed run keeps its own)")
+    t.add_argument("--alpha", type=float, help="weight of the teacher's term; 1 - alpha goes to the data's tokens (default 0.5; a resumed run keeps its own)")
+    t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint (fresh start if none)")
+    t.add_argument("--stop-at", type=int, help="stop after this step (schedule still set by --max-steps)")
+    add_model_flags(t)  # the student's shape: the teacher's with these changes (none: half its layers)
+    add_train_flags(t)
