@@ -76,6 +76,9 @@ class GPTConfig(_Serializable):
     n_head: int = 12
     n_embd: int = 768
     n_inner: int | None = None  # MLP hidden width; None means 4 * n_embd as in GPT-2
+    # width of one attention head; None means n_embd // n_head as in GPT-2. Structured pruning
+    # (gptlab prune --structured heads) removes heads and keeps their width: n_head * head_size < n_embd
+    head_size: int | None = None
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     pos_encoding: str = "learned"  # learned table (GPT-1/2) or fixed sinusoids (Vaswani et al. 2017)
@@ -95,7 +98,9 @@ class GPTConfig(_Serializable):
         _positive_int(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
         if self.n_inner is not None:
             _positive_int(self, "n_inner")
-        if self.n_embd % self.n_head:
+        if self.head_size is not None:
+            _positive_int(self, "head_size")
+        elif self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         _in_range(self, "dropout", 0.0, 1.0, hi_open=True)
         _choice(self, "pos_encoding", POS_ENCODINGS)
@@ -111,7 +116,12 @@ class GPTConfig(_Serializable):
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size if self.head_size is not None else self.n_embd // self.n_head
+
+    @property
+    def attn_dim(self) -> int:
+        """Width of the heads side by side: what c_attn makes three of and c_proj reads (n_embd unless heads were pruned)."""
+        return self.n_head * self.head_dim
 
     @property
     def mlp_dim(self) -> int:

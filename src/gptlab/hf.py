@@ -235,7 +235,27 @@ def hf_expressible(sd: Mapping[str, Tensor], cfg: GPTConfig) -> tuple[dict[str, 
             weight = sd[_PREFIX + name.removesuffix(".bias") + ".weight"]  # Linear (out, in) or LayerNorm (C,)
             sd[_PREFIX + name] = torch.zeros(weight.shape[0], dtype=weight.dtype)
         cfg = cfg.replace(bias=True)
+    if cfg.head_size is not None:
+        sd, cfg = _all_heads(sd, cfg)
     return sd, cfg
+
+
+def _all_heads(sd: dict[str, Tensor], cfg: GPTConfig) -> tuple[dict[str, Tensor], GPTConfig]:
+    """A model whose heads were pruned (n_head * head_size < n_embd) as one with n_embd // head_size heads,
+    the missing ones all zeros: a head with zero query, key and value weights outputs zero vectors,
+    and zero c_proj columns add nothing, so the function is the same."""
+    hs, nh = cfg.head_dim, cfg.n_head
+    full = cfg.n_embd // hs
+    if cfg.n_embd % hs or full < nh:
+        raise ConfigError(f"{nh} heads of width {hs} do not fit n_embd {cfg.n_embd} as whole heads: HF's GPT-2 classes cannot express this model")
+    for i in range(cfg.n_layer):
+        name = f"{_PREFIX}h.{i}.attn."
+        for suffix in ("c_attn.weight", "c_attn.bias"):
+            t = sd[name + suffix].view(3, nh * hs, -1)  # (3, nh * hs, C or 1): q, k and v
+            sd[name + suffix] = torch.cat([t, t.new_zeros(3, (full - nh) * hs, t.size(2))], 1).reshape(3 * full * hs, -1).squeeze(-1)  # fmt: skip
+        proj = sd[name + "c_proj.weight"]  # (C, nh * hs)
+        sd[name + "c_proj.weight"] = torch.cat([proj, proj.new_zeros(proj.size(0), (full - nh) * hs)], 1)  # (C, full * hs)
+    return sd, cfg.replace(n_head=full, head_size=None)
 
 
 def state_dict_from_hf(hf_sd: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:

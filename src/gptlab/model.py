@@ -271,21 +271,20 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx  # its slot in a KVCache
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.n_head, self.head_dim = config.n_head, config.head_dim
         self.scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= layer_idx + 1
         self.upcast = config.upcast_attn
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.attn_dim, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.attn_dim, config.n_embd, bias=config.bias)
         self.attn_dropout = config.dropout  # applied to the attention probabilities inside SDPA
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, step: CacheStep | None = None, mask: Tensor | None = None) -> Tensor:
         """`mask` (B, 1, T, T), True where a query may attend, replaces the causal mask (packed sequences)."""
-        B, T, C = x.shape
-        hs = C // self.n_head
+        B, T, _ = x.shape
+        hs = self.head_dim
         # views, not copies: SDPA accepts the strided (B, nh, T, hs) layout directly
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, hs).unbind(2)  # 3 x (B, T, nh, hs)
         q = q.transpose(1, 2)  # (B, nh, T, hs)
@@ -303,7 +302,7 @@ class CausalSelfAttention(nn.Module):
             y = y.to(v.dtype)  # (B, nh, T, hs)
         else:
             y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal=causal, scale=self.scale)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): re-assemble the heads side by side
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * hs)  # (B, T, nh * hs): re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 

@@ -34,6 +34,7 @@ from gptlab.checkpoint import HEAD_KEY, Checkpoint, find_checkpoint, load_checkp
 from gptlab.config import GPTConfig, TrainConfig, _in_range, _Serializable
 from gptlab.data import ShardLoader, TokenData, load_data
 from gptlab.errors import CheckpointError, ConfigError
+from gptlab.tokenizer import same_encoding
 from gptlab.train import LanguageModeling, TrainResult, train
 
 DISTILL_KEY = "distill"  # checkpoint.json entry of a distillation run
@@ -70,8 +71,7 @@ class Distillation:
         self.tokenizer, self.has_val = self.lm.tokenizer, self.lm.has_val
         if HEAD_KEY in teacher.meta:
             raise CheckpointError(f"{teacher.path} is a task model (a classification head); a teacher must be a language model")
-        ours, theirs = (_comparable(t.to_dict()) for t in (self.tokenizer, teacher.tokenizer))
-        if ours != theirs:
+        if not same_encoding(self.tokenizer, teacher.tokenizer):
             raise ConfigError(f"the teacher {teacher.path} has another tokenizer ({teacher.tokenizer.name!r}, {teacher.tokenizer.vocab_size} ids) than "
                               f"the data in {data.path} ({self.tokenizer.name!r}, {self.tokenizer.vocab_size} ids): distillation compares "
                               f"distributions over the same ids")  # fmt: skip
@@ -115,10 +115,6 @@ class Distillation:
 
     def run_info(self) -> dict[str, Any]:
         return {**self.lm.run_info(), DISTILL_KEY: {"teacher": self.teacher_path, **self.cfg.to_dict()}}
-
-
-def _comparable(tokenizer: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in tokenizer.items() if k != "name"}  # the same ids under another name are the same tokenizer
 
 
 def distill(

@@ -45,7 +45,7 @@ def attention_maps(model: GPT, idx: Tensor) -> Tensor:
             hook.remove()
         model.train(was_training)
     T, nh = len(idx), model.config.n_head
-    hs = model.config.n_embd // nh
+    hs = model.config.head_dim
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     maps = []
     for block, qkv in zip(blocks, captured, strict=True):
