@@ -43,6 +43,20 @@ def tokens(shape: tuple[int, ...], vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def plan_cache_dir(tmp_path_factory):
+    """Kernel plans measured by the tests go to a temporary directory, not the user's ~/.cache/gptlab."""
+    import os
+
+    before = os.environ.get("GPTLAB_CACHE_DIR")
+    os.environ["GPTLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("gptlab_cache"))
+    yield
+    if before is None:
+        os.environ.pop("GPTLAB_CACHE_DIR", None)
+    else:
+        os.environ["GPTLAB_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def gpt2_files() -> Path:
     """The packaged GPT-2 vocab.json + merges.txt, checked against OpenAI's release."""

@@ -59,6 +59,34 @@ def test_the_kl_term_is_torchs_and_alpha_zero_is_plain_cross_entropy():
     assert kl.item() > 0 and distillation_loss(teacher, teacher, targets, DistillConfig(3.0, 1.0), vocab=11)[1].item() == pytest.approx(0, abs=1e-6)
 
 
+def reference(student, teacher, targets, cfg, vocab):
+    """The loss as autograd would compute it from the formula, the slow path the fused one is checked against."""
+    keep = targets != -100
+    s, t = student[keep].float(), teacher[keep].float()
+    log_p_t, log_p_s = F.log_softmax(t[:, :vocab] / cfg.temperature, -1), F.log_softmax(s[:, :vocab] / cfg.temperature, -1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
+    return cfg.alpha * cfg.temperature**2 * kl + (1 - cfg.alpha) * F.cross_entropy(s, targets[keep])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ignored", [False, True])
+def test_the_fused_loss_and_its_gradient_equal_autograds_on_the_formula(dtype, ignored):
+    g = torch.Generator().manual_seed(7)
+    student = (3 * torch.randn(3, 10, 70, generator=g)).to(dtype).requires_grad_()  # 70 = 64 ids + padding rows of the head
+    teacher = (3 * torch.randn(3, 10, 66, generator=g)).to(dtype)
+    targets = torch.randint(0, 64, (3, 10), generator=g)
+    if ignored:
+        targets[0, :4] = -100
+    cfg = DistillConfig(temperature=1.7, alpha=0.6)
+    loss, _, _ = distillation_loss(student, teacher, targets, cfg, vocab=64, chunk_elems=4 * 70)  # 4 rows a chunk: several chunks
+    (grad,) = torch.autograd.grad(loss, student)
+    want = reference(student, teacher, targets, cfg, 64)
+    (want_grad,) = torch.autograd.grad(want, student)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6) and grad.dtype == dtype
+    assert torch.allclose(grad.float(), want_grad.float(), atol=tol * want_grad.float().abs().max().item())
+
+
 def test_bad_settings_and_the_default_student():
     with pytest.raises(ConfigError, match="temperature"):
         DistillConfig(temperature=0)

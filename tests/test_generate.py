@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -373,6 +374,31 @@ def test_tuned_linears_pick_a_measured_kernel_per_batch_size_and_compute_the_sam
         Engine(fp32, tune=[1], onednn=True)
     with pytest.raises(ConfigError, match="batch sizes >= 1"):
         Engine(fp32, tune=[0])
+
+
+def test_a_measured_plan_is_kept_per_machine_and_model_shape_and_reused_without_measuring(model, tmp_path, monkeypatch):
+    import gptlab.generate as gen
+
+    fp32 = GPT(model.config).eval()
+    fp32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    cache = tmp_path / "plans" / "kernel_plans.json"
+    first = Engine(fp32, tune=[1, 4], plan_cache=cache).plan
+    stored = json.loads(cache.read_text())["plans"]
+    assert len(stored) == 1 and next(iter(stored.values()))["kernels"] == first.kernels
+    real_close = gen._close
+    monkeypatch.setattr(gen, "_close", lambda *a: pytest.fail("a cached plan must not be measured again"))
+    again = Engine(fp32, tune=[1, 4], plan_cache=cache)
+    assert again.plan.kernels == first.kernels and set(again.plan.times) == {1, 4}
+    want = Engine(fp32, onednn=False).generate(mixed_prompts(3), SampleConfig(max_new_tokens=12, temperature=0))
+    assert [c.token_ids for c in again.generate(mixed_prompts(3), SampleConfig(max_new_tokens=12, temperature=0))] == [c.token_ids for c in want]
+    monkeypatch.setattr(gen, "_close", real_close)
+    Engine(fp32, tune=[2], plan_cache=cache)  # other batch sizes, another plan
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)  # other threads: another plan too
+    Engine(fp32, tune=[2], plan_cache=cache)
+    assert len(json.loads(cache.read_text())["plans"]) == 3
+    cache.write_text("{not json")  # a damaged file costs a measurement, never a failure, and is rewritten
+    Engine(fp32, tune=[1], plan_cache=cache)
+    assert len(json.loads(cache.read_text())["plans"]) == 1
 
 
 def test_engine_leaves_the_model_as_it_was(model):

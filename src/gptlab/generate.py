@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import bisect
 import copy
+import hashlib
 import itertools
+import json
+import os
+import platform
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -242,7 +247,70 @@ class TunedLinear(nn.Module):
         self.weight_packed = torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), rows) if "packed" in kernels else None
 
 
-def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int = 5) -> tuple[GPT, KernelPlan]:
+def cpu_name() -> str:
+    """The processor's model name ("AMD EPYC", "Intel(R) Xeon(R) Processor"), for figures and kernel plans."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def default_plan_cache() -> Path:
+    """Where measured kernel plans are kept: $GPTLAB_CACHE_DIR, else $XDG_CACHE_HOME/gptlab, else ~/.cache/gptlab."""
+    root = os.environ.get("GPTLAB_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptlab"
+    return Path(root) / "kernel_plans.json"
+
+
+def _plan_key(model: GPT, sizes: Sequence[int], kernels: Sequence[str]) -> str:
+    """What a measured plan depends on: the machine, the software, the threads, the model's shapes and dtype, the batch sizes."""
+    p = next(model.parameters())
+    what = {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(p.device), "dtype": str(p.dtype),
+            "model": model.config.to_dict(), "sizes": sorted(set(sizes)), "kernels": list(kernels)}  # fmt: skip
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _cached_plan(path: Path, key: str, kernels: Sequence[str], sizes: Sequence[int]) -> tuple[list[str], dict[int, dict[str, float]]] | None:
+    """The kernels and step times a plan file holds for `key`, or None (no file, unreadable, another layout: measure again)."""
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8")).get("plans", {}).get(key)
+        picked, ms = entry["kernels"], entry["ms_per_step"]
+        times = {int(M): {k: float(v) / 1e3 for k, v in ms[str(M)].items()} for M in sizes}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError):
+        return None
+    if isinstance(picked, list) and len(picked) == len(sizes) and all(k in kernels for k in picked):
+        return picked, times
+    return None
+
+
+def _store_plan(path: Path, key: str, plan: KernelPlan) -> None:
+    """Add a measured plan to the file (atomically; a plan file that cannot be written only costs a measurement next time)."""
+    from gptlab.fileio import write_atomic
+
+    try:
+        plans = json.loads(path.read_text(encoding="utf-8")).get("plans", {}) if path.is_file() else {}
+        plans = plans if isinstance(plans, dict) else {}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        plans = {}
+    plans[key] = {"kernels": plan.kernels, "sizes": plan.sizes, "cpu": cpu_name(), "ms_per_step": {str(M): {k: round(v * 1e3, 3) for k, v in t.items()} for M, t in plan.times.items()},
+                  "measured": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, (json.dumps({"version": 1, "plans": plans}, indent=1) + "\n").encode())
+    except OSError:
+        pass
+
+
+def measured_kernels(device: torch.device, batch: int) -> dict[str, object]:
+    """Engine arguments that run a CPU's Linear layers with the kernels measured fastest on this machine for the model at
+    this batch size: measured once, then read from the plan cache. What sample, chat and evaluate use; nothing elsewhere."""
+    return {"tune": (batch,), "plan_cache": default_plan_cache()} if device.type == "cpu" else {}
+
+
+def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int = 5, plan_cache: Path | None = None) -> tuple[GPT, KernelPlan]:
     """A view of `model` whose Linears run, for each batch size in `sizes`, the kernel that made a whole
     decode step fastest when measured here, now.
 
@@ -254,6 +322,9 @@ def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int =
     Whole steps, because timing one layer alone in a loop misleads: the 256 -> 50257 head at 8
     rows took 2.0 ms on the transposed copy and 3.4 with BLAS when repeated, while whole steps
     with it were faster with BLAS (its weight is no longer in the caches when its turn comes).
+    With `plan_cache` (a JSON file, see default_plan_cache) a plan measured before for the same
+    machine, software, threads, model shape and batch sizes is reused instead of measured again,
+    and a new measurement is added to it.
     """
     kernels = ["blas", "transposed"] + (["onednn"] if onednn_applies(model) else []) + (["packed"] if mkl_packed_applies(model) else [])
     plan = KernelPlan(sizes, "blas")
@@ -265,6 +336,16 @@ def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int =
             if isinstance(child, nn.Linear):
                 tuned.append(TunedLinear(child, plan))
                 setattr(module, name, tuned[-1])
+    key = _plan_key(model, sizes, kernels) if plan_cache is not None else ""
+    known = _cached_plan(plan_cache, key, kernels, plan.sizes) if plan_cache is not None else None
+    if known is not None:  # measured here before, for this model's shape: no measurement
+        try:
+            for layer in tuned:
+                layer.make_copies(known[0])
+            plan.kernels, plan.times = known
+            return view, plan
+        except RuntimeError:
+            pass  # its packed copies fail now (another MKL build under the same version?): measure
     try:
         for layer in tuned:
             layer.make_copies(kernels)
@@ -301,6 +382,8 @@ def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int =
     plan.kernels = best
     for layer in tuned:
         layer.make_copies(best)
+    if plan_cache is not None:
+        _store_plan(plan_cache, key, plan)
     return view, plan
 
 
@@ -527,7 +610,8 @@ class Engine:
     torch.compile and CUDA graphs want; compile=True also compiles the decode step.
     tune: batch sizes at which to measure the Linear kernels now and use the fastest at each
     (`tune_linears`; for a server, whose batch size varies), in place of the onednn rule; the
-    plan is `self.plan`. The model passed in is never changed. The draft model must share the
+    plan is `self.plan`; plan_cache, a file of plans measured before (`default_plan_cache()`), skips
+    the measurement when it holds one for this machine and model shape. The model passed in is never changed. The draft model must share the
     tokenizer; draft_tokens is how many tokens it proposes per step.
     """
 
@@ -543,6 +627,7 @@ class Engine:
         static: bool = False,
         compile: bool = False,
         tune: Sequence[int] = (),
+        plan_cache: Path | None = None,
     ) -> None:
         if tune and (onednn is not None or compile):
             raise ConfigError("tune measures the Linear kernels itself: do not also set onednn or compile")
@@ -553,7 +638,7 @@ class Engine:
         self.model = self._prepare(model, dtype, onednn)
         self.plan: KernelPlan | None = None
         if tune:
-            self.model, self.plan = tune_linears(self.model, tune)
+            self.model, self.plan = tune_linears(self.model, tune, plan_cache=plan_cache)
         self.tokenizer = tokenizer
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype

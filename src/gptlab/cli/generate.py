@@ -42,7 +42,7 @@ def _read_batch_file(path: str) -> list[str]:
 def cmd_sample(args: argparse.Namespace) -> int:
     from gptlab.checkpoint import load_checkpoint
     from gptlab.errors import ConfigError, InputError
-    from gptlab.generate import Engine
+    from gptlab.generate import Engine, measured_kernels
     from gptlab.tokenizer import EOT, same_encoding
     from gptlab.train import resolve_device
 
@@ -62,7 +62,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise ConfigError(f"the draft checkpoint {args.draft_ckpt} has a different tokenizer from {args.ckpt}; speculative decoding needs the same one")
         draft = d.model
     dtype = _dtype(args.dtype, device)
-    engine = Engine(ckpt.model, tok, draft=draft, draft_tokens=args.draft_tokens, dtype=dtype)
+    engine = Engine(ckpt.model, tok, draft=draft, draft_tokens=args.draft_tokens, dtype=dtype, **measured_kernels(device, len(prompts)))
     eot = tok.special_tokens.get(EOT)  # imported GPT-1 tokenizers have none
     ids = []
     for text in prompts:
@@ -116,13 +116,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from gptlab.chat import ChatTemplate, fit_history
     from gptlab.checkpoint import load_checkpoint
     from gptlab.errors import InputError
-    from gptlab.generate import Engine
+    from gptlab.generate import Engine, measured_kernels
     from gptlab.train import resolve_device
 
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.ckpt, device=device)  # a LoRA run's adapters are merged in
     template = ChatTemplate(ckpt.tokenizer)
-    engine = Engine(ckpt.model, ckpt.tokenizer, dtype=_dtype(args.dtype, device))
+    engine = Engine(ckpt.model, ckpt.tokenizer, dtype=_dtype(args.dtype, device), **measured_kernels(device, 1))
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptlab.checkpoint import HEAD_KEY, Checkpoint, find_checkpoint, load_checkpoint, read_checkpoint_meta
@@ -51,16 +50,64 @@ class DistillConfig(_Serializable):
         _in_range(self, "alpha", 0.0, 1.0)
 
 
-def distillation_loss(student: Tensor, teacher: Tensor, targets: Tensor, cfg: DistillConfig, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
+class _SoftAndHard(torch.autograd.Function):
+    """(KL(softmax(t / tau) || softmax(s / tau)) over the first `vocab` ids, cross-entropy of s against y), each a mean over
+    the rows of s (N, V_s), t (N, V_t), y (N,); a gradient for s only.
+
+    Written out rather than left to autograd, as model.target_logprobs is: autograd would keep
+    five (N, V) float32 buffers alive (the upcast logits, both log-softmaxes, the teacher's
+    probabilities, their product) and write as many in backward, each as large as the logits
+    and each paid for in page faults on CPU. Here rows go through in cache-sized chunks, in
+    float32 whatever the logits' dtype, and backward writes the closed form
+        d KL / d s = (softmax(s / tau) - softmax(t / tau)) / tau,   d CE / d s = softmax(s) - onehot(y)
+    (per row, divided by N) straight into one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, t: Tensor, y: Tensor, tau: float, vocab: int, chunk_elems: int) -> tuple[Tensor, Tensor]:
+        N, V = s.shape
+        rows = max(1, chunk_elems // V)
+        kl = torch.zeros((), dtype=torch.float64)
+        ce = torch.zeros((), dtype=torch.float64)
+        for i in range(0, N, rows):
+            ss, tt, yy = s[i : i + rows], t[i : i + rows, :vocab], y[i : i + rows, None]  # (r, V_s), (r, vocab), (r, 1)
+            log_p_t = torch.log_softmax(tt.float() / tau, dim=-1)  # (r, vocab)
+            log_p_s = torch.log_softmax(ss[:, :vocab].float() / tau, dim=-1)
+            kl += (log_p_t.exp() * (log_p_t - log_p_s)).sum().double()
+            ce -= torch.log_softmax(ss, dim=-1, dtype=torch.float32).gather(1, yy).sum().double()
+        ctx.save_for_backward(s, t, y)
+        ctx.tau, ctx.vocab, ctx.rows = tau, vocab, rows
+        return (kl / N).float().to(s.device), (ce / N).float().to(s.device)
+
+    @staticmethod
+    def backward(ctx: Any, g_kl: Tensor, g_ce: Tensor) -> tuple[Tensor | None, ...]:
+        s, t, y = ctx.saved_tensors
+        tau, vocab, rows = ctx.tau, ctx.vocab, ctx.rows
+        N = s.size(0)
+        grad = torch.empty_like(s)
+        minus_one = torch.full((rows, 1), -1.0, device=s.device)
+        for i in range(0, N, rows):
+            ss, tt, yy = s[i : i + rows], t[i : i + rows, :vocab], y[i : i + rows, None]
+            g = torch.softmax(ss, dim=-1, dtype=torch.float32)  # (r, V_s)
+            g.scatter_add_(1, yy, minus_one[: g.size(0)])  # softmax(s) - onehot(y)
+            g.mul_(g_ce / N)
+            soft = torch.softmax(ss[:, :vocab].float() / tau, dim=-1) - torch.softmax(tt.float() / tau, dim=-1)  # (r, vocab)
+            g[:, :vocab].add_(soft.mul_(g_kl / (tau * N)))
+            grad[i : i + rows] = g
+        return grad, None, None, None, None, None
+
+
+def distillation_loss(
+    student: Tensor, teacher: Tensor, targets: Tensor, cfg: DistillConfig, vocab: int, chunk_elems: int = 1 << 20
+) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, kl, ce) for logits (B, T, V_s) and (B, T, V_t) and targets (B, T) (-100 ignored); the KL over ids < vocab."""
     keep = targets != -100  # (B, T)
-    s, t = student[keep], teacher[keep]  # (N, V_s), (N, V_t): the scored positions
-    ce = F.cross_entropy(s.float(), targets[keep])
-    tau = cfg.temperature
-    log_p_t = F.log_softmax(t[:, :vocab].float() / tau, dim=-1)  # (N, vocab)
-    log_p_s = F.log_softmax(s[:, :vocab].float() / tau, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()  # KL(teacher || student), mean over positions
-    return cfg.alpha * tau**2 * kl + (1 - cfg.alpha) * ce, kl, ce
+    if bool(keep.all()):  # pretraining batches: every position scored, and views instead of copies
+        s, t, y = student.flatten(0, -2), teacher.flatten(0, -2), targets.flatten()  # (N, V_s), (N, V_t), (N,)
+    else:
+        s, t, y = student[keep], teacher[keep], targets[keep]
+    kl, ce = _SoftAndHard.apply(s, t.detach(), y, cfg.temperature, vocab, chunk_elems)
+    return cfg.alpha * cfg.temperature**2 * kl + (1 - cfg.alpha) * ce, kl, ce
 
 
 class Distillation:

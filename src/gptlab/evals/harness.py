@@ -451,9 +451,9 @@ def _run_generate(
     model: nn.Module, prompter: Prompter, task: Task, docs: list[Doc], contexts: list, cot: bool, shots: int, seed: int, batch_size: int, bar: Any, engine: Any,
 ) -> tuple:  # fmt: skip
     from gptlab.config import SampleConfig
-    from gptlab.generate import Engine
+    from gptlab.generate import Engine, measured_kernels
 
-    engine = engine or Engine(model, prompter.tokenizer)
+    engine = engine or Engine(model, prompter.tokenizer, **measured_kernels(next(model.parameters()).device, batch_size))
     block = model.config.block_size
     if task.max_gen_toks >= block:
         raise InputError(f"{task.source}: generation_kwargs.max_gen_toks ({task.max_gen_toks}) leaves no room for a prompt in the model's context ({block})")
