@@ -2,9 +2,13 @@
 
 GPT-2 124M shape (12 layers, 768 wide, vocab 50257) with random weights, prompts of 16
 tokens, 128 new tokens, greedy. gptlab runs `Engine` (KV cache, prefill + decode); HF runs
-`GPT2LMHeadModel.generate(use_cache=True)` with SDPA attention, as an HF user gets it. In
-float32 on CPU the Engine computes its Linear layers with oneDNN's kernel (`OneDNNLinear`,
-its default there); "gptlab fp32 BLAS" is the same Engine with F.linear instead.
+`GPT2LMHeadModel.generate(use_cache=True)` with SDPA attention, as an HF user gets it.
+"gptlab fp32" / "gptlab bf16" run the Linear kernels measured fastest on this machine at that
+batch size (`Engine(tune=[B])`, what `gptlab sample`, `chat` and `evaluate` do on CPU);
+"gptlab fp32 oneDNN" is the fixed rule the Engine falls back to (oneDNN's kernel in float32),
+"gptlab fp32 BLAS" the same Engine with F.linear. The ceiling column divides the memory read
+bandwidth measured here (the best of 5 sums over 1 GiB) by the weight bytes one decode step
+must read (every matrix once; the tied head once): batch-1 decoding cannot beat it.
 The full-recompute row runs the model over the whole prefix at every step. Runs are
 interleaved round by round so drift in machine speed reaches all of them alike; only
 ratios from one run compare.
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 
 from gptlab.config import GPTConfig, SampleConfig
-from gptlab.generate import Engine, generate_uncached
+from gptlab.generate import Engine, cpu_name, generate_uncached
 from gptlab.hf import config_to_hf, state_dict_to_hf
 from gptlab.model import GPT
 
@@ -52,8 +55,19 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def build(cfg: GPTConfig, seed: int, dtypes: list[str], new: int) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], GPT]:
-    """One function per (implementation, dtype): prompt (B, T) -> new tokens (B, new). All share one set of weights."""
+def read_bandwidth() -> float:
+    """Bytes/s that summing a 1 GiB float32 tensor reads (best of 5): the rate batch-1 decoding streams weights at, at most."""
+    x = torch.ones(1 << 28)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def build(cfg: GPTConfig, seed: int, dtypes: list[str], new: int, batch: int) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], GPT]:
+    """One function per (implementation, dtype) at batch size `batch`: prompt (B, T) -> new tokens (B, new). All share one set of weights."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -76,8 +90,9 @@ def build(cfg: GPTConfig, seed: int, dtypes: list[str], new: int) -> tuple[dict[
         dtype = DTYPES[name]
         hf = GPT2LMHeadModel(hf_cfg).eval()
         hf.load_state_dict(state_dict_to_hf(ours.state_dict(), cfg))
-        runs[f"gptlab {name}"] = functools.partial(run_ours, engine=Engine(ours, dtype=dtype))
+        runs[f"gptlab {name}"] = functools.partial(run_ours, engine=Engine(ours, dtype=dtype, tune=[batch]))
         if name == "fp32":
+            runs["gptlab fp32 oneDNN"] = functools.partial(run_ours, engine=Engine(ours))
             runs["gptlab fp32 BLAS"] = functools.partial(run_ours, engine=Engine(ours, onednn=False))
         runs[f"HF {name}"] = functools.partial(run_hf, hf=hf.to(dtype))
     return runs, ours
@@ -93,10 +108,11 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     cfg = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
-    runs, model = build(cfg, args.seed, args.dtypes, args.new)
+    bandwidth = read_bandwidth()
     results: dict[int, dict[str, list[float]]] = {}
     agree: dict[int, dict[str, bool]] = {}
     for B in args.batches:
+        runs, model = build(cfg, args.seed, args.dtypes, args.new, B)
         prompt = torch.randint(0, cfg.vocab_size, (B, args.prompt), generator=torch.Generator().manual_seed(args.seed + B))
         short = prompt[:, :4]
         for fn in runs.values():  # warm-up: allocator, kernels, HF's lazy set-up
@@ -115,7 +131,7 @@ def main() -> None:
         agree[B] = {d: torch.equal(outs[f"gptlab {d}"], outs[f"HF {d}"]) for d in args.dtypes}
         if "recompute fp32" in outs and "fp32" in args.dtypes:
             agree[B]["recompute"] = torch.equal(outs["gptlab fp32"], outs["recompute fp32"])
-    text = report(args, results, agree)
+    text = report(args, results, agree, bandwidth, model)
     print(text)
     if args.out:
         with args.out.open("a") as f:
@@ -129,24 +145,29 @@ def ratio(runs: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(runs[a]) / statistics.median(runs[b])
 
 
-def report(args: argparse.Namespace, results: dict[int, dict[str, list[float]]], agree: dict[int, dict[str, bool]]) -> str:
+def report(args: argparse.Namespace, results: dict[int, dict[str, list[float]]], agree: dict[int, dict[str, bool]], bandwidth: float, model: GPT) -> str:
     med = {B: {n: statistics.median(v) for n, v in r.items()} for B, r in results.items()}
     names = list(next(iter(results.values())))
     batches = list(results)
+    weights = sum(p.numel() for n, p in model.named_parameters() if ".wpe." not in n)  # the tied head counted once
+    ceiling = {"fp32": bandwidth / (4 * weights), "bf16": bandwidth / (2 * weights)}
     lines = [
         f"### Greedy generation: GPT-2 124M shape, random weights, prompt {args.prompt}, {args.new} new tokens",
         "",
-        f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, {platform.processor() or platform.machine()}, "
-        f"{args.threads} thread(s); median of {args.repeats} interleaved round(s) (full recompute: one round)",
+        f"{cpu_name()}, torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
+        f"{args.threads} thread(s); median of {args.repeats} interleaved round(s) (full recompute: one round); memory read bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s, so batch-1 ceilings of {ceiling['fp32']:.1f} tok/s in float32 and {ceiling['bf16']:.1f} in bfloat16",
         "",
-        "| implementation | " + " | ".join(f"batch {B} tok/s" for B in batches) + " |",
-        "|---|" + "---:|" * len(batches),
+        "| implementation | " + " | ".join(f"batch {B} tok/s" for B in batches) + " | batch 1, share of the ceiling |",
+        "|---|" + "---:|" * (len(batches) + 1),
     ]
     for n in names:
-        lines.append(f"| {n} | " + " | ".join(f"{med[B][n]:.1f}" if n in med[B] else "-" for B in batches) + " |")
+        dtype = "bf16" if "bf16" in n else "fp32"
+        share = f"{100 * med[1][n] / ceiling[dtype]:.0f}%" if 1 in med and n in med[1] and "recompute" not in n else "-"
+        lines.append(f"| {n} | " + " | ".join(f"{med[B][n]:.1f}" if n in med[B] else "-" for B in batches) + f" | {share} |")
     pairs = [(f"gptlab {d}", f"HF {d}") for d in args.dtypes]
     if "fp32" in args.dtypes:
-        pairs.append(("gptlab fp32 BLAS", "HF fp32"))
+        pairs += [("gptlab fp32 oneDNN", "HF fp32"), ("gptlab fp32 BLAS", "HF fp32")]
     if "fp32" in args.dtypes and "bf16" in args.dtypes:
         pairs.append(("gptlab bf16", "HF fp32"))
     if "recompute fp32" in names and "fp32" in args.dtypes:

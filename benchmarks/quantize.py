@@ -9,8 +9,9 @@ Int8WeightOnlyConfig and int4 weight-only at group 128 (PrototypeInt4WeightOnlyC
 bfloat16 copy of the same model (their kernels' fast path), when torchao is installed.
 Speed: decode tokens/s at batch 1 and 8 (greedy, prompt 16, --new new tokens) through gptlab's
 Engine, for each checkpoint's model and for the GPT-2 124M shape (12 x 768, vocabulary 50257,
-random weights: speed does not depend on the values). float32 runs the Linear kernels the Engine
-measures at start-up (its fastest on this CPU); the variants' rounds are interleaved and the
+random weights: speed does not depend on the values). Float Linears (float32, bfloat16, a head kept
+in float) run the kernels the Engine measures fastest at start-up on this CPU, as gptlab's commands
+do; the variants' rounds are interleaved and the
 table keeps the median. Size: model.safetensors as `gptlab quantize` writes it (float32: the
 checkpoint's; bfloat16: its state dict in bfloat16; torchao: not written, its tensors' bytes).
 """
@@ -89,10 +90,11 @@ def quantized(base: GPT, cfg: QuantConfig) -> GPT:
 
 
 def engine_for(name: str, model: GPT, dtype: torch.dtype | None, batches: list[int]) -> Engine:
-    if name == "float32":
-        return Engine(model, tune=batches)  # the kernels measured fastest here, as `gptlab serve` picks them
-    # quantized: QuantLinear (or torchao's tensor subclasses under F.linear); a head kept in float runs F.linear
-    return Engine(model, dtype=dtype, onednn=False)
+    if not name.startswith("torchao"):
+        # the float Linears (all of them, or a head kept in float) on the kernels measured fastest here, as gptlab's
+        # commands pick them; QuantLinears run their packed kernels
+        return Engine(model, dtype=dtype, tune=batches)
+    return Engine(model, dtype=dtype, onednn=False)  # torchao's tensor subclasses under F.linear
 
 
 def decode_speed(engines: dict[str, Engine], vocab: int, batches: list[int], new: int, rounds: int) -> dict[int, dict[str, float]]:

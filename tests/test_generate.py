@@ -352,13 +352,13 @@ def test_tuned_linears_pick_a_measured_kernel_per_batch_size_and_compute_the_sam
     engine = Engine(fp32, tune=[1, 3])
     plan = engine.plan
     assert plan is not None and plan.sizes == [1, 3] and set(plan.times) == {1, 3}
-    assert all(k in ("blas", "transposed", "onednn", "packed") and plan.times[M][k] == min(plan.times[M].values()) for M, k in zip(plan.sizes, plan.kernels, strict=True))
+    assert all(k in ("blas", "transposed", "onednn", "packed", "onednn-packed") and plan.times[M][k] == min(plan.times[M].values()) for M, k in zip(plan.sizes, plan.kernels, strict=True))
     assert any(isinstance(m, TunedLinear) for m in engine.model.modules()) and not any(isinstance(m, TunedLinear) for m in fp32.modules())
     ours, theirs = dict(engine.model.named_parameters()), dict(fp32.named_parameters())
     assert ours.keys() == theirs.keys() and all(ours[k] is theirs[k] for k in ours)  # shared, not copied
     cfg = SampleConfig(max_new_tokens=30, temperature=0, logprobs=0)
     want = Engine(fp32, onednn=False).generate(mixed_prompts(3), cfg)
-    kernels = ("blas", "transposed", "onednn", "packed")
+    kernels = ("blas", "transposed", "onednn", "packed", "onednn-packed")
     for layer in engine.model.modules():
         if isinstance(layer, TunedLinear):
             layer.make_copies(kernels)
@@ -367,6 +367,18 @@ def test_tuned_linears_pick_a_measured_kernel_per_batch_size_and_compute_the_sam
         got = engine.generate(mixed_prompts(3), cfg)
         assert [c.token_ids for c in got] == [c.token_ids for c in want], kernel
         assert max(abs(x - y) for c, d in zip(got, want, strict=True) for x, y in zip(c.logprobs, d.logprobs, strict=True)) < 1e-5
+    # bfloat16: the kernels it can run, forced one by one, agree with F.linear to bf16 rounding
+    bf16 = Engine(fp32, dtype=torch.bfloat16, tune=[1, 3])
+    tuned = [m for m in bf16.model.modules() if isinstance(m, TunedLinear)]
+    usable = ["blas", "transposed"] + (["onednn-packed"] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+    for layer in tuned:
+        layer.make_copies(usable)
+    bf16.plan.kernels = ["blas"] * 2
+    base = bf16.generate(mixed_prompts(3), cfg)
+    for kernel in usable:
+        bf16.plan.kernels = [kernel] * 2
+        got = bf16.generate(mixed_prompts(3), cfg)
+        assert max(abs(x - y) for c, d in zip(got, base, strict=True) for x, y in zip(c.logprobs[:3], d.logprobs[:3], strict=True)) < 0.1, kernel
     picks = KernelPlan([16, 1, 4], "blas")
     picks.kernels = ["a", "b", "c"]  # sizes sorted: 1, 4, 16
     assert [picks.pick(M) for M in (1, 2, 4, 5, 16, 17, 500)] == ["a", "b", "b", "c", "c", "c", "c"]

@@ -225,7 +225,9 @@ def test_ppo_solves_the_toy_problem_and_reports_kl(colours: Path, tmp_path: Path
     # the value head trains at its own rate, in its own AdamW group, and learns the returns
     groups = load_checkpoint(tmp_path / "run", with_trainer_state=True).trainer_state["optimizer"]["param_groups"]
     assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3, 2e-2]) and len(groups[-1]["params"]) == 2
-    assert records[-1]["value_loss"] < records[0]["value_loss"] / 2
+    # (step to step it jumps whenever the policy changes what it earns: compare the first and last five steps)
+    first, last = (sum(r["value_loss"] for r in part) / len(part) for part in (records[:5], records[-5:]))
+    assert last < first / 2
     assert records[-1]["kl"] > 0 and all({"value_loss", "entropy", "approx_kl", "clip_fraction", "kl_coef"} <= r.keys() for r in records)
     # resumed at another learning rate: the value head keeps its own peak rate (value_lr), not the saved ratio
     assert main(["ppo", "--out", str(tmp_path / "run"), "--resume", "--max-steps", "26", "--lr", "2e-3", "--min-lr", "2e-3", "-q"]) == 0
