@@ -192,6 +192,8 @@ def test_a_structurally_pruned_checkpoint_runs_through_every_command(tmp_path, d
     text.write_text("def f(x):\n    return x + 1\n" * 8)
     assert main(["eval", "--ckpt", str(out), "--text", str(text), "--device", "cpu"]) == 0
     assert "bits per byte:" in capsys.readouterr().out
+    assert main(["evaluate", "--ckpt", str(out), "--tasks", "analogies,arithmetic", "--limit", "3", "--device", "cpu", "-q"]) == 0  # choices, generation
+    assert "| analogies | acc |" in capsys.readouterr().out
     assert main(["quantize", "--ckpt", str(out), "--out", str(tmp_path / "q"), "--method", "int4", "--group-size", "32"]) == 0
     assert main(["sample", "--ckpt", str(tmp_path / "q"), "--device", "cpu", "--prompt", "the", "--max-new-tokens", "6", "--temperature", "0"]) == 0
     assert main(["export-hf", str(out), "--out", str(tmp_path / "hf")]) == 0
