@@ -280,11 +280,13 @@ def default_plan_cache() -> Path:
     return Path(root) / "kernel_plans.json"
 
 
-def _plan_key(model: GPT, sizes: Sequence[int], kernels: Sequence[str]) -> str:
-    """What a measured plan depends on: the machine, the software, the threads, the model's shapes and dtype, the batch sizes."""
+def _plan_key(model: GPT, sizes: Sequence[int], kernels: Sequence[str], tuned: Sequence[TunedLinear]) -> str:
+    """What a measured plan depends on: the machine, the software, the threads, the model's shapes and dtype, which of its
+    layers are float Linears (a quantized model of the same shape has fewer), the batch sizes."""
     p = next(model.parameters())
     what = {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(p.device), "dtype": str(p.dtype),
-            "model": model.config.to_dict(), "sizes": sorted(set(sizes)), "kernels": list(kernels)}  # fmt: skip
+            "model": model.config.to_dict(), "linears": [list(t.weight.shape) + [str(t.weight.dtype)] for t in tuned],
+            "sizes": sorted(set(sizes)), "kernels": list(kernels)}  # fmt: skip
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -333,7 +335,9 @@ def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int =
     oneDNN's kernel took 6.1 ms per step of a 16M-parameter model at batch 1 where BLAS took 3.4,
     while at batch 32 BLAS on a transposed weight copy was fastest), so it is measured rather than
     fixed: whole decode steps, each of TunedLinear's kernels in turn for every layer, the best of
-    `rounds` rounds, after checking that the kernel gives F.linear's logits.
+    `rounds` timings of `calls` steps, after checking that the kernel gives F.linear's logits. The
+    kernels are measured one after another, each with only its own weight copies made, so the
+    measurement never holds more than the weights and one copy (MKL's packed one: ~2.7x).
     Whole steps, because timing one layer alone in a loop misleads: the 256 -> 50257 head at 8
     rows took 2.0 ms on the transposed copy and 3.4 with BLAS when repeated, while whole steps
     with it were faster with BLAS (its weight is no longer in the caches when its turn comes).
@@ -352,7 +356,7 @@ def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int =
             if isinstance(child, nn.Linear):
                 tuned.append(TunedLinear(child, plan))
                 setattr(module, name, tuned[-1])
-    key = _plan_key(model, sizes, kernels) if plan_cache is not None else ""
+    key = _plan_key(model, sizes, kernels, tuned) if plan_cache is not None else ""
     known = _cached_plan(plan_cache, key, kernels, plan.sizes) if plan_cache is not None else None
     if known is not None:  # measured here before, for this model's shape: no measurement
         try:
@@ -362,42 +366,41 @@ def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int =
             return view, plan
         except RuntimeError:
             pass  # its packed copies fail now (another MKL build under the same version?): measure
-    try:
-        for layer in tuned:
-            layer.make_copies(kernels)
-    except RuntimeError:
-        if "packed" not in kernels and "onednn-packed" not in kernels:
-            raise
-        kernels = [k for k in kernels if k not in ("packed", "onednn-packed")]  # a build that refuses to pack: measure the others
-        for layer in tuned:
-            layer.make_copies(kernels)
     p = next(model.parameters())
     kv = min(64, model.config.block_size)
-    best = []
+    steps = []
     with torch.no_grad():
         for M in plan.sizes:
             cache = KVCache(model.config, M, kv, p.dtype, p.device)
             step = CacheStep(cache, 1, torch.full((M,), kv - 1, device=p.device), kv)  # one token at the last slot
             idx = torch.zeros(M, 1, dtype=torch.long, device=p.device)
-            times = dict.fromkeys(kernels, float("inf"))
             plan.kernels = ["blas"] * len(plan.sizes)
-            want = view.forward_cached(idx, step)  # (M, V): every kernel must compute these logits
-            usable = [k for k in kernels if _close(view, plan, k, idx, step, want)]
-            for _ in range(rounds):
-                for kernel in usable:
-                    plan.kernels = [kernel] * len(plan.sizes)
-                    view.forward_cached(idx, step)  # warm-up: first calls pack weights and allocate
+            steps.append((idx, step, view.forward_cached(idx, step)))  # the logits every kernel must compute
+        times: dict[int, dict[str, float]] = {M: {} for M in plan.sizes}
+        # one kernel's weight copies at a time, so measuring never holds more than the weights and one copy of them
+        for kernel in kernels:
+            try:
+                for layer in tuned:
+                    layer.make_copies([kernel])
+            except RuntimeError:
+                if kernel not in ("packed", "onednn-packed"):
+                    raise
+                continue  # a build that refuses to pack: measure the others
+            for M, (idx, step, want) in zip(plan.sizes, steps, strict=True):
+                if not _close(view, plan, kernel, idx, step, want):
+                    continue
+                view.forward_cached(idx, step)  # warm-up: first calls allocate
+                for _ in range(rounds):
                     _synchronize(p.device)
                     t0 = time.perf_counter()
                     for _ in range(calls):
                         view.forward_cached(idx, step)
                     _synchronize(p.device)  # a GPU runs the calls after they return
-                    times[kernel] = min(times[kernel], (time.perf_counter() - t0) / calls)
-            plan.times[M] = times
-            best.append(min(usable, key=times.__getitem__))
-    plan.kernels = best
+                    times[M][kernel] = min(times[M].get(kernel, float("inf")), (time.perf_counter() - t0) / calls)
+    plan.times = times
+    plan.kernels = [min(times[M], key=times[M].__getitem__) for M in plan.sizes]
     for layer in tuned:
-        layer.make_copies(best)
+        layer.make_copies(plan.kernels)
     if plan_cache is not None:
         _store_plan(plan_cache, key, plan)
     return view, plan
