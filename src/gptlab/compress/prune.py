@@ -176,12 +176,14 @@ def _input_norms(block: Block, hidden: Tensor, chunk: int) -> dict[str, Tensor]:
 @torch.no_grad()
 def prune_model(model: GPT, cfg: PruneConfig, calibration: Tensor | None = None) -> tuple[GPT, dict[str, Any]]:
     """Prune `model` as `cfg` says; `calibration` (N, T) token ids for wanda. Returns the pruned model (a new, smaller GPT
-    when structured; `model` itself, changed in place, otherwise) and what was removed (for checkpoint.json)."""
+    when structured; `model` itself, changed in place, otherwise) and what was removed (for checkpoint.json).
+    Structured pruning cuts `model`'s blocks down in place on the way, so its config no longer describes it: use the
+    returned model, not the one passed in."""
     if cfg.method == "wanda" and calibration is None:
         raise ConfigError(WANDA_NEEDS_DATA)
     model.eval()
     hidden = _block_inputs(model, calibration) if cfg.method == "wanda" else None
-    chunk = 4
+    chunk = 4  # calibration sequences per forward pass: bounds the activations held at once
     zeros = total = 0
     removed: list[list[int]] = []
     for block in model.transformer.h:
