@@ -25,6 +25,7 @@ from gptlab.compress.distill import distill, student_config
 from gptlab.config import TrainConfig
 from gptlab.data import load_data
 from gptlab.evaluate import evaluate_split
+from gptlab.generate import cpu_name
 from gptlab.train import train
 
 
@@ -46,7 +47,6 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="append the markdown table here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "unknown CPU")
     teacher = load_checkpoint(args.teacher)
     data = load_data(args.data)
     t_bpb = evaluate_split(teacher.model, data, "val", batch_size=8, max_tokens=args.eval_tokens)["bpb"]
@@ -71,7 +71,7 @@ def main() -> None:
     n = sum(p.numel() for p in load_checkpoint(work / f"plain-{args.seeds[0]}").model.parameters())
     tc = teacher.model_config
     lines = [
-        f"CPU: {cpu}, {args.threads} threads, torch {torch.__version__}",
+        f"CPU: {cpu_name()}, {args.threads} threads, torch {torch.__version__}",
         f"teacher {teacher.path} ({tc.n_layer} x {tc.n_embd}, {sum(p.numel() for p in teacher.model.parameters()) / 1e6:.2f}M parameters): {t_bpb:.4f} bpb; "
         f"student {student.n_layer} x {student.n_embd}, {student.n_head} heads ({n / 1e6:.2f}M); {args.steps} steps of 8 x {student.block_size} tokens, "
         f"lr {args.lr:g} cosine, {args.dtype}; distilled: temperature {args.temperature:g}, alpha {args.alpha:g}; bpb on {args.data} val",

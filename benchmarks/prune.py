@@ -21,59 +21,34 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from gptlab.checkpoint import load_checkpoint
 from gptlab.compress.prune import PruneConfig, calibration_ids, prune_and_recover, prune_model
-from gptlab.config import GPTConfig, SampleConfig, TrainConfig
-from gptlab.data import load_data
+from gptlab.config import GPTConfig, TrainConfig
+from gptlab.data import TokenData, load_data
 from gptlab.evaluate import evaluate_split
-from gptlab.generate import Engine
+from gptlab.generate import Engine, cpu_name
 from gptlab.model import GPT
+from gptlab.train import LanguageModeling, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quantize import decode_speed  # noqa: E402  (benchmarks/quantize.py: the same interleaved rounds, medians)
 
 STRUCTURES = {"weights": None, "heads": "heads", "mlp": "mlp"}
 
 
-def recover_bpb(src: Path, data: str, cfg: PruneConfig, steps: int, work: Path, eval_tokens: int) -> float:
-    train_cfg = TrainConfig(max_steps=steps, lr=1e-4, min_lr=1e-5, batch_size=8, eval_every=steps, eval_batches=4, save_every=steps, log_every=steps, device="cpu")
-    run = work / f"rec-{cfg.structured}-{cfg.sparsity}"
-    prune_and_recover(src, data, run, cfg, train_cfg, progress=False)
-    return evaluate_split(load_checkpoint(run).model, load_data(data), "val", batch_size=8, max_tokens=eval_tokens)["bpb"]
+def recovery_config(steps: int) -> TrainConfig:
+    """What `gptlab prune --recover` runs by default (lr 1e-4 to 1e-5), for `steps` steps of 8 sequences, one evaluation at the end."""
+    return TrainConfig(max_steps=steps, lr=1e-4, min_lr=1e-5, batch_size=8, eval_every=steps, eval_batches=4, save_every=steps, log_every=steps, device="cpu")
 
 
-def dense_control_bpb(src: Path, data: str, steps: int, work: Path, eval_tokens: int) -> float:
-    """The dense model fine-tuned as the recovery runs are: what the extra steps alone buy."""
-    from gptlab.train import LanguageModeling, train
-
-    loaded = load_checkpoint(src)
-    train_cfg = TrainConfig(max_steps=steps, lr=1e-4, min_lr=1e-5, batch_size=8, eval_every=steps, eval_batches=4, save_every=steps, log_every=steps, device="cpu")
-    run = work / "dense-control"
-    train(loaded.model_config, train_cfg, LanguageModeling(load_data(data)), run, progress=False, init_model=loaded.model.train())
-    return evaluate_split(load_checkpoint(run).model, load_data(data), "val", batch_size=8, max_tokens=eval_tokens)["bpb"]
-
-
-def decode_speed(models: dict[str, GPT], batches: list[int], new: int, rounds: int) -> dict[int, dict[str, float]]:
-    engines = {name: Engine(m, tune=batches) for name, m in models.items()}
-    cfg = SampleConfig(max_new_tokens=new, temperature=0.0, ignore_eot=True)
-    out = {}
-    for B in batches:
-        prompt = torch.randint(0, 50257, (B, 16), generator=torch.Generator().manual_seed(B)).tolist()
-        for e in engines.values():
-            e.generate([p[:4] for p in prompt], cfg.replace(max_new_tokens=4))
-        runs: dict[str, list[float]] = {name: [] for name in engines}
-        for r in range(rounds):
-            for name in list(engines) if r % 2 == 0 else list(engines)[::-1]:
-                t0 = time.perf_counter()
-                engines[name].generate(prompt, cfg)
-                runs[name].append(B * new / (time.perf_counter() - t0))
-        out[B] = {name: statistics.median(v) for name, v in runs.items()}
-        print(f"  batch {B}: " + ", ".join(f"{n} {v:.1f}" for n, v in out[B].items()) + " tokens/s", flush=True)
-    return out
+def val_bpb(model: GPT, data: TokenData, eval_tokens: int) -> float:
+    return evaluate_split(model, data, "val", batch_size=8, max_tokens=eval_tokens)["bpb"]
 
 
 def main() -> None:
@@ -92,22 +67,21 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="append the markdown tables here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "unknown CPU")
-    lines = [f"CPU: {cpu}, {args.threads} threads, torch {torch.__version__}"]
+    lines = [f"CPU: {cpu_name()}, {args.threads} threads, torch {torch.__version__}"]
     data = load_data(args.data)
     work = Path(tempfile.mkdtemp(prefix="gptlab_prunebench_"))
     for ckpt_arg in args.ckpt:
         loaded = load_checkpoint(ckpt_arg)
         c = loaded.model_config
         calib = calibration_ids(data, 32, c.block_size, 0)
-        dense = evaluate_split(loaded.model, data, "val", batch_size=8, max_tokens=args.eval_tokens)["bpb"]
+        dense = val_bpb(loaded.model, data, args.eval_tokens)
         print(f"{loaded.path}: dense bpb {dense:.4f}", flush=True)
         rows = []
         for label, structured in STRUCTURES.items():
             for method in ("magnitude", "wanda"):
                 for s in args.sparsities:
                     model, info = prune_model(copy.deepcopy(loaded.model), PruneConfig(s, method, structured), calib)
-                    bpb = evaluate_split(model, data, "val", batch_size=8, max_tokens=args.eval_tokens)["bpb"]
+                    bpb = val_bpb(model, data, args.eval_tokens)
                     rows.append((label, method, s, info["removed_fraction"], model.num_params(non_embedding=False), bpb))
                     print(f"  {label} {method} {s}: removed {info['removed_fraction']:.3f}, bpb {bpb:.4f}", flush=True)
         lines += ["", f"**{loaded.path}** ({c.n_layer} layers x {c.n_embd}, {c.n_head} heads, vocabulary {c.vocab_size}); bpb on {args.data} val, "
@@ -116,14 +90,17 @@ def main() -> None:
         for label, method, s, removed, n, bpb in rows:
             lines.append(f"| {label} | {method} | {s:g} | {100 * removed:.1f}% | {n / 1e6:.2f}M | {bpb:.4f} | {100 * (bpb / dense - 1):+.1f}% |")
         if args.recover_steps:
-            control = dense_control_bpb(loaded.path, args.data, args.recover_steps, work, args.eval_tokens)
+            # the dense model fine-tuned as the recovery runs are: what the extra steps alone buy
+            train(c, recovery_config(args.recover_steps), LanguageModeling(data), work / "dense", progress=False, init_model=load_checkpoint(loaded.path).model.train())
+            control = val_bpb(load_checkpoint(work / "dense").model, data, args.eval_tokens)
             lines += ["", f"Recovery: {args.recover_steps} steps of 8 x {c.block_size} tokens at lr 1e-4 after Wanda pruning at sparsity {args.recover_sparsity:g} "
                       f"(the dense model fine-tuned the same way: {control:.4f} bpb)", "",
                       "| pruned | bpb after pruning | after recovery | vs dense fine-tuned the same |", "|---|---:|---:|---:|"]  # fmt: skip
             for label, structured in STRUCTURES.items():
                 cfg = PruneConfig(args.recover_sparsity, "wanda", structured)
                 before = next(r[5] for r in rows if r[0] == label and r[1] == "wanda" and r[2] == args.recover_sparsity)
-                after = recover_bpb(loaded.path, args.data, cfg, args.recover_steps, work, args.eval_tokens)
+                prune_and_recover(loaded.path, args.data, work / label, cfg, recovery_config(args.recover_steps), progress=False)
+                after = val_bpb(load_checkpoint(work / label).model, data, args.eval_tokens)
                 print(f"  recovered {label}: {before:.4f} -> {after:.4f}", flush=True)
                 lines.append(f"| {label} | {before:.4f} | {after:.4f} | {100 * (after / control - 1):+.1f}% |")
     if not args.no_124m:
@@ -134,7 +111,7 @@ def main() -> None:
             for s in args.sparsities:
                 models[f"{structured} {s:g}"] = prune_model(copy.deepcopy(base), PruneConfig(s, "magnitude", structured))[0]
         print("GPT-2 124M shape, random weights", flush=True)
-        speed = decode_speed(models, args.batches, args.new, args.rounds)
+        speed = decode_speed({name: Engine(m, tune=args.batches) for name, m in models.items()}, 50257, args.batches, args.new, args.rounds)
         lines += ["", f"**GPT-2 124M shape** (random weights), float32 decode: greedy, prompt 16, {args.new} new tokens, median of {args.rounds} interleaved rounds", "",
                   "| model | parameters | " + " | ".join(f"tok/s, batch {B}" for B in args.batches) + " |", "|---|---:|" + "---:|" * len(args.batches)]  # fmt: skip
         for name, m in models.items():

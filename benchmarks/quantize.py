@@ -34,7 +34,7 @@ from gptlab.compress.quantize import QuantConfig, quantize_checkpoint, quantize_
 from gptlab.config import GPTConfig, SampleConfig
 from gptlab.data import load_data
 from gptlab.evaluate import evaluate_split
-from gptlab.generate import Engine
+from gptlab.generate import Engine, cpu_name
 from gptlab.model import GPT
 
 GPTLAB = {
@@ -144,9 +144,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="append the markdown tables here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "unknown CPU")
     lines = [
-        f"CPU: {cpu}, {args.threads} threads, torch {torch.__version__}; decode: greedy, prompt 16, {args.new} new tokens, median of {args.rounds} interleaved rounds"
+        f"CPU: {cpu_name()}, {args.threads} threads, torch {torch.__version__}; decode: greedy, prompt 16, {args.new} new tokens, median of {args.rounds} interleaved rounds"
     ]
     data = load_data(args.data)
     work = Path(tempfile.mkdtemp(prefix="gptlab_quantbench_"))

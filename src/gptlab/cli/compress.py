@@ -97,7 +97,7 @@ def register(sub: argparse._SubParsersAction, command: Register) -> None:
     t.add_argument("--recover", action="store_true", help="then fine-tune the pruned model on --data (pruned weights stay zero); default 200 steps at lr 1e-4")
     t.add_argument("--resume", action="store_true", help="with --recover: continue the recovery run in --out")
     t.add_argument("--stop-at", type=int, help="with --recover: stop after this step")
-    add_train_flags(t, {"--max-steps": "recovery steps (default 200)", "--lr": "recovery learning rate (default 1e-4)"})
+    add_train_flags(t, {"--max-steps": "recovery steps (default 200)", "--lr": "recovery learning rate (default 1e-4)", "--min-lr": "final learning rate (default: --lr / 10)"})
 
     t = command("distill", cmd_distill, "train a smaller student on prepared shards with a teacher's soft targets (knowledge distillation, Hinton et al. 2015)")
     t.add_argument("--teacher", required=True, help="the teacher's run or checkpoint directory (the data's tokenizer)")

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from gptlab.checkpoint import HEAD_KEY, Checkpoint, find_checkpoint, load_checkpoint, read_checkpoint_meta
 from gptlab.config import GPTConfig, TrainConfig, _in_range, _Serializable
-from gptlab.data import ShardLoader, TokenData, load_data
+from gptlab.data import TokenData, load_data
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.tokenizer import same_encoding
 from gptlab.train import LanguageModeling, TrainResult, train
@@ -110,12 +110,11 @@ def distillation_loss(
     return cfg.alpha * cfg.temperature**2 * kl + (1 - cfg.alpha) * ce, kl, ce
 
 
-class Distillation:
+class Distillation(LanguageModeling):
     """Next-token training on a prepared data directory, with a teacher's soft targets (see the module docstring)."""
 
     def __init__(self, data: TokenData, teacher: Checkpoint, cfg: DistillConfig) -> None:
-        self.lm = LanguageModeling(data)
-        self.tokenizer, self.has_val = self.lm.tokenizer, self.lm.has_val
+        super().__init__(data)
         if HEAD_KEY in teacher.meta:
             raise CheckpointError(f"{teacher.path} is a task model (a classification head); a teacher must be a language model")
         if not same_encoding(self.tokenizer, teacher.tokenizer):
@@ -126,42 +125,34 @@ class Distillation:
         self.vocab = self.tokenizer.vocab_size
 
     def check(self, model_config: GPTConfig) -> None:
-        self.lm.check(model_config)
+        super().check(model_config)
         if self.teacher.config.block_size < model_config.block_size:
             raise ConfigError(f"the teacher {self.teacher_path} reads {self.teacher.config.block_size} positions, fewer than the student's block_size ({model_config.block_size})")
 
-    def batches(self, split: str, block_size: int, batch_size: int, seed: int, rank: int, world_size: int) -> ShardLoader:
-        return self.lm.batches(split, block_size, batch_size, seed, rank, world_size)
-
-    def _teacher_on(self, device: torch.device) -> nn.Module:
+    def _losses(self, model: nn.Module, batch: tuple[Tensor, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = (t.to(device, non_blocking=True) for t in batch)
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
-        return self.teacher
+        with torch.no_grad():
+            teacher = self.teacher(x)[0]  # (B, T, V_t)
+        return distillation_loss(model(x)[0], teacher, y, self.cfg, self.vocab)
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, ...], device: torch.device) -> Tensor:
-        x, y = (t.to(device, non_blocking=True) for t in batch)
-        with torch.no_grad():
-            teacher = self._teacher_on(device)(x)[0]  # (B, T, V_t)
-        return distillation_loss(model(x)[0], teacher, y, self.cfg, self.vocab)[0]
+        return self._losses(model, batch, device)[0]
 
     def score(self, model: nn.Module, batch: tuple[Tensor, ...], device: torch.device) -> dict[str, float]:
-        x, y = (t.to(device, non_blocking=True) for t in batch)
-        teacher = self._teacher_on(device)(x)[0]
-        _, kl, ce = distillation_loss(model(x)[0], teacher, y, self.cfg, self.vocab)
+        _, kl, ce = self._losses(model, batch, device)
         return {"loss": ce.item(), "kl": kl.item(), "batches": 1.0}
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        return {**self.lm.metrics(sums), "kl": sums["kl"] / sums["batches"]}
+        return {**super().metrics(sums), "kl": sums["kl"] / sums["batches"]}
 
     def describe(self) -> list[str]:
         c = self.teacher.config
-        return [*self.lm.describe(), f"teacher: {self.teacher_path} ({c.n_layer} layers x {c.n_embd}); temperature {self.cfg.temperature:g}, alpha {self.cfg.alpha:g}"]
-
-    def tokens_per_step(self, cfg: TrainConfig, block_size: int) -> int:
-        return self.lm.tokens_per_step(cfg, block_size)
+        return [*super().describe(), f"teacher: {self.teacher_path} ({c.n_layer} layers x {c.n_embd}); temperature {self.cfg.temperature:g}, alpha {self.cfg.alpha:g}"]
 
     def run_info(self) -> dict[str, Any]:
-        return {**self.lm.run_info(), DISTILL_KEY: {"teacher": self.teacher_path, **self.cfg.to_dict()}}
+        return {**super().run_info(), DISTILL_KEY: {"teacher": self.teacher_path, **self.cfg.to_dict()}}
 
 
 def distill(

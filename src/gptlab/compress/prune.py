@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gptlab.checkpoint import HEAD_KEY, QUANT_KEY, find_checkpoint, load_checkpoint, read_checkpoint_meta, write_checkpoint_dir
+from gptlab.checkpoint import HEAD_KEY, QUANT_KEY, Checkpoint, find_checkpoint, load_checkpoint, read_checkpoint_meta, write_checkpoint_dir
 from gptlab.config import TrainConfig, _Serializable
-from gptlab.data import TokenData, load_data
+from gptlab.data import ShardLoader, TokenData, load_data
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.model import GPT, Block
 from gptlab.tokenizer import same_encoding
@@ -218,15 +218,18 @@ def prune_model(model: GPT, cfg: PruneConfig, calibration: Tensor | None = None)
 
 def calibration_ids(data: TokenData, n: int, block_size: int, seed: int) -> Tensor:
     """n sequences of block_size tokens from the training split, (n, T), the same for the same seed."""
-    loader = LanguageModeling(data).batches("train", block_size, n, seed, 0, 1)
-    return loader.next_batch()[0]
+    return ShardLoader(data.shards("train"), block_size, n, seed=seed).next_batch()[0]
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def load_for_pruning(src: str | os.PathLike[str], data: TokenData | None) -> Any:
-    """The checkpoint to prune, refused when it cannot be (quantized, a task model, another tokenizer than `data`'s)."""
+def _pruned(src: str | os.PathLike[str], data: TokenData | None, cfg: PruneConfig) -> tuple[Checkpoint, GPT, dict[str, Any]]:
+    """The checkpoint `src`, its model pruned as `cfg` says (calibrated on `data` for wanda), and the checkpoint.json entries
+    that say what was removed, from what. Refuses what cannot be pruned: a quantized checkpoint, a task model, data in another
+    tokenizer."""
+    if cfg.method == "wanda" and data is None:
+        raise ConfigError(WANDA_NEEDS_DATA)
     loaded = load_checkpoint(src)
     if QUANT_KEY in loaded.meta:
         raise CheckpointError(f"{loaded.path} is quantized; prune the float checkpoint it was made from, then quantize")
@@ -234,7 +237,9 @@ def load_for_pruning(src: str | os.PathLike[str], data: TokenData | None) -> Any
         raise CheckpointError(f"{loaded.path} is a task model (a classification head); prune takes a language model")
     if data is not None and not same_encoding(data.tokenizer(), loaded.tokenizer):
         raise ConfigError(f"{data.path} was tokenized with another tokenizer than {loaded.path}'s model")
-    return loaded
+    calibration = calibration_ids(data, cfg.calibration, loaded.model_config.block_size, cfg.seed) if cfg.method == "wanda" else None
+    model, info = prune_model(loaded.model, cfg, calibration)
+    return loaded, model, {PRUNE_KEY: info, "source": {"pruned_from": str(loaded.path.resolve()), "step": loaded.step}}
 
 
 def prune_checkpoint(
@@ -245,15 +250,10 @@ def prune_checkpoint(
 
     out = Path(out)
     check_out_dir(out, force)
-    if cfg.method == "wanda" and data is None:
-        raise ConfigError(WANDA_NEEDS_DATA)
-    tokens = load_data(data) if data is not None else None
-    loaded = load_for_pruning(src, tokens)
-    calibration = calibration_ids(tokens, cfg.calibration, loaded.model_config.block_size, cfg.seed) if cfg.method == "wanda" else None
-    model, info = prune_model(loaded.model, cfg, calibration)
+    loaded, model, meta = _pruned(src, load_data(data) if data is not None else None, cfg)
     with writing(out) as tmp:
-        write_checkpoint_dir(tmp, loaded.step, model, model.config, loaded.tokenizer, extra_meta={PRUNE_KEY: info, "source": {"pruned_from": str(loaded.path.resolve()), "step": loaded.step}})  # fmt: skip
-    return out, info
+        write_checkpoint_dir(tmp, loaded.step, model, model.config, loaded.tokenizer, extra_meta=meta)
+    return out, meta[PRUNE_KEY]
 
 
 # ----------------------------------------------------------------------------- recovery fine-tuning
@@ -271,13 +271,14 @@ class Recovery(LanguageModeling):
     def __init__(self, data: TokenData, keep_zeros: bool) -> None:
         super().__init__(data)
         self.keep_zeros = keep_zeros
-        self._masked: set[int] = set()
+        self._seen: set[int] = set()  # the models (and wrappers) whose parameters have been looked at, then the parameters masked
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, ...], device: torch.device) -> Tensor:
-        if self.keep_zeros:
+        if self.keep_zeros and id(model) not in self._seen:
+            self._seen.add(id(model))
             for p in _pruned_weights(model):
-                if id(p) not in self._masked:
-                    self._masked.add(id(p))
+                if id(p) not in self._seen:
+                    self._seen.add(id(p))
                     p.register_hook(lambda grad, keep=(p.detach() != 0): grad * keep)
         return super().loss(model, batch, device)
 
@@ -308,11 +309,8 @@ def prune_and_recover(
         objective = Recovery(tokens, keep_zeros=info["structured"] is None)
         return train(None, None, objective, out, resume=True, stop_at=stop_at, progress=progress, resume_overrides=resume_overrides,
                      report=report, started=started), info  # fmt: skip
-    loaded = load_for_pruning(src, tokens)
-    calibration = calibration_ids(tokens, cfg.calibration, loaded.model_config.block_size, cfg.seed) if cfg.method == "wanda" else None
-    model, info = prune_model(loaded.model, cfg, calibration)
-    meta = {PRUNE_KEY: info, "source": {"pruned_from": str(loaded.path.resolve()), "step": loaded.step}}
+    _, model, meta = _pruned(src, tokens, cfg)
     objective = Recovery(tokens, keep_zeros=cfg.structured is None)
     result = train(model.config, train_config, objective, out, stop_at=stop_at, progress=progress, report=report, started=started,
                    init_model=model.train(), checkpoint_meta=meta)  # fmt: skip
-    return result, info
+    return result, meta[PRUNE_KEY]
