@@ -5,7 +5,8 @@
 The 49 matrices of the GPT-2 124M shape (12 x c_attn, attn.c_proj, c_fc, mlp.c_proj, and the 768 -> 50257
 head), random values, float32 and bfloat16, each called in turn with one input row: F.linear (the BLAS path),
 torch.mv (float32), oneDNN on a weight reordered once into its blocked layout (the Engine's "onednn-packed"
-kernel), and `sum` over the same weights, the rate a streaming read reaches. Best of 7 passes; GB/s of weights.
+kernel), gptlab's own matrix-vector kernel (gptlab/kernels/decode.cpp, the Engine's "native"), and `sum` over
+the same weights, the rate a streaming read reaches. Best of 7 passes; GB/s of weights.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from gptlab import kernels as native
 from gptlab.generate import cpu_name
 
 SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(50257, 768)]
@@ -53,6 +55,8 @@ def main() -> None:
                 kernels["oneDNN, reordered weight"] = lambda: [
                     torch.ops.mkldnn._linear_pointwise(xs[w.size(1)], pw, None, "none", [], "") for w, pw in zip(ws, packed, strict=True)
                 ]
+            if native.load():
+                kernels["gptlab native gemv"] = lambda: [native.gemv(xs[w.size(1)], w, None) for w in ws]
             kernels["sum of the same weights"] = lambda: [w.sum() for w in ws]
             for name, run in kernels.items():
                 rates.setdefault(name, {})[dtype] = nbytes / best(run) / 1e9

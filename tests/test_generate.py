@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from conftest import tokens
 from gptlab.config import GPTConfig, SampleConfig
 from gptlab.errors import ConfigError, InputError
 from gptlab.generate import (
+    NATIVE_MAX_ROWS,
     Engine,
     KernelPlan,
     OneDNNLinear,
@@ -22,6 +24,7 @@ from gptlab.generate import (
     generate_uncached,
     greedy_argmax,
     min_p_filter,
+    native_applies,
     top_k_filter,
     top_p_filter,
 )
@@ -352,13 +355,15 @@ def test_tuned_linears_pick_a_measured_kernel_per_batch_size_and_compute_the_sam
     engine = Engine(fp32, tune=[1, 3])
     plan = engine.plan
     assert plan is not None and plan.sizes == [1, 3] and set(plan.times) == {1, 3}
-    assert all(k in ("blas", "transposed", "onednn", "packed", "onednn-packed") and plan.times[M][k] == min(plan.times[M].values()) for M, k in zip(plan.sizes, plan.kernels, strict=True))
+    native = ("native",) if native_applies(fp32) else ()
+    assert native or shutil.which("c++") is None, "with a compiler here the native kernels must build and be measured"
+    assert all(k in ("blas", "transposed", "onednn", "packed", "onednn-packed") + native and plan.times[M][k] == min(plan.times[M].values()) for M, k in zip(plan.sizes, plan.kernels, strict=True))
     assert any(isinstance(m, TunedLinear) for m in engine.model.modules()) and not any(isinstance(m, TunedLinear) for m in fp32.modules())
     ours, theirs = dict(engine.model.named_parameters()), dict(fp32.named_parameters())
     assert ours.keys() == theirs.keys() and all(ours[k] is theirs[k] for k in ours)  # shared, not copied
     cfg = SampleConfig(max_new_tokens=30, temperature=0, logprobs=0)
     want = Engine(fp32, onednn=False).generate(mixed_prompts(3), cfg)
-    kernels = ("blas", "transposed", "onednn", "packed", "onednn-packed")
+    kernels = ("blas", "transposed", "onednn", "packed", "onednn-packed") + native
     for layer in engine.model.modules():
         if isinstance(layer, TunedLinear):
             layer.make_copies(kernels)
@@ -370,7 +375,7 @@ def test_tuned_linears_pick_a_measured_kernel_per_batch_size_and_compute_the_sam
     # bfloat16: the kernels it can run, forced one by one, agree with F.linear to bf16 rounding
     bf16 = Engine(fp32, dtype=torch.bfloat16, tune=[1, 3])
     tuned = [m for m in bf16.model.modules() if isinstance(m, TunedLinear)]
-    usable = ["blas", "transposed"] + (["onednn-packed"] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+    usable = ["blas", "transposed"] + (["onednn-packed"] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else []) + list(native)
     for layer in tuned:
         layer.make_copies(usable)
     bf16.plan.kernels = ["blas"] * 2
@@ -382,6 +387,8 @@ def test_tuned_linears_pick_a_measured_kernel_per_batch_size_and_compute_the_sam
     picks = KernelPlan([16, 1, 4], "blas")
     picks.kernels = ["a", "b", "c"]  # sizes sorted: 1, 4, 16
     assert [picks.pick(M) for M in (1, 2, 4, 5, 16, 17, 500)] == ["a", "b", "b", "c", "c", "c", "c"]
+    picks.kernels, picks.gemm = ["native"] * 3, "onednn"  # past NATIVE_MAX_ROWS (a prefill) the native kernel gives way
+    assert [picks.pick(M) for M in (1, NATIVE_MAX_ROWS, NATIVE_MAX_ROWS + 1, 500)] == ["native", "native", "onednn", "onednn"]
     with pytest.raises(ConfigError, match="do not also set onednn"):
         Engine(fp32, tune=[1], onednn=True)
     with pytest.raises(ConfigError, match="batch sizes >= 1"):

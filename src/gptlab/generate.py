@@ -21,7 +21,6 @@ import copy
 import hashlib
 import itertools
 import json
-import os
 import platform
 import time
 from collections.abc import Iterator, Sequence
@@ -34,6 +33,8 @@ from torch import Tensor, nn
 
 from gptlab.config import SampleConfig
 from gptlab.errors import ConfigError, InputError
+from gptlab import kernels as native
+from gptlab.kernels import cache_dir
 from gptlab.model import GPT, CacheStep, KVCache
 from gptlab.tokenizer import EOT, AnyTokenizer, TextStream
 
@@ -192,9 +193,12 @@ class KernelPlan:
         self.sizes = sorted(set(sizes))
         self.kernels = [kernel] * len(self.sizes)
         self.times: dict[int, dict[str, float]] = {}
+        self.gemm = "blas"  # for many rows where the plan says "native": a kernel that needs no weight copy
 
     def pick(self, rows: int) -> str:
-        return self.kernels[min(bisect.bisect_left(self.sizes, rows), len(self.sizes) - 1)]
+        kernel = self.kernels[min(bisect.bisect_left(self.sizes, rows), len(self.sizes) - 1)]
+        # past the sizes measured, a prompt's prefill say, the native matrix-vector kernel would do one row at a time
+        return self.gemm if kernel == "native" and rows > NATIVE_MAX_ROWS else kernel
 
 
 def mkl_packed_applies(model: GPT) -> bool:
@@ -218,8 +222,9 @@ class TunedLinear(nn.Module):
     "packed" (MKL's GEMM on a copy of the weight packed once for it, cblas_sgemm_pack, as PyTorch's
     compiler does for frozen CPU weights: 1.4 vs 3.6 ms for the 256 -> 50257 head at 8 rows on a
     Xeon; the packed copy takes ~2.7x the weight's memory there) or "onednn-packed" (oneDNN's kernel
-    on a copy reordered once into its blocked layout, as the compiler does for bfloat16 weights). The
-    copies are made only when the plan uses them, and do not follow later changes to the weight:
+    on a copy reordered once into its blocked layout, as the compiler does for bfloat16 weights) or
+    "native" (gptlab's own matrix-vector kernel, kernels/decode.cpp, for a few rows: it reads the weight
+    at the rate of a streaming sum, where the others reach 40-75% of it at one row). The copies are made only when the plan uses them, and do not follow later changes to the weight:
     this is for models that stay fixed, as a served one does. The same function, its sums in another order."""
 
     def __init__(self, linear: nn.Linear, plan: KernelPlan) -> None:
@@ -233,6 +238,8 @@ class TunedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         kernel = self.plan.pick(x.numel() // x.size(-1))
+        if kernel == "native":
+            return native.gemv(x.contiguous(), self.weight, self.bias)
         if kernel == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         if kernel == "onednn-packed":
@@ -275,9 +282,8 @@ def cpu_name() -> str:
 
 
 def default_plan_cache() -> Path:
-    """Where measured kernel plans are kept: $GPTLAB_CACHE_DIR, else $XDG_CACHE_HOME/gptlab, else ~/.cache/gptlab."""
-    root = os.environ.get("GPTLAB_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptlab"
-    return Path(root) / "kernel_plans.json"
+    """Where measured kernel plans are kept: kernel_plans.json in gptlab's cache directory (gptlab.kernels.cache_dir)."""
+    return cache_dir() / "kernel_plans.json"
 
 
 def _plan_key(model: GPT, sizes: Sequence[int], kernels: Sequence[str], tuned: Sequence[TunedLinear]) -> str:
@@ -327,9 +333,30 @@ def measured_kernels(device: torch.device, batch: int) -> dict[str, object]:
     return {"tune": (batch,), "plan_cache": default_plan_cache()} if device.type == "cpu" else {}
 
 
+# the native kernel does all rows with each weight row, at the multiply-add rate of one row: past a few rows
+# the GEMMs win, and measuring it at 32 rows would cost a second of start-up for nothing
+NATIVE_MAX_ROWS = 8
+
+
+def native_applies(model: GPT) -> bool:
+    """Whether gptlab's own matrix-vector kernel can run `model`'s Linears: float32 or bfloat16 weights on a CPU, and the
+    kernel built (or buildable) here."""
+    p = next(model.parameters())
+    return p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16) and native.load()
+
+
+def native_cached_attention(step: CacheStep, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """A CacheStep's attention for one layer by gptlab's kernel: k, v (B, T, nh, hs) stored at the step's slots,
+    q (B, nh, T, hs) attending under its mask; what update() and SDPA compute (a step's mask always lets a
+    query see its own key). SDPA's CPU kernels spend most of a batch-1 step's attention on set-up: 21 vs 15 us
+    a layer in float32 and 110 vs 15 in bfloat16 for 12 heads over 144 keys (AMD EPYC), plus two index_put calls."""
+    assert step.slots is not None and step.mask is not None, "only steps placed at per-row positions have slots and a mask"
+    return native.cached_attention(q, k, v, step.cache.k[layer], step.cache.v[layer], step.slots, step.mask, scale)
+
+
 def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int = 5, plan_cache: Path | None = None) -> tuple[GPT, KernelPlan]:
-    """A view of `model` whose Linears run, for each batch size in `sizes`, the kernel that made a whole
-    decode step fastest when measured here, now.
+    """A view of `model` for inference whose Linears run, for each batch size in `sizes`, the kernel that
+    made a whole decode step fastest when measured here, now (its dropout layers, no-ops in eval mode, gone).
 
     The fastest GEMM for decode shapes depends on the CPU and on the number of rows (on one Xeon,
     oneDNN's kernel took 6.1 ms per step of a 16M-parameter model at batch 1 where BLAS took 3.4,
@@ -347,7 +374,10 @@ def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int =
     """
     kernels = ["blas", "transposed"] + (["onednn"] if onednn_applies(model) else []) + (["packed"] if mkl_packed_applies(model) else [])
     kernels += ["onednn-packed"] if onednn_packed_applies(model) else []
+    kernels += ["native"] if native_applies(model) else []
     plan = KernelPlan(sizes, "blas")
+    # a 16-token prefill of the 124M shape in float32: 24 ms with oneDNN, 51 with BLAS (in bfloat16 they are even)
+    plan.gemm = "onednn" if "onednn" in kernels else "blas"
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     view = copy.deepcopy(model, shared).eval()  # new modules over the same tensors
     tuned: list[TunedLinear] = []
@@ -356,6 +386,8 @@ def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int =
             if isinstance(child, nn.Linear):
                 tuned.append(TunedLinear(child, plan))
                 setattr(module, name, tuned[-1])
+            elif isinstance(child, nn.Dropout):
+                setattr(module, name, nn.Identity())  # a no-op in eval mode that still costs ~2.7 us a call, 25 calls a token
     key = _plan_key(model, sizes, kernels, tuned) if plan_cache is not None else ""
     known = _cached_plan(plan_cache, key, kernels, plan.sizes) if plan_cache is not None else None
     if known is not None:  # measured here before, for this model's shape: no measurement
@@ -387,7 +419,7 @@ def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int =
                     raise
                 continue  # a build that refuses to pack: measure the others
             for M, (idx, step, want) in zip(plan.sizes, steps, strict=True):
-                if not _close(view, plan, kernel, idx, step, want):
+                if (kernel == "native" and M > NATIVE_MAX_ROWS) or not _close(view, plan, kernel, idx, step, want):
                     continue
                 view.forward_cached(idx, step)  # warm-up: first calls allocate
                 for _ in range(rounds):
@@ -660,6 +692,8 @@ class Engine:
         self.plan: KernelPlan | None = None
         if tune:
             self.model, self.plan = tune_linears(self.model, tune, plan_cache=plan_cache)
+        # decode steps' attention and cache writes in one native call where the kernels are built, as for the Linears
+        self.attention = native_cached_attention if tune and native_applies(self.model) else None
         self.tokenizer = tokenizer
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
@@ -802,6 +836,7 @@ class Engine:
         T = idx.size(1)
         kv_len = cache.max_len if self.static else max(start) + T
         step = CacheStep(cache, T, torch.tensor(start, device=self.device), kv_len)
+        step.attention = self.attention
         return (self._decode if decode else model.forward_cached)(idx, step)
 
     def _run(self, ids: list[list[int]], cfgs: list[SampleConfig]) -> Iterator[TokenEvent]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -186,6 +187,9 @@ class CacheStep:
         self.slots: Tensor | None = None  # (B, T): where the keys and values go; the positions, but for after_prefix
         self.mask: Tensor | None = None
         self.rows: Tensor | None = None
+        # the kernel for a masked step's attention: None is update() then SDPA; the Engine may set one that does both,
+        # (step, layer, q (B, nh, T, hs), k, v (B, T, nh, hs), scale) -> (B, nh, T, hs), storing k and v as update() does
+        self.attention: Callable[[CacheStep, int, Tensor, Tensor, Tensor, float], Tensor] | None = None
         if start is not None:
             offsets = torch.arange(T, device=start.device)
             self.positions = self.slots = start[:, None] + offsets  # (B, T)
@@ -288,20 +292,23 @@ class CausalSelfAttention(nn.Module):
         # views, not copies: SDPA accepts the strided (B, nh, T, hs) layout directly
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, hs).unbind(2)  # 3 x (B, T, nh, hs)
         q = q.transpose(1, 2)  # (B, nh, T, hs)
-        if step is None:
-            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
-        else:
-            k, v = step.update(self.layer_idx, k, v)  # (B, nh, kv_len, hs)
-            mask = step.mask
         # softmax(scale * q k^T) v with the causal mask (Vaswani et al. 2017, eq. 1)
         dropout_p = self.attn_dropout if self.training else 0.0
-        causal = mask is None
-        if self.upcast and q.dtype != torch.float32:
-            with torch.autocast(q.device.type, enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask, dropout_p, is_causal=causal, scale=self.scale)
-            y = y.to(v.dtype)  # (B, nh, T, hs)
+        if step is not None and step.attention is not None and step.mask is not None and dropout_p == 0.0:
+            y = step.attention(step, self.layer_idx, q, k, v, self.scale)  # (B, nh, T, hs); k, v stored in the cache
         else:
-            y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal=causal, scale=self.scale)  # (B, nh, T, hs)
+            if step is None:
+                k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+            else:
+                k, v = step.update(self.layer_idx, k, v)  # (B, nh, kv_len, hs)
+                mask = step.mask
+            causal = mask is None
+            if self.upcast and q.dtype != torch.float32:
+                with torch.autocast(q.device.type, enabled=False):
+                    y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask, dropout_p, is_causal=causal, scale=self.scale)
+                y = y.to(v.dtype)  # (B, nh, T, hs)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal=causal, scale=self.scale)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hs)  # (B, T, nh * hs): re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 

@@ -1,0 +1,119 @@
+"""Native CPU kernels, compiled on first use for the CPU at hand and cached.
+
+decode.cpp holds a matrix-vector product for batch-1 decoding (see its header for why) and a decode
+step's attention with its KV-cache writes. `load()` compiles it with the system's C++ compiler against
+the installed PyTorch (~10 s, once per CPU model, PyTorch version and source), keeps the library under
+cache_dir()/native, and registers torch.ops.gptlab.gemv and torch.ops.gptlab.cached_attention (called
+through `gemv` and `cached_attention` below). Without a compiler, or when the build fails, `load()`
+returns False, warns once with the reason, and the Engine measures only PyTorch's own kernels.
+GPTLAB_NATIVE=0 turns them off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("decode.cpp")
+
+
+def cache_dir() -> Path:
+    """Where gptlab keeps what it measures or builds per machine: $GPTLAB_CACHE_DIR, else $XDG_CACHE_HOME/gptlab, else ~/.cache/gptlab."""
+    root = os.environ.get("GPTLAB_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptlab"
+    return Path(root)
+
+
+def _cpu_flags() -> str:
+    """The CPU's model and instruction-set flags: a library built with -march=native runs only where these match."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return ""
+
+
+def _command(compiler: str, out: Path, native: bool) -> list[str]:
+    from torch.utils import cpp_extension
+
+    abi = int(torch.compiled_with_cxx11_abi())
+    libs = cpp_extension.library_paths()
+    return [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]  \
+        + (["-march=native"] if native else []) + [f"-I{p}" for p in cpp_extension.include_paths()] + [str(SOURCE), "-o", str(out)] \
+        + [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs] + ["-lc10", "-ltorch_cpu", "-ltorch"]  # fmt: skip
+
+
+def _build(compiler: str, path: Path) -> str | None:
+    """Compile decode.cpp to `path` (atomically: a temporary file renamed). None when built, else the compiler's complaint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    error = ""
+    for native in (True, False):  # -march=native first; a compiler without it still builds a portable copy
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
+        os.close(fd)
+        try:
+            done = subprocess.run(_command(compiler, Path(tmp), native), capture_output=True, text=True, timeout=600)
+            if done.returncode == 0:
+                os.replace(tmp, path)
+                return None
+            error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        except (OSError, subprocess.TimeoutExpired) as e:
+            error = str(e)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return error
+
+
+@functools.cache
+def load() -> bool:
+    """Whether torch.ops.gptlab.gemv is available, building and registering it on the first call."""
+    if os.environ.get("GPTLAB_NATIVE", "1") == "0" or sys.platform == "win32":
+        return False
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        warnings.warn("gptlab: no C++ compiler (c++, g++, clang++ or $CXX) found: batch-1 decoding uses PyTorch's kernels only", stacklevel=2)
+        return False
+    what = "\n".join([SOURCE.read_text(encoding="utf-8"), torch.__version__, compiler, _cpu_flags(), " ".join(_command("", Path(), True))])
+    path = cache_dir() / "native" / f"decode-{hashlib.sha256(what.encode()).hexdigest()[:24]}.so"
+    failed = path.with_suffix(".failed")
+    if failed.is_file():  # a build that failed once for this source, compiler and CPU fails again: do not pay for it per process
+        return False
+    if not path.is_file():
+        error = _build(compiler, path)
+        if error is not None:
+            warnings.warn(f"gptlab: building the native decode kernel failed ({error}); PyTorch's kernels are used instead", stacklevel=2)
+            try:
+                failed.write_text(error + "\n", encoding="utf-8")
+            except OSError:
+                pass
+            return False
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as e:  # a library the loader refuses (another PyTorch in the same place?): build it again next time
+        warnings.warn(f"gptlab: loading the native decode kernel {path} failed ({e}); PyTorch's kernels are used instead", stacklevel=2)
+        path.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear(x, weight, bias) for x (..., in) with a few rows, float32 or bfloat16, all contiguous; after load()."""
+    return torch.ops.gptlab.gemv(x, weight, bias)
+
+
+def cached_attention(q: Tensor, k_new: Tensor, v_new: Tensor, cache_k: Tensor, cache_v: Tensor, slots: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """One layer's attention in a decode step: k_new, v_new (B, T, nh, hs) written into cache_k, cache_v (B, nh, S, hs)
+    at slots (B, T), then F.scaled_dot_product_attention(q, cache_k[:, :, :L], cache_v[:, :, :L], mask, scale=scale)
+    for q (B, nh, T, hs) and mask (B, 1, T, L) bool; float32 or bfloat16, summed in float32 (a query that may see no
+    key gets zeros); after load()."""
+    return torch.ops.gptlab.cached_attention(q, k_new, v_new, cache_k, cache_v, slots, mask, scale)
