@@ -1,12 +1,12 @@
 """How fast each CPU Linear kernel reads weights at one row (batch-1 decoding), against a plain sum of the same bytes.
 
-    python benchmarks/linear_read_rate.py [--threads 1 2]
+    python benchmarks/linear_read_rate.py [--threads 1 2] [--rounds 3]
 
 The 49 matrices of the GPT-2 124M shape (12 x c_attn, attn.c_proj, c_fc, mlp.c_proj, and the 768 -> 50257
 head), random values, float32 and bfloat16, each called in turn with one input row: F.linear (the BLAS path),
 torch.mv (float32), oneDNN on a weight reordered once into its blocked layout (the Engine's "onednn-packed"
 kernel), gptlab's own matrix-vector kernel (gptlab/kernels/decode.cpp, the Engine's "native"), and `sum` over
-the same weights, the rate a streaming read reaches. Best of 7 passes; GB/s of weights.
+the same weights, the rate a streaming read reaches. Best of 7 passes in each of 3 interleaved rounds; GB/s of weights.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def best(f: Callable[[], object], n: int = 7) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the kernels; the table keeps each one's best")
     args = p.parse_args()
     lines = [f"{cpu_name()}, torch {torch.__version__}", "", "| threads | kernel | float32 GB/s | bfloat16 GB/s |", "|---|---|---:|---:|"]
     g = torch.Generator().manual_seed(0)
@@ -58,9 +59,13 @@ def main() -> None:
             if native.load():
                 kernels["gptlab native gemv"] = lambda: [native.gemv(xs[w.size(1)], w, None) for w in ws]
             kernels["sum of the same weights"] = lambda: [w.sum() for w in ws]
-            for name, run in kernels.items():
-                rates.setdefault(name, {})[dtype] = nbytes / best(run) / 1e9
-                print(f"threads {threads} {dtype} {name}: {rates[name][dtype]:.1f} GB/s", flush=True)
+            # interleaved rounds, best of each: this host's read rate drifts by tens of percent between minutes,
+            # so kernels timed one after another would be compared across different rates
+            for _ in range(args.rounds):
+                for name, run in kernels.items():
+                    rate = nbytes / best(run) / 1e9
+                    rates.setdefault(name, {})[dtype] = max(rate, rates.get(name, {}).get(dtype, 0.0))
+                    print(f"threads {threads} {dtype} {name}: {rate:.1f} GB/s", flush=True)
         for name, r in rates.items():
             cells = [f"{r[d]:.1f}" if d in r else "-" for d in (torch.float32, torch.bfloat16)]
             lines.append(f"| {threads} | {name} | {cells[0]} | {cells[1]} |")
