@@ -91,7 +91,10 @@ def load() -> bool:
     if not path.is_file():
         error = _build(compiler, path)
         if error is not None:
-            warnings.warn(f"gptlab: building the native decode kernel failed ({error}); PyTorch's kernels are used instead", stacklevel=2)
+            warnings.warn(
+                f"gptlab: building the native decode kernel failed ({error}); PyTorch's kernels are used instead (delete {failed} to try again)",
+                stacklevel=2,
+            )
             try:
                 failed.write_text(error + "\n", encoding="utf-8")
             except OSError:
