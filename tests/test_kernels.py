@@ -61,7 +61,8 @@ def reference_attention(q, k, v, cache_k, cache_v, slots, mask, scale):
     rows = torch.arange(B)[:, None]
     cache_k[rows, :, slots] = k  # (B, T, nh, hs) into (B, nh, S, hs) at slots (B, T)
     cache_v[rows, :, slots] = v
-    y = F.scaled_dot_product_attention(q.double(), cache_k[:, :, :L].double(), cache_v[:, :, :L].double(), mask, scale=scale)
+    gqa = q.size(1) != cache_k.size(1)
+    y = F.scaled_dot_product_attention(q.double(), cache_k[:, :, :L].double(), cache_v[:, :, :L].double(), mask, scale=scale, enable_gqa=gqa)
     return y, cache_k, cache_v
 
 
@@ -69,11 +70,15 @@ def reference_attention(q, k, v, cache_k, cache_v, slots, mask, scale):
 def test_cached_attention_is_the_cache_write_then_sdpa(dtype):
     g = torch.Generator().manual_seed(1)
     # head sizes with a register-resident version (16, 32, 64, 128) and others (20, 8); one query or several per row
-    for B, nh, T, L, hs in [(1, 12, 1, 144, 64), (3, 4, 2, 37, 16), (2, 2, 5, 9, 20), (2, 3, 1, 40, 128), (1, 2, 3, 50, 32), (4, 1, 1, 1, 8)]:
+    # ... and grouped-query attention: nkv key/value heads, each read by nh / nkv query heads
+    shapes = [(1, 12, 12, 1, 144, 64), (3, 4, 4, 2, 37, 16), (2, 2, 2, 5, 9, 20), (2, 3, 3, 1, 40, 128), (1, 2, 2, 3, 50, 32), (4, 1, 1, 1, 1, 8)]
+    shapes += [(2, 6, 2, 1, 30, 64), (1, 4, 1, 3, 20, 16)]
+    for B, nh, nkv, T, L, hs in shapes:
         S = L + 7
-        cache_k = torch.randn(B, nh, S, hs, generator=g).to(dtype)
-        cache_v = torch.randn(B, nh, S, hs, generator=g).to(dtype)
-        q, k, v = torch.randn(B, T, 3, nh, hs, generator=g).to(dtype).unbind(2)  # strided views, as the model makes them
+        cache_k = torch.randn(B, nkv, S, hs, generator=g).to(dtype)
+        cache_v = torch.randn(B, nkv, S, hs, generator=g).to(dtype)
+        qkv = torch.randn(B, T, nh + 2 * nkv, hs, generator=g).to(dtype)
+        q, k, v = qkv.split([nh, nkv, nkv], dim=2)  # strided views, as the model makes them
         q = q.transpose(1, 2)  # (B, nh, T, hs)
         slots = torch.stack([torch.randperm(L, generator=g)[:T] for _ in range(B)])  # (B, T)
         mask = torch.rand(B, 1, T, L, generator=g) < 0.6
@@ -82,7 +87,7 @@ def test_cached_attention_is_the_cache_write_then_sdpa(dtype):
         got = kernels.cached_attention(q, k, v, cache_k, cache_v, slots, mask, 0.3)
         assert got.shape == (B, nh, T, hs) and got.transpose(1, 2).is_contiguous()  # the caller's (B, T, nh * hs) is a view
         assert torch.equal(cache_k, want_k) and torch.equal(cache_v, want_v)
-        assert close(got, want, dtype), (B, nh, T, L, hs)
+        assert close(got, want, dtype), (B, nh, nkv, T, L, hs)
 
 
 def test_cached_attention_softmax_over_a_wide_score_range_and_a_query_that_sees_nothing():

@@ -70,7 +70,7 @@ def test_wandas_input_norms_are_the_l2_norms_of_each_linears_input_features():
     m = model()
     x = torch.randn(3, 24, 32, generator=torch.Generator().manual_seed(4))
     block = m.transformer.h[0]
-    norms = _input_norms(block, x, chunk=2)
+    norms = _input_norms(block, x, None, chunk=2)
     assert torch.allclose(norms["attn.c_attn"], block.ln_1(x).reshape(-1, 32).norm(dim=0), rtol=1e-5)
     after_attn = x + block.attn(block.ln_1(x))
     assert torch.allclose(norms["mlp.c_fc"], block.ln_2(after_attn).reshape(-1, 32).norm(dim=0), rtol=1e-5)
@@ -99,7 +99,7 @@ def test_wanda_prunes_block_by_block_on_the_pruned_blocks_outputs():
     dense = model()
     emb = dense.transformer.wte(x) + dense.transformer.wpe.weight[:24]
     out0 = dense.transformer.h[0](emb)
-    norms = _input_norms(dense.transformer.h[1], out0, chunk=8)
+    norms = _input_norms(dense.transformer.h[1], out0, None, chunk=8)
     w = dense.transformer.h[1].mlp.c_fc.weight
     one_shot = wanda_mask(w, norms["mlp.c_fc"], 0.5)
     assert not torch.equal(sequential.transformer.h[1].mlp.c_fc.weight != 0, one_shot)

@@ -84,7 +84,7 @@ def test_the_reward_is_read_at_the_last_token(tok: Tokenizer) -> None:
     assert scores.shape == (2,)
     for b, ids in enumerate(seqs):  # by hand: the head on the trunk's final hidden state at the last token, unpadded
         ids_t = torch.from_numpy(ids)[None]
-        h = model._trunk(ids_t, model.transformer.wpe.weight[: ids_t.size(1)], None)  # (1, T, C)
+        h = model._trunk(ids_t, torch.arange(ids_t.size(1)), None)  # (1, T, C)
         assert scores[b].item() == pytest.approx((model.head.weight[0] @ h[0, -1]).item(), abs=1e-5)
     prompts, replies = [c[:-1] for c in CONVERSATIONS], [c[-1]["content"] for c in CONVERSATIONS]
     torch.testing.assert_close(score_replies(model, tok, prompts, replies, batch_size=1), scores, rtol=0, atol=1e-5)

@@ -16,9 +16,11 @@ from gptlab.errors import ConfigError
 
 C = TypeVar("C")
 
-POS_ENCODINGS = ("learned", "sinusoidal")
+POS_ENCODINGS = ("learned", "sinusoidal", "rope")
 NORM_PLACEMENTS = ("pre", "post")
-ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu", "relu2")
+MLPS = ("standard", "gated")
 DTYPES = ("float32", "bfloat16")
 CONTEXT_OVERFLOW = ("error", "slide")
 STRATEGIES = ("ddp", "fsdp")
@@ -81,9 +83,21 @@ class GPTConfig(_Serializable):
     head_size: int | None = None
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
-    pos_encoding: str = "learned"  # learned table (GPT-1/2) or fixed sinusoids (Vaswani et al. 2017)
+    # learned table (GPT-1/2), fixed sinusoids added to the input (Vaswani et al. 2017), or rotary embeddings
+    # applied to each head's queries and keys (RoPE, Su et al. 2021) with base rope_theta
+    pos_encoding: str = "learned"
+    rope_theta: float = 10000.0
     norm_placement: str = "pre"  # pre-LN (GPT-2) or post-LN (GPT-1)
-    activation: str = "gelu_tanh"  # GPT-2's GELU uses the tanh approximation
+    norm: str = "layernorm"  # LayerNorm (GPT-2) or RMSNorm (Zhang & Sennrich 2019: no centring, no bias)
+    # the MLP's nonlinearity: GPT-2's GELU uses the tanh approximation; relu2 is ReLU squared (So et al. 2021)
+    activation: str = "gelu_tanh"
+    # standard: c_proj(act(c_fc x)); gated: c_fc makes two halves and c_proj(act(gate) * up) (Shazeer 2020:
+    # SwiGLU is gated with silu, as Llama; GEGLU gated with gelu). n_inner is the width of each half
+    mlp: str = "standard"
+    # key/value heads: None is one per query head; fewer share each key/value head among n_head / n_kv_head
+    # query heads (grouped-query attention, Ainslie et al. 2023; 1 is multi-query), shrinking the KV cache
+    n_kv_head: int | None = None
+    qk_norm: bool = False  # normalise each head's queries and keys (the `norm` kind, over head_dim) before RoPE
     layer_norm_eps: float = 1e-5
     # attention scores q.k are multiplied by 1/sqrt(head_dim) (Vaswani et al. 2017, eq. 1) when
     # scale_attn_weights, and by 1/(layer index + 1) when scale_attn_by_inverse_layer_idx (a
@@ -105,18 +119,37 @@ class GPTConfig(_Serializable):
         _in_range(self, "dropout", 0.0, 1.0, hi_open=True)
         _choice(self, "pos_encoding", POS_ENCODINGS)
         _choice(self, "norm_placement", NORM_PLACEMENTS)
+        _choice(self, "norm", NORMS)
         _choice(self, "activation", ACTIVATIONS)
+        _choice(self, "mlp", MLPS)
+        if self.n_kv_head is not None:
+            _positive_int(self, "n_kv_head")
+            if self.n_head % self.n_kv_head:
+                raise ConfigError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if not isinstance(self.rope_theta, (int, float)) or isinstance(self.rope_theta, bool) or not 1.0 < self.rope_theta < math.inf:
+            raise ConfigError(f"rope_theta must be a number above 1, got {self.rope_theta!r}")
         _in_range(self, "layer_norm_eps", 0.0, 1.0)
-        for name in ("bias", "tie_weights", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "upcast_attn"):
+        for name in ("bias", "tie_weights", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "upcast_attn", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _in_range(self, "init_std", 0.0, 1.0)
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
             raise ConfigError(f"n_embd ({self.n_embd}) must be even for sinusoidal positions")
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise ConfigError(f"the head width ({self.head_dim}) must be even for rotary positions")
 
     @property
     def head_dim(self) -> int:
         return self.head_size if self.head_size is not None else self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the key (or value) heads side by side: n_kv_head * head_dim."""
+        return self.kv_heads * self.head_dim
 
     @property
     def attn_dim(self) -> int:
@@ -125,7 +158,20 @@ class GPTConfig(_Serializable):
 
     @property
     def mlp_dim(self) -> int:
-        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+        """The MLP's hidden width: n_inner, else 4 * n_embd, or for a gated MLP 8/3 * n_embd rounded up to a multiple of
+        64, which keeps its three matrices at the parameters of the standard two (as Llama sizes SwiGLU)."""
+        if self.n_inner is not None:
+            return self.n_inner
+        return -(-8 * self.n_embd // 3 // 64) * 64 if self.mlp == "gated" else 4 * self.n_embd
+
+
+# Named architectures: GPTConfig fields a preset sets (`gptlab train --arch NAME`; explicit flags still win).
+# llama: the stack most open models since 2023 share (Touvron et al. 2023): rotary positions, RMSNorm, a SwiGLU
+# MLP, no biases, untied input and output embeddings. gpt2 is GPTConfig's defaults.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "gpt2": {},
+    "llama": {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "gated", "activation": "silu", "bias": False, "tie_weights": False},
+}
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,10 @@ GPT2, GPT1 = "gpt2", "openai-gpt"  # HF model_type values
 
 # HF activation names -> gptlab's. gelu_new and gelu_pytorch_tanh are the same function (GELU's
 # tanh approximation, Hendrycks & Gimpel 2016), one written out in Python, one PyTorch's kernel.
-_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu", "relu2": "relu2"}
 # HF's GPT-1 has its own table, in which "gelu" is the tanh approximation
 _GPT1_ACTIVATIONS = {"gelu": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu"}
-_GPT2_ACTIVATIONS_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+_GPT2_ACTIVATIONS_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu", "relu2": "relu2"}
 _GPT1_ACTIVATIONS_OUT = {"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"}
 
 # Config defaults of each HF class, for fields a config.json leaves out
@@ -209,7 +209,16 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict[str, A
     return {"model_type": GPT1, "architectures": ["OpenAIGPTLMHeadModel"], **common, "afn": _GPT1_ACTIVATIONS_OUT[cfg.activation]}
 
 
+def _check_gpt2_architecture(cfg: GPTConfig) -> None:
+    """ConfigError for an architecture option that HF's GPT-2 and GPT-1 classes cannot hold in any rewriting."""
+    for name, gpt2 in (("norm", "layernorm"), ("mlp", "standard"), ("qk_norm", False), ("n_kv_head", cfg.n_head), ("pos_encoding", ("learned", "sinusoidal"))):
+        value = getattr(cfg, name)
+        if value != gpt2 and not (name == "n_kv_head" and value is None) and not (isinstance(gpt2, tuple) and value in gpt2):
+            raise ConfigError(f"{name}={value!r} has no HF GPT-2/GPT-1 equivalent: export-hf writes GPT-2/GPT-1 checkpoints only")
+
+
 def _check_hf_shaped(cfg: GPTConfig) -> None:
+    _check_gpt2_architecture(cfg)
     for name, required in (("bias", True), ("pos_encoding", "learned")):
         if getattr(cfg, name) != required:
             raise ConfigError(f"{name}={getattr(cfg, name)!r} has no HF GPT-2/GPT-1 equivalent (needs {name}={required!r}); see hf_expressible")
@@ -224,6 +233,7 @@ def hf_expressible(sd: Mapping[str, Tensor], cfg: GPTConfig) -> tuple[dict[str, 
     Fixed sinusoids become the learned table's values, and missing biases become zeros:
     the model computes exactly the same function.
     """
+    _check_gpt2_architecture(cfg)
     sd = dict(sd)
     if cfg.pos_encoding == "sinusoidal":
         sd[_PREFIX + "wpe.weight"] = sinusoidal_positions(cfg.block_size, cfg.n_embd)

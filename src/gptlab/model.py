@@ -122,6 +122,13 @@ def unpack_rows(mask: Tensor, values: Tensor) -> Tensor:
     return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).index_put((mask,), values)
 
 
+class ReLUSquared(nn.Module):
+    """relu(x)^2 (So et al. 2021, Primer), the MLP activation of modded-nanogpt and nanochat."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x).square()
+
+
 def _activation(name: str) -> nn.Module:
     # GPT-2's GELU is the tanh approximation (Hendrycks & Gimpel 2016, eq. 2); PyTorch's fused
     # kernel computes the same function as HF's "gelu_new" in one pass instead of seven.
@@ -131,14 +138,49 @@ def _activation(name: str) -> nn.Module:
         return nn.GELU()
     if name == "silu":
         return nn.SiLU()
+    if name == "relu2":
+        return ReLUSquared()
     assert name == "relu", name
     return nn.ReLU()
+
+
+def _norm(config: GPTConfig, dim: int) -> nn.Module:
+    """The config's normalisation over the last `dim` features: LayerNorm (with a bias when config.bias) or RMSNorm,
+    x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.layer_norm_eps)
+    return nn.LayerNorm(dim, eps=config.layer_norm_eps, bias=config.bias)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> Tensor:
+    """RoPE's rotation speeds theta^(-2i/d) for i < d/2 (Su et al. 2021, eq. 15), (head_dim/2,) float32."""
+    return torch.pow(theta, -torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim).float()
+
+
+def rope_angles(inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin of position * frequency, (..., head_dim) for positions (...): each angle twice, once for each half
+    of a head, the layout Llama's Hugging Face port uses (pairs (i, i + d/2) rotate together)."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (..., hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair (x_i, x_{i+d/2}) of every head of x (B, T, nh, hs) by its angle: cos, sin (T, hs) or (B, T, hs).
+
+    x_i cos - x_{i+d/2} sin, x_{i+d/2} cos + x_i sin: a rotation, so it keeps each head's norm, and q_m . k_n
+    then depends on the positions only through m - n (Su et al. 2021, eq. 16).
+    """
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (B, T, nh, hs)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # (T, 1, hs) or (B, T, 1, hs)
+    return x * cos + rotated * sin
 
 
 class KVCache:
     """Keys and values of every layer for a batch of sequences, allocated once at full length.
 
-    k and v are (n_layer, B, nh, max_len, hs). Row b's entries for positions 0..n-1 are the
+    k and v are (n_layer, B, n_kv_head, max_len, hs). Row b's entries for positions 0..n-1 are the
     keys and values of its first n tokens; slots past a row's length hold stale values that
     attention masks out. The shapes never change while generating, so a compiled decode
     step (torch.compile, CUDA graphs) is traced once.
@@ -147,7 +189,7 @@ class KVCache:
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> None:
         if not 0 < max_len <= config.block_size:
             raise InputError(f"a KV cache holds 1..block_size ({config.block_size}) positions, asked for {max_len}")
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -210,7 +252,7 @@ class CacheStep:
         return step
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this pass's k, v (B, T, nh, hs) and return the keys and values to attend over, (B, nh, kv_len, hs) each."""
+        """Store this pass's k, v (B, T, n_kv, hs) and return the keys and values to attend over, (B, n_kv, kv_len, hs) each."""
         ck, cv = self.cache.k[layer], self.cache.v[layer]  # (B, nh, S, hs)
         if self.positions is None:
             T = k.size(1)
@@ -275,22 +317,37 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx  # its slot in a KVCache
-        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= layer_idx + 1
         self.upcast = config.upcast_attn
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.attn_dim, bias=config.bias)  # q, k, v in one matmul
+        # q, k, v in one matmul: n_head query heads, then n_kv_head key and n_kv_head value heads
+        self.c_attn = nn.Linear(config.n_embd, config.attn_dim + 2 * config.kv_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.attn_dim, config.n_embd, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm, self.k_norm = _norm(config, config.head_dim), _norm(config, config.head_dim)
         self.attn_dropout = config.dropout  # applied to the attention probabilities inside SDPA
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, step: CacheStep | None = None, mask: Tensor | None = None) -> Tensor:
-        """`mask` (B, 1, T, T), True where a query may attend, replaces the causal mask (packed sequences)."""
+    def heads(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, T, nh, hs), keys and values (B, T, nkv, hs) for x (B, T, C): QK-normed and rotated as configured."""
         B, T, _ = x.shape
-        hs = self.head_dim
+        hs, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
         # views, not copies: SDPA accepts the strided (B, nh, T, hs) layout directly
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, hs).unbind(2)  # 3 x (B, T, nh, hs)
+        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        q, k, v = q.view(B, T, nh, hs), k.view(B, T, nkv, hs), v.view(B, T, nkv, hs)
+        if hasattr(self, "q_norm"):  # QK-norm (Dehghani et al. 2023): bounded scores whatever the weights grow to
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, T, nh, hs), (B, T, nkv, hs)
+        return q, k, v
+
+    def forward(self, x: Tensor, step: CacheStep | None = None, mask: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """`mask` (B, 1, T, T), True where a query may attend, replaces the causal mask (packed sequences);
+        `rope` is the cos and sin of the tokens' rotary angles (see rope_angles) when the model uses RoPE."""
+        B, T, _ = x.shape
+        q, k, v = self.heads(x, rope)
         q = q.transpose(1, 2)  # (B, nh, T, hs)
         # softmax(scale * q k^T) v with the causal mask (Vaswani et al. 2017, eq. 1)
         dropout_p = self.attn_dropout if self.training else 0.0
@@ -303,26 +360,34 @@ class CausalSelfAttention(nn.Module):
                 k, v = step.update(self.layer_idx, k, v)  # (B, nh, kv_len, hs)
                 mask = step.mask
             causal = mask is None
+            gqa = self.n_kv_head != self.n_head  # each key/value head serves n_head / n_kv_head query heads
             if self.upcast and q.dtype != torch.float32:
                 with torch.autocast(q.device.type, enabled=False):
-                    y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask, dropout_p, is_causal=causal, scale=self.scale)
+                    y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask, dropout_p, is_causal=causal, scale=self.scale, enable_gqa=gqa)
                 y = y.to(v.dtype)  # (B, nh, T, hs)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal=causal, scale=self.scale)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * hs)  # (B, T, nh * hs): re-assemble the heads side by side
+                y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal=causal, scale=self.scale, enable_gqa=gqa)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh * hs): re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
+    """c_proj(act(c_fc x)); gated (config.mlp): c_fc makes [gate, up] in one matmul, c_proj(act(gate) * up)."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_dim, bias=config.bias)
+        self.gated = config.mlp == "gated"
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.gated else 1) * config.mlp_dim, bias=config.bias)
         self.act = _activation(config.activation)
         self.c_proj = nn.Linear(config.mlp_dim, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        h = self.c_fc(x)  # (B, T, mlp_dim), or (B, T, 2 * mlp_dim) gated
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)  # 2 x (B, T, mlp_dim)
+            return self.dropout(self.c_proj(self.act(gate) * up))
+        return self.dropout(self.c_proj(self.act(h)))
 
 
 class Block(nn.Module):
@@ -335,16 +400,16 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.pre_ln = config.norm_placement == "pre"
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_1 = _norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_2 = _norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, step: CacheStep | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, step: CacheStep | None = None, mask: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         if self.pre_ln:
-            x = x + self.attn(self.ln_1(x), step, mask)
+            x = x + self.attn(self.ln_1(x), step, mask, rope)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, step, mask))
+        x = self.ln_1(x + self.attn(x, step, mask, rope))
         return self.ln_2(x + self.mlp(x))
 
 
@@ -362,16 +427,18 @@ class GPT(nn.Module):
         layers["h"] = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         if config.norm_placement == "pre":
             # pre-LN leaves the residual stream unnormalised, so GPT-2 adds a final LayerNorm
-            layers["ln_f"] = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+            layers["ln_f"] = _norm(config, config.n_embd)
         self.transformer = nn.ModuleDict(layers)
         self.checkpoint_blocks = False  # activation checkpointing, a training option (TrainConfig.activation_checkpointing)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # input and output embeddings share one matrix (Press & Wolf 2017)
             self.lm_head.weight = self.transformer.wte.weight
+        # fixed, so buffers; non-persistent because they are recomputed from the config
         if config.pos_encoding == "sinusoidal":
-            # fixed, so a buffer; non-persistent because it is recomputed from the config
             self.register_buffer("pos_table", sinusoidal_positions(config.block_size, config.n_embd), persistent=False)
+        if config.pos_encoding == "rope":
+            self.register_buffer("rope_inv_freq", rope_frequencies(config.head_dim, config.rope_theta), persistent=False)
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(N), N = 2 per layer residual adds,
         # so the residual stream's variance does not grow with depth (Radford et al. 2019, sec. 2.3)
@@ -385,6 +452,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+        if isinstance(module, nn.RMSNorm):
+            nn.init.ones_(module.weight)
         if isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             if module.bias is not None:
@@ -415,9 +484,7 @@ class GPT(nn.Module):
             raise InputError(f"logits_at must be a boolean mask shaped like the token ids {tuple(idx.shape)}, without targets; "
                              f"got {logits_at.dtype} {tuple(logits_at.shape)}{' and targets' if targets is not None else ''}")  # fmt: skip
         B, T = idx.shape
-        table = self.pos_table if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight
-        pos = table[:T] if positions is None else table[positions]  # (T, C) or (B, T, C)
-        h = self._trunk(idx, pos, None, mask)  # (B, T, C)
+        h = self._trunk(idx, torch.arange(T, device=idx.device) if positions is None else positions, None, mask)  # (B, T, C)
         logits = self.lm_head(h if logits_at is None else h[logits_at])  # (B, T, V), or (N, V) at logits_at
         if targets is None:
             return logits, None
@@ -427,9 +494,7 @@ class GPT(nn.Module):
     def hidden_states(self, idx: Tensor) -> Tensor:
         """The last layer's output (after ln_f), (B, T, C): what lm_head and task or value heads read."""
         self._check_input(idx, None)
-        T = idx.size(1)
-        pos = self.pos_table[:T] if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight[:T]  # (T, C)
-        return self._trunk(idx, pos, None)
+        return self._trunk(idx, torch.arange(idx.size(1), device=idx.device), None)
 
     def forward_cached(self, idx: Tensor, step: CacheStep, last: Tensor | None = None, logits_at: Tensor | None = None) -> Tensor:
         """Logits for tokens idx (B, T) placed in a KVCache as `step` says, reading the row's earlier keys and values.
@@ -440,25 +505,31 @@ class GPT(nn.Module):
         generation engine checks ids and lengths before calling; this is its inner loop.
         """
         T = idx.size(1)
-        table = self.pos_table if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight
-        pos = table[:T] if step.positions is None else table[step.positions]  # (T, C) or (B, T, C)
-        x = self._trunk(idx, pos, step)  # (B, T, C)
+        x = self._trunk(idx, torch.arange(T, device=idx.device) if step.positions is None else step.positions, step)  # (B, T, C)
         if last is not None:
             x = x[torch.arange(x.size(0), device=x.device), last]  # (B, C)
         elif logits_at is not None:
             x = x[logits_at]  # (N, C)
         return self.lm_head(x)
 
-    def _trunk(self, idx: Tensor, pos: Tensor, step: CacheStep | None, mask: Tensor | None = None) -> Tensor:
-        """Hidden states after the last layer (and ln_f), (B, T, C); `mask` as in CausalSelfAttention."""
-        x = self.transformer.drop(self.transformer.wte(idx) + pos)  # (B, T, C)
+    def _trunk(self, idx: Tensor, positions: Tensor, step: CacheStep | None, mask: Tensor | None = None) -> Tensor:
+        """Hidden states after the last layer (and ln_f), (B, T, C), for tokens idx (B, T) at positions (T,) or (B, T);
+        `mask` as in CausalSelfAttention."""
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos_encoding == "rope":
+            rope = rope_angles(self.rope_inv_freq, positions)  # 2 x (T, hs) or (B, T, hs), shared by every layer
+        else:
+            table = self.pos_table if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight
+            x = x + table[positions]  # (T, C) or (B, T, C) added
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
                 # keep only each block's input; its activations are recomputed in backward
                 # (Chen et al. 2016): about one block's activations in memory instead of all
-                x = torch.utils.checkpoint.checkpoint(block, x, step, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, step, mask, rope, use_reentrant=False)
             else:
-                x = block(x, step, mask)
+                x = block(x, step, mask, rope)
         if "ln_f" in self.transformer:
             x = self.transformer.ln_f(x)
         return x

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from gptlab.config import ACTIVATIONS, ARCHITECTURES, MLPS, NORMS, POS_ENCODINGS  # dataclasses only: no torch
 
 if TYPE_CHECKING:  # annotations only: the CLI imports torch-heavy modules lazily
     from gptlab.train import TrainResult
@@ -29,7 +31,10 @@ def explicit(args: argparse.Namespace, names: Sequence[str]) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_encoding", "norm_placement", "activation")
+MODEL_FIELDS = (
+    "n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos_encoding", "norm_placement", "activation",
+    "norm", "mlp", "n_kv_head", "qk_norm", "rope_theta", "tie_weights", "n_inner",
+)  # fmt: skip
 TRAIN_FIELDS = (
     "batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
     "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "seed", "device", "dtype", "strategy",
@@ -55,10 +60,24 @@ def add_model_flags(t: argparse.ArgumentParser) -> None:
     m = t.add_argument_group("model (defaults: GPT-2 small, 124M)")
     for flag, typ in (("--n-layer", int), ("--n-head", int), ("--n-embd", int), ("--block-size", int), ("--dropout", float)):
         m.add_argument(flag, type=typ)
+    m.add_argument("--arch", choices=sorted(ARCHITECTURES), help="a named architecture: gpt2 (default) or llama (RoPE, RMSNorm, "
+                   "SwiGLU, no biases, untied embeddings); the flags below change it further")  # fmt: skip
     m.add_argument("--no-bias", dest="bias", action="store_false", default=None, help="no biases in Linear/LayerNorm")
-    m.add_argument("--pos-encoding", choices=["learned", "sinusoidal"])
+    m.add_argument("--pos-encoding", choices=list(POS_ENCODINGS), help="learned (GPT-2), sinusoidal or rope")
+    m.add_argument("--rope-theta", type=float, help="RoPE's base (default 10000)")
     m.add_argument("--norm-placement", choices=["pre", "post"], help="pre-LN (GPT-2) or post-LN (GPT-1)")
-    m.add_argument("--activation", choices=["gelu_tanh", "gelu", "relu", "silu"])
+    m.add_argument("--norm", choices=list(NORMS), help="layernorm (GPT-2) or rmsnorm")
+    m.add_argument("--activation", choices=list(ACTIVATIONS))
+    m.add_argument("--mlp", choices=list(MLPS), help="standard, or gated (with --activation silu: SwiGLU)")
+    m.add_argument("--n-inner", type=int, help="MLP hidden width (default 4 x n_embd; gated: 8/3 x n_embd)")
+    m.add_argument("--n-kv-head", type=int, help="key/value heads for grouped-query attention (default: one per query head)")
+    m.add_argument("--qk-norm", action="store_true", default=None, help="normalise each head's queries and keys")
+    m.add_argument("--no-tie", dest="tie_weights", action="store_false", default=None, help="separate input and output embeddings")
+
+
+def model_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """GPTConfig fields from the model flags: the --arch preset's, then each flag given explicitly."""
+    return {**(ARCHITECTURES[args.arch] if getattr(args, "arch", None) else {}), **explicit(args, MODEL_FIELDS)}
 
 
 def add_train_flags(t: argparse.ArgumentParser, defaults: dict[str, str] | None = None) -> None:

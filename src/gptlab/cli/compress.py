@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gptlab.cli.common import MODEL_FIELDS, TRAIN_FIELDS, Register, add_model_flags, add_train_flags, explicit, report_train
+from gptlab.cli.common import TRAIN_FIELDS, Register, add_model_flags, add_train_flags, explicit, model_fields, report_train
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -63,7 +63,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{args.teacher}: run directory has no checkpoint yet")
     if args.time_budget is not None and args.max_steps is not None:
         raise ConfigError("--time-budget sets the number of steps of a new run; give it or --max-steps, not both")
-    student = student_config(GPTConfig.from_dict(read_checkpoint_meta(teacher)["model_config"]), explicit(args, MODEL_FIELDS))
+    student = student_config(GPTConfig.from_dict(read_checkpoint_meta(teacher)["model_config"]), model_fields(args))
     train_fields = explicit(args, TRAIN_FIELDS)
     result = distill(
         teacher, args.data, args.out, student, TrainConfig(**train_fields), {k: v for k, v in (("temperature", args.temperature), ("alpha", args.alpha)) if v is not None},

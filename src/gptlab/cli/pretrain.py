@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 from gptlab.cli.common import (
-    MODEL_FIELDS,
     TRAIN_FIELDS,
     Register,
     add_model_flags,
     add_train_flags,
     explicit,
+    model_fields,
     read_stdin_if,
     report_train,
 )
@@ -111,14 +111,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gptlab.train import train
 
     data = load_data(args.data)
-    model_fields = explicit(args, MODEL_FIELDS)
+    fields = model_fields(args)
     train_fields = explicit(args, TRAIN_FIELDS)
     ckpt = find_checkpoint(args.out) if args.resume and Path(args.out).is_dir() else None
     if ckpt is not None:
         # Resuming: the checkpoint's configs win; model flags may repeat them (so a supervisor can
         # always pass the same command line) but not change them; train flags override.
-        saved = read_checkpoint_meta(ckpt)["model_config"]
-        changed = [f"--{k.replace('_', '-')}" for k, v in model_fields.items() if saved.get(k) != v]
+        saved = GPTConfig.from_dict(read_checkpoint_meta(ckpt)["model_config"]).to_dict()  # fields added since: their defaults
+        changed = [f"--{k.replace('_', '-')}" for k, v in fields.items() if saved.get(k) != v]
         if changed:
             raise ConfigError(f"cannot change the model when resuming {ckpt}: {', '.join(changed)} differ(s) from the checkpoint")
         model_cfg, train_cfg = None, None
@@ -127,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--time-budget sets the number of steps of a new run; give it or --max-steps, not both")
         # Pad the vocabulary to a multiple of 64: the extra rows are never targets, and aligned shapes are faster.
         vocab = args.vocab_size or -(-data.vocab_size // 64) * 64
-        model_cfg, train_cfg = GPTConfig(vocab_size=vocab, **model_fields), TrainConfig(**train_fields)
+        model_cfg, train_cfg = GPTConfig(vocab_size=vocab, **fields), TrainConfig(**train_fields)
     result = train(
         model_cfg, train_cfg, args.data, args.out, resume=args.resume, stop_at=args.stop_at,
         progress=not args.quiet, resume_overrides=train_fields, report=print, started=args.started,

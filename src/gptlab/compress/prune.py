@@ -40,7 +40,7 @@ from gptlab.checkpoint import HEAD_KEY, QUANT_KEY, Checkpoint, find_checkpoint, 
 from gptlab.config import TrainConfig, _Serializable
 from gptlab.data import ShardLoader, TokenData, load_data
 from gptlab.errors import CheckpointError, ConfigError
-from gptlab.model import GPT, Block
+from gptlab.model import GPT, Block, rope_angles
 from gptlab.tokenizer import same_encoding
 from gptlab.train import LanguageModeling, TrainResult, train
 
@@ -104,7 +104,8 @@ def _unit_scores(block: Block, structured: str, method: str, norms: dict[str, Te
     proj = block.mlp.c_proj.weight.abs()  # (C, F)
     if method == "wanda":
         return (proj * norms["mlp.c_proj"][None, :]).sum(0)  # (F,)
-    return block.mlp.c_fc.weight.abs().sum(1) + proj.sum(0)
+    fc = block.mlp.c_fc.weight.abs().sum(1)  # (F,), or (2F,) gated: channel j's gate row j and up row F + j
+    return (fc.view(2, -1).sum(0) if block.mlp.gated else fc) + proj.sum(0)
 
 
 def kept_units(structured: str, total: int, sparsity: float) -> int:
@@ -137,22 +138,27 @@ def _remove_units(block: Block, structured: str, keep: Tensor) -> None:
         cols = (keep[:, None] * hs + torch.arange(hs)).flatten()  # (k * hs,): the kept heads' features
         rows = torch.cat([part * nh * hs + cols for part in range(3)])  # their query, key and value rows
         attn.c_attn, attn.c_proj = _shrink(attn.c_attn, rows=rows), _shrink(attn.c_proj, cols=cols)
-        attn.n_head = len(keep)
+        attn.n_head = attn.n_kv_head = len(keep)  # one key/value head per query head: prune_model refuses grouped ones
     else:
-        block.mlp.c_fc, block.mlp.c_proj = _shrink(block.mlp.c_fc, rows=keep), _shrink(block.mlp.c_proj, cols=keep)
+        width = block.mlp.c_proj.weight.size(1)
+        rows = torch.cat([keep, width + keep]) if block.mlp.gated else keep  # a gated channel is a gate row and an up row
+        block.mlp.c_fc, block.mlp.c_proj = _shrink(block.mlp.c_fc, rows=rows), _shrink(block.mlp.c_proj, cols=keep)
 
 
 # ----------------------------------------------------------------------------- the pass over the blocks
 
 
-def _block_inputs(model: GPT, idx: Tensor) -> Tensor:
-    """What the first block reads for token ids (B, T): token plus position embeddings, (B, T, C)."""
+def _block_inputs(model: GPT, idx: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """What the first block reads for token ids (B, T): token plus position embeddings (B, T, C), and the rotary
+    angles every block reads with them when the model uses RoPE."""
     T = idx.size(1)
+    if model.config.pos_encoding == "rope":
+        return model.transformer.wte(idx), rope_angles(model.rope_inv_freq, torch.arange(T, device=idx.device))
     table = model.pos_table if model.config.pos_encoding == "sinusoidal" else model.transformer.wpe.weight
-    return model.transformer.wte(idx) + table[:T]  # (B, T, C)
+    return model.transformer.wte(idx) + table[:T], None  # (B, T, C)
 
 
-def _input_norms(block: Block, hidden: Tensor, chunk: int) -> dict[str, Tensor]:
+def _input_norms(block: Block, hidden: Tensor, rope: tuple[Tensor, Tensor] | None, chunk: int) -> dict[str, Tensor]:
     """||X_j||_2 over all calibration tokens for the input features of each of a block's pruned Linears."""
     sums: dict[str, Tensor] = {}
 
@@ -166,7 +172,7 @@ def _input_norms(block: Block, hidden: Tensor, chunk: int) -> dict[str, Tensor]:
     hooks = [block.get_submodule(name).register_forward_pre_hook(record(name)) for name in LINEARS]
     try:
         for s in range(0, hidden.size(0), chunk):
-            block(hidden[s : s + chunk])
+            block(hidden[s : s + chunk], None, None, rope)
     finally:
         for hook in hooks:
             hook.remove()
@@ -181,13 +187,16 @@ def prune_model(model: GPT, cfg: PruneConfig, calibration: Tensor | None = None)
     returned model, not the one passed in."""
     if cfg.method == "wanda" and calibration is None:
         raise ConfigError(WANDA_NEEDS_DATA)
+    if cfg.structured == "heads" and model.config.kv_heads != model.config.n_head:
+        raise ConfigError(f"pruning whole heads of a grouped-query model ({model.config.n_head} query heads sharing {model.config.kv_heads} "
+                          "key/value heads) is not supported; prune MLP channels or weights")  # fmt: skip
     model.eval()
-    hidden = _block_inputs(model, calibration) if cfg.method == "wanda" else None
+    hidden, rope = _block_inputs(model, calibration) if cfg.method == "wanda" else (None, None)
     chunk = 4  # calibration sequences per forward pass: bounds the activations held at once
     zeros = total = 0
     removed: list[list[int]] = []
     for block in model.transformer.h:
-        norms = _input_norms(block, hidden, chunk) if hidden is not None else {}
+        norms = _input_norms(block, hidden, rope, chunk) if hidden is not None else {}
         if cfg.structured is None:
             for name in LINEARS:
                 w = block.get_submodule(name).weight
@@ -204,7 +213,7 @@ def prune_model(model: GPT, cfg: PruneConfig, calibration: Tensor | None = None)
             after = sum(block.get_submodule(name).weight.numel() for name in LINEARS)
             zeros, total = zeros + before - after, total + before
         if hidden is not None:
-            hidden = torch.cat([block(hidden[s : s + chunk]) for s in range(0, hidden.size(0), chunk)])  # the pruned block's output
+            hidden = torch.cat([block(hidden[s : s + chunk], None, None, rope) for s in range(0, hidden.size(0), chunk)])  # the pruned block's output
     info: dict[str, Any] = {**cfg.to_dict(), "removed_fraction": zeros / total}
     if cfg.structured is None:
         return model, info

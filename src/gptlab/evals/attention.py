@@ -34,8 +34,13 @@ def attention_maps(model: GPT, idx: Tensor) -> Tensor:
     if len(idx) > model.config.block_size:
         raise InputError(f"the text has {len(idx)} tokens but the model's context is {model.config.block_size}; shorten it")
     blocks = model.transformer.h
-    captured: list[Tensor] = []
-    hooks = [block.attn.c_attn.register_forward_hook(lambda module, args, out: captured.append(out)) for block in blocks]
+    captured: list[tuple[Tensor, tuple[Tensor, Tensor] | None]] = []  # each layer's attention input and rotary angles
+
+    def capture(module: torch.nn.Module, args: tuple) -> None:
+        x, rope = args[0], args[3] if len(args) > 3 else None
+        captured.append((x, rope))
+
+    hooks = [block.attn.register_forward_pre_hook(capture) for block in blocks]
     was_training = model.training
     model.eval()
     try:
@@ -44,13 +49,13 @@ def attention_maps(model: GPT, idx: Tensor) -> Tensor:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    T, nh = len(idx), model.config.n_head
-    hs = model.config.head_dim
+    T = len(idx)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     maps = []
-    for block, qkv in zip(blocks, captured, strict=True):
-        q, k, _ = qkv.float().cpu().view(T, 3, nh, hs).unbind(1)  # 3 x (T, nh, hs)
-        scores = torch.einsum("qhd,khd->hqk", q, k) * block.attn.scale  # (nh, T, T)
+    for block, (x, rope) in zip(blocks, captured, strict=True):
+        q, k, _ = block.attn.heads(x, rope)  # (1, T, nh, hs), (1, T, nkv, hs): as the layer's forward made them
+        k = k.repeat_interleave(q.size(2) // k.size(2), dim=2)  # each key head for the query heads that share it
+        scores = torch.einsum("qhd,khd->hqk", q[0].float().cpu(), k[0].float().cpu()) * block.attn.scale  # (nh, T, T)
         maps.append(scores.masked_fill(~causal, float("-inf")).softmax(dim=-1))
     return torch.stack(maps)  # (n_layer, nh, T, T)
 

@@ -413,6 +413,8 @@ class TaskModel(GPT):
         assert not unexpected and missing == [HEAD_PREFIX + "weight"], (missing, unexpected)
         if gpt.config.pos_encoding == "sinusoidal":
             model.pos_table = gpt.pos_table  # a non-persistent buffer, so not in the state dict
+        if gpt.config.pos_encoding == "rope":
+            model.rope_inv_freq = gpt.rope_inv_freq  # the same
         device = gpt.transformer.wte.weight.device
         model.head = nn.Linear(gpt.config.n_embd, spec.n_outputs, bias=False, device=device)
         nn.init.normal_(model.head.weight, mean=0.0, std=gpt.config.init_std, generator=torch.Generator(device).manual_seed(seed))
@@ -439,8 +441,7 @@ class TaskModel(GPT):
         flat = idx.reshape(B * S, T)  # (N, T)
         flat_targets = None if targets is None else targets.reshape(B * S, T)  # (N, T)
         self._check_input(flat, flat_targets)
-        table = self.pos_table if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight
-        h = self._trunk(flat, table[:T], None)  # (N, T, C)
+        h = self._trunk(flat, torch.arange(T, device=idx.device), None)  # (N, T, C)
         lm_loss = None
         if flat_targets is not None:  # L1 on the same tokens (eq. 5); padding and each last token have no target
             lm_loss = cross_entropy(self.lm_head(h).view(B * S * T, -1), flat_targets.reshape(B * S * T))
@@ -458,8 +459,7 @@ class TaskModel(GPT):
             raise InputError(f"branched rows are ids, segments and branches (B, T) with extract positions (B, K); got shapes {shapes}")
         positions, mask = branched_positions_and_mask(segments, branches)  # (B, T), (B, 1, T, T)
         self._check_input(idx, None, positions)
-        table = self.pos_table if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight
-        h = self._trunk(idx, table[positions], None, mask)  # (B, T, C)
+        h = self._trunk(idx, positions, None, mask)  # (B, T, C)
         rows = torch.arange(idx.size(0), device=idx.device)[:, None]  # (B, 1)
         feats = h[rows, extract.clamp(min=0)]  # (B, K, C): the hidden state at each reply's last token
         return self.head(self.head_drop(feats)).squeeze(-1).masked_fill(extract < 0, 0.0)  # (B, K)

@@ -115,8 +115,8 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def cached_attention(q: Tensor, k_new: Tensor, v_new: Tensor, cache_k: Tensor, cache_v: Tensor, slots: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """One layer's attention in a decode step: k_new, v_new (B, T, nh, hs) written into cache_k, cache_v (B, nh, S, hs)
-    at slots (B, T), then F.scaled_dot_product_attention(q, cache_k[:, :, :L], cache_v[:, :, :L], mask, scale=scale)
-    for q (B, nh, T, hs) and mask (B, 1, T, L) bool; float32 or bfloat16, summed in float32 (a query that may see no
-    key gets zeros); after load()."""
+    """One layer's attention in a decode step: k_new, v_new (B, T, nkv, hs) written into cache_k, cache_v (B, nkv, S, hs)
+    at slots (B, T), then F.scaled_dot_product_attention(q, cache_k[:, :, :L], cache_v[:, :, :L], mask, scale=scale,
+    enable_gqa=True) for q (B, nh, T, hs), nh a multiple of nkv, and mask (B, 1, T, L) bool; float32 or bfloat16, summed
+    in float32 (a query that may see no key gets zeros); after load()."""
     return torch.ops.gptlab.cached_attention(q, k_new, v_new, cache_k, cache_v, slots, mask, scale)

@@ -287,24 +287,26 @@ void attend(const float* q, const T* k, const T* v, int64_t sk, int64_t sv, cons
 }
 
 // One layer's attention in a decode step, as CacheStep.update followed by F.scaled_dot_product_attention with a
-// boolean mask: the step's new keys and values k_new, v_new (B, T, nh, hs) are written into the layer's cache
-// cache_k, cache_v (B, nh, S, hs) at slots (B, T), then each query q (B, nh, T, hs) attends over the first L slots
-// where mask (B, 1, T, L) allows. At decode shapes SDPA's CPU kernels spend most of their time on set-up (~20 us a
+// boolean mask: the step's new keys and values k_new, v_new (B, T, nkv, hs) are written into the layer's cache
+// cache_k, cache_v (B, nkv, S, hs) at slots (B, T), then each query q (B, nh, T, hs) attends over the first L slots
+// where mask (B, 1, T, L) allows, query head h reading key/value head h / (nh / nkv) (grouped-query attention). At decode shapes SDPA's CPU kernels spend most of their time on set-up (~20 us a
 // layer in float32, ~110 in bfloat16, for 12 heads over 144 keys) and the cache writes are two index_put calls;
 // here it is one call. Sums in float32. Any strides with the head dim contiguous. Returns (B, nh, T, hs), laid out as
 // (B, T, nh, hs) so that the caller's transpose back to (B, T, nh * hs) is a view.
 at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& cache_k,
                             const at::Tensor& cache_v, const at::Tensor& slots, const at::Tensor& mask, double scale) {
   TORCH_CHECK(q.dim() == 4 && k_new.dim() == 4 && v_new.dim() == 4 && cache_k.dim() == 4 && mask.dim() == 4, "attention: 4-d tensors");
-  const int64_t B = q.size(0), nh = q.size(1), T = q.size(2), hs = q.size(3), S = cache_k.size(2), L = mask.size(3);
+  const int64_t B = q.size(0), nh = q.size(1), T = q.size(2), hs = q.size(3), nkv = cache_k.size(1), S = cache_k.size(2), L = mask.size(3);
+  TORCH_CHECK(nkv > 0 && nh % nkv == 0, "attention: ", nh, " query heads cannot share ", nkv, " key/value heads");
+  const int64_t group = nh / nkv;  // query heads per key/value head (grouped-query attention)
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "attention: float32 or bfloat16, got ", dtype);
   for (const at::Tensor* t : {&k_new, &v_new, &cache_k, &cache_v})
     TORCH_CHECK(t->scalar_type() == dtype && t->stride(3) == 1, "attention: q, k, v and the cache in one dtype, head dim contiguous");
-  TORCH_CHECK(k_new.sizes() == at::IntArrayRef({B, T, nh, hs}) && v_new.sizes() == k_new.sizes(), "attention: new keys and values must be (",
-              B, ", ", T, ", ", nh, ", ", hs, "), got ", k_new.sizes(), " and ", v_new.sizes());
-  TORCH_CHECK(cache_k.size(0) == B && cache_k.size(1) == nh && cache_k.size(3) == hs && cache_v.sizes() == cache_k.sizes(),
-              "attention: the cache must be (", B, ", ", nh, ", S, ", hs, "), got ", cache_k.sizes(), " and ", cache_v.sizes());
+  TORCH_CHECK(k_new.sizes() == at::IntArrayRef({B, T, nkv, hs}) && v_new.sizes() == k_new.sizes(), "attention: new keys and values must be (",
+              B, ", ", T, ", ", nkv, ", ", hs, "), got ", k_new.sizes(), " and ", v_new.sizes());
+  TORCH_CHECK(cache_k.size(0) == B && cache_k.size(3) == hs && cache_v.sizes() == cache_k.sizes(), "attention: the cache must be (", B,
+              ", n_kv, S, ", hs, "), got ", cache_k.sizes(), " and ", cache_v.sizes());
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.sizes() == at::IntArrayRef({B, T}), "attention: slots must be int64 (", B, ", ", T, ")");
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(0) == B && mask.size(1) == 1 && mask.size(2) == T && L <= S,
               "attention: mask must be bool (", B, ", 1, ", T, ", L <= ", S, "), got ", mask.scalar_type(), " ", mask.sizes());
@@ -317,7 +319,7 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k_new, const 
     using E = std::remove_pointer_t<decltype(kp)>;
     for (int64_t b = 0; b < B; ++b)  // the writes: B * T * nh rows of hs, a few KB
       for (int64_t t = 0; t < T; ++t)
-        for (int64_t h = 0; h < nh; ++h) {
+        for (int64_t h = 0; h < nkv; ++h) {
           const int64_t src = b * k_new.stride(0) + t * k_new.stride(1) + h * k_new.stride(2);
           const int64_t dst = b * cache_k.stride(0) + h * cache_k.stride(1) + sp[b * T + t] * cache_k.stride(2);
           std::memcpy(kp + dst, knp + src, hs * sizeof(E));
@@ -331,7 +333,8 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k_new, const 
         const int64_t b = i / (nh * T), h = i / T % nh, t = i % T;
         const E* qi = qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2);
         for (int64_t d = 0; d < hs; ++d) qf[d] = to_float(qi[d]);
-        attend(qf.data(), kp + b * cache_k.stride(0) + h * cache_k.stride(1), vp + b * cache_v.stride(0) + h * cache_v.stride(1),
+        const int64_t g = h / group;  // the key/value head this query head reads
+        attend(qf.data(), kp + b * cache_k.stride(0) + g * cache_k.stride(1), vp + b * cache_v.stride(0) + g * cache_v.stride(1),
                    cache_k.stride(2), cache_v.stride(2), m + b * mask.stride(0) + t * mask.stride(2), mask.stride(3), L, hs, float(scale),
                    scores.data(), acc.data());
         auto* o = op + ((b * T + t) * nh + h) * hs;
