@@ -179,7 +179,7 @@ def test_measured_kernels_speculative_decoding_and_bf16_for_modern_options(name,
     assert max(abs(x - y) for c, d in zip(bf16, want, strict=True) for x, y in zip(c.logprobs[:2], d.logprobs[:2], strict=True)) < 0.1
 
 
-def test_modern_models_train_and_refuse_gpt2_export(tmp_path):
+def test_modern_models_train_and_export_as_llama_or_say_why_not(tmp_path):
     from gptlab.hf import config_to_hf, hf_expressible
 
     model = model_for(**OPTIONS["llama+gqa+qk_norm"]).float().train()
@@ -194,10 +194,10 @@ def test_modern_models_train_and_refuse_gpt2_export(tmp_path):
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert model.lm_head.weight is not model.transformer.wte.weight  # untied, as the preset says
-    with pytest.raises(ConfigError, match="norm='rmsnorm' has no HF GPT-2/GPT-1 equivalent"):
+    with pytest.raises(ConfigError, match="qk_norm=True: HF's Llama class needs qk_norm=False"):  # test_hf_llama: what it can hold
         hf_expressible(model.state_dict(), model.config)
-    with pytest.raises(ConfigError, match="qk_norm=True has no HF"):
-        config_to_hf(GPTConfig(**TINY, qk_norm=True))
+    with pytest.raises(ConfigError, match="pos_encoding='learned': HF's Llama class needs pos_encoding='rope'"):
+        config_to_hf(GPTConfig(**TINY, n_kv_head=2))
 
 
 def test_the_llama_preset_through_the_cli_and_a_pruned_gated_mlp(tmp_path, data_dir, capsys):

@@ -24,7 +24,7 @@ from torch import nn
 
 from gptlab.config import GPTConfig
 from gptlab.errors import ConfigError
-from gptlab.model import GPT
+from gptlab.model import GPT, fixed_buffers
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,8 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, config: GPTCo
             plain.load_state_dict(weights, assign=True, strict=False)  # a tied head is one tensor, listed once
             if config.tie_weights:
                 plain.lm_head.weight = plain.transformer.wte.weight
+            for name, buffer in fixed_buffers(config).items():  # not in a state dict: from the config
+                setattr(plain, name, buffer)
     else:
         plain = model  # type: ignore[assignment]
     return (plain, optim_state) if info.is_main else (None, None)

@@ -33,7 +33,16 @@ from gptlab.checkpoint import load_checkpoint, write_checkpoint_dir
 from gptlab.config import GPTConfig
 from gptlab.errors import CheckpointError, ConfigError, GptlabError
 from gptlab.fileio import staged_dir, unwritable_reason
-from gptlab.model import GPT, sinusoidal_positions
+from gptlab.hf_llama import (
+    LLAMA,
+    check_llama_shaped,
+    llama_config_from_hf,
+    llama_config_to_hf,
+    llama_state_dict_from_hf,
+    llama_state_dict_to_hf,
+    uses_modern_options,
+)
+from gptlab.model import GPT, fixed_buffers, sinusoidal_positions
 from gptlab.tokenizer import EOT, AnyTokenizer, load_hf_tokenizer
 
 GPT2, GPT1 = "gpt2", "openai-gpt"  # HF model_type values
@@ -105,10 +114,12 @@ def _one_dropout(hf_config: Mapping[str, Any], model_type: str) -> float:
 
 
 def model_type_of(hf_config: Mapping[str, Any]) -> str:
-    """"gpt2" or "openai-gpt"; ConfigError for any other architecture."""
+    """"gpt2", "openai-gpt" or "llama"; ConfigError for any other architecture."""
     model_type = hf_config.get("model_type", GPT2)
-    if model_type not in _DEFAULTS:
-        raise ConfigError(f"HF config model_type={model_type!r} is not supported; gptlab imports {GPT2!r} (GPT-2) and {GPT1!r} (GPT-1)")
+    if model_type not in _DEFAULTS and model_type != LLAMA:
+        raise ConfigError(
+            f"HF config model_type={model_type!r} is not supported; gptlab imports {GPT2!r} (GPT-2), {GPT1!r} (GPT-1) and {LLAMA!r} (Llama)"
+        )
     if hf_config.get("add_cross_attention"):
         raise ConfigError("HF config field add_cross_attention=True is not supported (gptlab models are decoder-only)")
     return model_type
@@ -118,6 +129,8 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> GPTConfig:
     """GPTConfig computing the same function as a GPT-2 or GPT-1 config.json; ConfigError names any field
     gptlab cannot honour."""
     model_type = model_type_of(hf_config)
+    if model_type == LLAMA:
+        return llama_config_from_hf(hf_config)
 
     def get(name: str) -> Any:
         return _field(hf_config, model_type, name)
@@ -160,7 +173,10 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> GPTConfig:
 
 
 def hf_model_type_for(cfg: GPTConfig) -> str:
-    """The HF class that can hold a gptlab model: GPT-2 for pre-LN, GPT-1 for post-LN."""
+    """The HF class that can hold a gptlab model: Llama for the modern options (RoPE, RMSNorm, gated MLPs, GQA),
+    else GPT-2 for pre-LN, GPT-1 for post-LN."""
+    if uses_modern_options(cfg):
+        return LLAMA
     return GPT2 if cfg.norm_placement == "pre" else GPT1
 
 
@@ -169,7 +185,10 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict[str, A
 
     `cfg` must use learned positions and biases (see `hf_expressible`, which rewrites a model
     that does not). eos_token_id also serves as BOS, as in GPT-2. ConfigError names what HF cannot express.
+    A model with the modern options gets LlamaForCausalLM's config (hf_llama).
     """
+    if hf_model_type_for(cfg) == LLAMA:
+        return llama_config_to_hf(cfg, eos_token_id)
     _check_hf_shaped(cfg)
     common = {
         "vocab_size": cfg.vocab_size,
@@ -209,16 +228,7 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict[str, A
     return {"model_type": GPT1, "architectures": ["OpenAIGPTLMHeadModel"], **common, "afn": _GPT1_ACTIVATIONS_OUT[cfg.activation]}
 
 
-def _check_gpt2_architecture(cfg: GPTConfig) -> None:
-    """ConfigError for an architecture option that HF's GPT-2 and GPT-1 classes cannot hold in any rewriting."""
-    for name, gpt2 in (("norm", "layernorm"), ("mlp", "standard"), ("qk_norm", False), ("n_kv_head", cfg.n_head), ("pos_encoding", ("learned", "sinusoidal"))):
-        value = getattr(cfg, name)
-        if value != gpt2 and not (name == "n_kv_head" and value is None) and not (isinstance(gpt2, tuple) and value in gpt2):
-            raise ConfigError(f"{name}={value!r} has no HF GPT-2/GPT-1 equivalent: export-hf writes GPT-2/GPT-1 checkpoints only")
-
-
 def _check_hf_shaped(cfg: GPTConfig) -> None:
-    _check_gpt2_architecture(cfg)
     for name, required in (("bias", True), ("pos_encoding", "learned")):
         if getattr(cfg, name) != required:
             raise ConfigError(f"{name}={getattr(cfg, name)!r} has no HF GPT-2/GPT-1 equivalent (needs {name}={required!r}); see hf_expressible")
@@ -233,8 +243,10 @@ def hf_expressible(sd: Mapping[str, Tensor], cfg: GPTConfig) -> tuple[dict[str, 
     Fixed sinusoids become the learned table's values, and missing biases become zeros:
     the model computes exactly the same function.
     """
-    _check_gpt2_architecture(cfg)
     sd = dict(sd)
+    if hf_model_type_for(cfg) == LLAMA:  # Llama's class holds RoPE, biases or none, explicit head widths: nothing to rewrite
+        check_llama_shaped(cfg)
+        return sd, cfg
     if cfg.pos_encoding == "sinusoidal":
         sd[_PREFIX + "wpe.weight"] = sinusoidal_positions(cfg.block_size, cfg.n_embd)
         cfg = cfg.replace(pos_encoding="learned")
@@ -270,7 +282,9 @@ def _all_heads(sd: dict[str, Tensor], cfg: GPTConfig) -> tuple[dict[str, Tensor]
 
 def state_dict_from_hf(hf_sd: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
     """gptlab state dict from a GPT2LMHeadModel/OpenAIGPTLMHeadModel state dict (or the base model's: keys
-    without "transformer.", as the original OpenAI checkpoints on the hub). `cfg` from `config_from_hf`."""
+    without "transformer.", as the original OpenAI checkpoints on the hub), or a LlamaForCausalLM one. `cfg` from `config_from_hf`."""
+    if hf_model_type_for(cfg) == LLAMA:
+        return llama_state_dict_from_hf(hf_sd, cfg)
     source = {k if k.startswith(_PREFIX) or k == _HEAD else _PREFIX + k: v for k, v in hf_sd.items()}
     source = {k: v for k, v in source.items() if not k.endswith(_HF_BUFFER_SUFFIXES)}
     sd = _convert(source, cfg, "HF", from_hf=True)
@@ -281,7 +295,10 @@ def state_dict_from_hf(hf_sd: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str,
 
 def state_dict_to_hf(sd: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
     """HF state dict (GPT-2 for pre-LN, GPT-1 for post-LN) from a gptlab one; transposed weights are new
-    tensors, the rest shared. A tied head is included as the same tensor as the token embedding."""
+    tensors, the rest shared. A tied head is included as the same tensor as the token embedding. A model with
+    the modern options gets LlamaForCausalLM's names."""
+    if hf_model_type_for(cfg) == LLAMA:
+        return llama_state_dict_to_hf(sd, cfg)
     source = dict(sd)
     hf_sd = _convert(source, cfg, "gptlab", from_hf=False)
     if source:
@@ -457,7 +474,7 @@ class HFModel:
     model: GPT
     config: GPTConfig
     tokenizer: AnyTokenizer | None  # None when the directory has no tokenizer files
-    model_type: str  # "gpt2" or "openai-gpt"
+    model_type: str  # "gpt2", "openai-gpt" or "llama"
     directory: Path
 
 
@@ -473,6 +490,8 @@ def load_hf(src: str | os.PathLike[str], device: str | torch.device = "cpu", rev
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
     if cfg.tie_weights:
         model.lm_head.weight = model.transformer.wte.weight  # assign replaced both; tie them again
+    for name, buffer in fixed_buffers(cfg).items():  # computed from the config, so never in a state dict
+        setattr(model, name, buffer)
     assert not any(t.is_meta for t in (*model.parameters(), *model.buffers())), "a tensor was not loaded"
     model.to(device).eval()
     has_tokenizer = (directory / "tokenizer.json").is_file() or (directory / "vocab.json").is_file()

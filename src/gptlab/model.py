@@ -39,6 +39,16 @@ def sinusoidal_positions(n_positions: int, dim: int) -> Tensor:
     return pe.float()
 
 
+def fixed_buffers(config: GPTConfig) -> dict[str, Tensor]:
+    """The tensors a GPT computes from its config rather than learns: the sinusoidal table or RoPE's frequencies.
+    (A model built on the meta device and loaded with assign=True gets them from here.)"""
+    if config.pos_encoding == "sinusoidal":
+        return {"pos_table": sinusoidal_positions(config.block_size, config.n_embd)}
+    if config.pos_encoding == "rope":
+        return {"rope_inv_freq": rope_frequencies(config.head_dim, config.rope_theta)}
+    return {}
+
+
 class _TargetLogProbs(torch.autograd.Function):
     """log softmax(logits)[target] for each row of logits (N, V), computed a few rows at a time; 0 where the target is -100.
 
@@ -434,11 +444,8 @@ class GPT(nn.Module):
         if config.tie_weights:
             # input and output embeddings share one matrix (Press & Wolf 2017)
             self.lm_head.weight = self.transformer.wte.weight
-        # fixed, so buffers; non-persistent because they are recomputed from the config
-        if config.pos_encoding == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_positions(config.block_size, config.n_embd), persistent=False)
-        if config.pos_encoding == "rope":
-            self.register_buffer("rope_inv_freq", rope_frequencies(config.head_dim, config.rope_theta), persistent=False)
+        for name, buffer in fixed_buffers(config).items():  # non-persistent: recomputed from the config, never saved
+            self.register_buffer(name, buffer, persistent=False)
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(N), N = 2 per layer residual adds,
         # so the residual stream's variance does not grow with depth (Radford et al. 2019, sec. 2.3)

@@ -1,0 +1,181 @@
+"""Hugging Face Llama format <-> gptlab, for the modern architecture options (gptlab/hf.py dispatches here).
+
+transformers' LlamaForCausalLM is RoPE (rotate-half pairs (i, i + d/2), as gptlab's), RMSNorm before
+each sublayer and at the end, a gated MLP, grouped-query attention, optional biases on all attention
+(attention_bias) and all MLP (mlp_bias) projections, tied or untied embeddings. gptlab keeps q, k, v in
+one matrix (c_attn) and gate and up in another (c_fc); Llama stores them apart, so conversion splits
+and concatenates rows; nothing is transposed (both store Linear weights as (out, in)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gptlab.config import GPTConfig
+from gptlab.errors import CheckpointError, ConfigError
+
+LLAMA = "llama"
+
+# gptlab activation -> HF's ACT2FN name, and back (gelu_pytorch_tanh and gelu_new are the same function)
+_ACTIVATIONS_OUT = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu", "relu2": "relu2"}
+_ACTIVATIONS_IN = {**{v: k for k, v in _ACTIVATIONS_OUT.items()}, "gelu_new": "gelu_tanh", "swish": "silu"}
+
+
+def uses_modern_options(cfg: GPTConfig) -> bool:
+    """Whether `cfg` has any option beyond GPT-2/GPT-1 (RoPE, RMSNorm, a gated MLP, shared key/value heads, QK-norm)."""
+    return cfg.pos_encoding == "rope" or cfg.norm == "rmsnorm" or cfg.mlp == "gated" or cfg.kv_heads != cfg.n_head or cfg.qk_norm
+
+
+def check_llama_shaped(cfg: GPTConfig) -> None:
+    """ConfigError naming the first option LlamaForCausalLM cannot hold."""
+    needs = (("pos_encoding", "rope"), ("norm", "rmsnorm"), ("mlp", "gated"), ("norm_placement", "pre"), ("qk_norm", False),
+             ("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False))  # fmt: skip
+    for name, required in needs:
+        if getattr(cfg, name) != required:
+            raise ConfigError(f"{name}={getattr(cfg, name)!r}: HF's Llama class needs {name}={required!r} (GPT-2 export needs none of the modern options)")
+    if cfg.activation not in _ACTIVATIONS_OUT:
+        raise ConfigError(f"activation={cfg.activation!r} has no HF name; use one of {', '.join(_ACTIVATIONS_OUT)}")
+
+
+def llama_config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict[str, Any]:
+    """config.json for transformers' LlamaForCausalLM computing what `cfg` computes."""
+    check_llama_shaped(cfg)
+    return {
+        "model_type": LLAMA,
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.mlp_dim,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": _ACTIVATIONS_OUT[cfg.activation],
+        "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": cfg.layer_norm_eps,
+        # transformers 5 reads rope_parameters; 4.x and other readers (vLLM, llama.cpp's converter) read rope_theta
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        "rope_theta": float(cfg.rope_theta),
+        "attention_bias": cfg.bias,
+        "mlp_bias": cfg.bias,
+        "attention_dropout": cfg.dropout,
+        "tie_word_embeddings": cfg.tie_weights,
+        "initializer_range": cfg.init_std,
+        "bos_token_id": eos_token_id,
+        "eos_token_id": eos_token_id,
+    }
+
+
+def llama_config_from_hf(hf: Mapping[str, Any]) -> GPTConfig:
+    """GPTConfig computing what a Llama config.json computes; ConfigError names any field gptlab cannot honour."""
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling")
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"HF config rope type {rope_type!r} is not supported; gptlab has plain RoPE (rope_type 'default')")
+    if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+        raise ConfigError(f"HF config attention_bias={hf.get('attention_bias')!r} and mlp_bias={hf.get('mlp_bias')!r} differ; gptlab has one bias setting")
+    act = hf.get("hidden_act", "silu")
+    if act not in _ACTIVATIONS_IN:
+        raise ConfigError(f"HF config field hidden_act={act!r} is not supported; use one of {', '.join(_ACTIVATIONS_IN)}")
+    if hf.get("pretraining_tp", 1) != 1:
+        raise ConfigError(f"HF config field pretraining_tp={hf.get('pretraining_tp')!r} is not supported (1 only)")
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or n_embd // n_head
+    cfg = GPTConfig(
+        vocab_size=hf["vocab_size"],
+        block_size=hf.get("max_position_embeddings", 2048),
+        n_layer=hf["num_hidden_layers"],
+        n_head=n_head,
+        n_embd=n_embd,
+        n_inner=hf["intermediate_size"],
+        head_size=None if head_dim * n_head == n_embd else head_dim,
+        n_kv_head=None if hf.get("num_key_value_heads", n_head) in (None, n_head) else hf["num_key_value_heads"],  # None: one per query head
+        dropout=float(hf.get("attention_dropout", 0.0)),
+        bias=bool(hf.get("attention_bias", False)),
+        pos_encoding="rope",
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm="rmsnorm",
+        mlp="gated",
+        activation=_ACTIVATIONS_IN[act],
+        layer_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_weights=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+    default = cfg.replace(n_inner=None)
+    return default if default.mlp_dim == cfg.n_inner else cfg  # the default width stays implicit, so configs round-trip
+
+
+def _layer_names(i: int) -> tuple[str, str]:
+    return f"model.layers.{i}.", f"transformer.h.{i}."
+
+
+def llama_state_dict_to_hf(sd: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
+    """LlamaForCausalLM state dict from a gptlab one: q, k, v and gate, up split into their own matrices."""
+    check_llama_shaped(cfg)
+    source = dict(sd)
+    out: dict[str, Tensor] = {"model.embed_tokens.weight": source.pop("transformer.wte.weight"), "model.norm.weight": source.pop("transformer.ln_f.weight")}
+    q_rows, kv_rows, F = cfg.attn_dim, cfg.kv_dim, cfg.mlp_dim
+    for i in range(cfg.n_layer):
+        hf, ours = _layer_names(i)
+        out[hf + "input_layernorm.weight"] = source.pop(ours + "ln_1.weight")
+        out[hf + "post_attention_layernorm.weight"] = source.pop(ours + "ln_2.weight")
+        for suffix in ("weight", "bias") if cfg.bias else ("weight",):
+            q, k, v = source.pop(ours + f"attn.c_attn.{suffix}").split([q_rows, kv_rows, kv_rows])
+            out[hf + f"self_attn.q_proj.{suffix}"], out[hf + f"self_attn.k_proj.{suffix}"], out[hf + f"self_attn.v_proj.{suffix}"] = q, k, v
+            out[hf + f"self_attn.o_proj.{suffix}"] = source.pop(ours + f"attn.c_proj.{suffix}")
+            gate, up = source.pop(ours + f"mlp.c_fc.{suffix}").split([F, F])
+            out[hf + f"mlp.gate_proj.{suffix}"], out[hf + f"mlp.up_proj.{suffix}"] = gate, up
+            out[hf + f"mlp.down_proj.{suffix}"] = source.pop(ours + f"mlp.c_proj.{suffix}")
+    out["lm_head.weight"] = source.pop("lm_head.weight")
+    if source:
+        raise CheckpointError(f"gptlab state dict has unexpected key(s): {', '.join(sorted(source)[:5])}")
+    return out
+
+
+def llama_state_dict_from_hf(hf_sd: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
+    """gptlab state dict from a LlamaForCausalLM one (`cfg` from llama_config_from_hf), shapes checked."""
+    source = {k: v for k, v in hf_sd.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer some versions saved
+
+    def take(name: str, shape: tuple[int, ...]) -> Tensor:
+        if name not in source:
+            raise CheckpointError(f"HF state dict has no {name!r}")
+        t = source.pop(name)
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"HF {name} has shape {tuple(t.shape)}, config needs {shape}")
+        return t
+
+    C, V, F, q_rows, kv_rows = cfg.n_embd, cfg.vocab_size, cfg.mlp_dim, cfg.attn_dim, cfg.kv_dim
+    wte = take("model.embed_tokens.weight", (V, C))
+    out = {"transformer.wte.weight": wte, "transformer.ln_f.weight": take("model.norm.weight", (C,))}
+    for i in range(cfg.n_layer):
+        hf, ours = _layer_names(i)
+        out[ours + "ln_1.weight"] = take(hf + "input_layernorm.weight", (C,))
+        out[ours + "ln_2.weight"] = take(hf + "post_attention_layernorm.weight", (C,))
+        for suffix, cols in (("weight", (C,)), ("bias", ())) if cfg.bias else (("weight", (C,)),):
+            q = take(hf + f"self_attn.q_proj.{suffix}", (q_rows, *cols))
+            k = take(hf + f"self_attn.k_proj.{suffix}", (kv_rows, *cols))
+            v = take(hf + f"self_attn.v_proj.{suffix}", (kv_rows, *cols))
+            out[ours + f"attn.c_attn.{suffix}"] = torch.cat([q, k, v])
+            out[ours + f"attn.c_proj.{suffix}"] = take(hf + f"self_attn.o_proj.{suffix}", (C, q_rows)[: 1 + len(cols)])
+            gate, up = take(hf + f"mlp.gate_proj.{suffix}", (F, *cols)), take(hf + f"mlp.up_proj.{suffix}", (F, *cols))
+            out[ours + f"mlp.c_fc.{suffix}"] = torch.cat([gate, up])
+            out[ours + f"mlp.c_proj.{suffix}"] = take(hf + f"mlp.down_proj.{suffix}", (C, F)[: 1 + len(cols)])
+    head = source.pop("lm_head.weight", None)
+    if cfg.tie_weights:
+        if head is not None and not head.equal(wte):
+            raise CheckpointError("HF lm_head.weight differs from model.embed_tokens.weight, but the config ties them")
+        out["lm_head.weight"] = wte
+    else:
+        if head is None:
+            raise CheckpointError("HF state dict has no 'lm_head.weight' (the config has untied embeddings)")
+        if tuple(head.shape) != (V, C):
+            raise CheckpointError(f"HF lm_head.weight has shape {tuple(head.shape)}, config needs {(V, C)}")
+        out["lm_head.weight"] = head
+    if source:
+        raise CheckpointError(f"HF state dict has unexpected key(s): {', '.join(sorted(source)[:5])}")
+    return out

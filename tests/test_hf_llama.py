@@ -1,0 +1,117 @@
+"""Llama-format interop: gptlab models with the modern options against transformers' LlamaForCausalLM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers  # a dev dependency: the reference must be there, not skipped
+from conftest import randomize_, small_text_corpus, tokens
+
+from gptlab.checkpoint import load_checkpoint, save_checkpoint
+from gptlab.config import ARCHITECTURES, GPTConfig, SampleConfig
+from gptlab.errors import CheckpointError, ConfigError
+from gptlab.generate import Engine
+from gptlab.hf import config_from_hf, config_to_hf, export_hf, import_hf, load_hf, state_dict_from_hf, state_dict_to_hf
+from gptlab.model import GPT
+from gptlab.tokenizer import Tokenizer
+
+VOCAB, CTX = 300, 48
+LLAMA = ARCHITECTURES["llama"]
+# random configs: GQA, multi-query, tied and untied heads, biases, an explicit head width, another activation and base
+CASES = {
+    "gqa-untied": dict(LLAMA, n_kv_head=2),
+    "mqa-tied": dict(LLAMA, n_kv_head=1, tie_weights=True, rope_theta=500.0),
+    "mha-bias": dict(LLAMA, bias=True, n_inner=40),
+    "gqa-head-width": dict(LLAMA, n_kv_head=2, head_size=12, activation="gelu_tanh"),
+    "relu2": dict(LLAMA, activation="relu2", layer_norm_eps=1e-6),
+}
+
+
+def _tokenizer() -> Tokenizer:
+    if not hasattr(_tokenizer, "cached"):
+        _tokenizer.cached = Tokenizer.train(small_text_corpus(30_000), vocab_size=VOCAB, special_tokens=["<|endoftext|>"], progress=False)
+    return _tokenizer.cached
+
+
+def _model(fields: dict, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=CTX, n_layer=2, n_head=4, n_embd=32, **fields)).eval()
+    randomize_(model, seed + 1)
+    return model
+
+
+def _hf(model: GPT) -> transformers.LlamaForCausalLM:
+    hf_config = config_to_hf(model.config)
+    assert hf_config["model_type"] == "llama" and hf_config["architectures"] == ["LlamaForCausalLM"]
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config)).eval()
+    hf.load_state_dict(state_dict_to_hf(model.state_dict(), model.config), strict=True)
+    return hf
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logits_and_greedy_generation_equal_transformers_llama(name):
+    model = _model(CASES[name])
+    hf = _hf(model)
+    idx = tokens((2, CTX), VOCAB, 1)
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)[0]).abs().max() <= 1e-4
+        prompt = tokens((2, 6), VOCAB, 2)
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    got = Engine(model).generate(prompt.tolist(), SampleConfig(max_new_tokens=20, temperature=0, ignore_eot=True))
+    assert [c.token_ids for c in got] == want[:, 6:].tolist()
+    # and back: the HF state dict and config give the same model
+    cfg = config_from_hf(hf.config.to_dict())
+    assert cfg == model.config
+    back = state_dict_from_hf(hf.state_dict(), cfg)
+    assert back.keys() == model.state_dict().keys() and all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+
+
+def test_export_loads_in_automodel_and_imports_back_bit_identical(tmp_path: Path):
+    model = _model(CASES["gqa-untied"])
+    ckpt = save_checkpoint(tmp_path / "run", 3, model, model.config, _tokenizer())
+    export_hf(ckpt, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2 and config["rope_theta"] == 10000.0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    idx = tokens((2, CTX), VOCAB, 3)
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)[0]).abs().max() <= 1e-4
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    back = load_checkpoint(tmp_path / "back")
+    assert back.model_config == model.config and back.tokenizer == _tokenizer()
+    assert all(torch.equal(back.model.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(back.model(idx)[0], model(idx)[0])  # RoPE's frequencies rebuilt, not loaded
+
+
+def test_a_llama_made_by_transformers_imports_with_logits_parity(tmp_path: Path):
+    hf_config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                                         num_key_value_heads=2, max_position_embeddings=64, rope_theta=2000.0, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(4)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    randomize_(hf, 5)  # norms away from 1
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = load_hf(tmp_path / "hf")
+    assert loaded.model_type == "llama" and loaded.config.n_kv_head == 2 and loaded.config.rope_theta == 2000.0
+    idx = tokens((2, 40), VOCAB, 6)
+    with torch.no_grad():
+        assert (hf(idx).logits - loaded.model(idx)[0]).abs().max() <= 1e-4
+
+
+def test_what_llamas_class_cannot_hold_is_refused_in_one_line(tmp_path: Path):
+    with pytest.raises(ConfigError, match="qk_norm=True: HF's Llama class needs qk_norm=False"):
+        config_to_hf(GPTConfig(vocab_size=VOCAB, block_size=CTX, n_layer=1, n_head=4, n_embd=32, **LLAMA, qk_norm=True))
+    with pytest.raises(ConfigError, match="pos_encoding='learned': HF's Llama class needs pos_encoding='rope'"):
+        config_to_hf(GPTConfig(vocab_size=VOCAB, block_size=CTX, n_layer=1, n_head=4, n_embd=32, norm="rmsnorm"))
+    base = config_to_hf(_model(CASES["gqa-untied"]).config)
+    with pytest.raises(ConfigError, match="rope type 'llama3' is not supported"):
+        config_from_hf({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}})
+    with pytest.raises(ConfigError, match="attention_bias=True and mlp_bias=False differ"):
+        config_from_hf({**base, "attention_bias": True, "mlp_bias": False})
+    sd = state_dict_to_hf(_model(CASES["gqa-untied"]).state_dict(), _model(CASES["gqa-untied"]).config)
+    sd["model.layers.0.self_attn.k_proj.weight"] = sd["model.layers.0.self_attn.k_proj.weight"][:8]
+    with pytest.raises(CheckpointError, match=r"k_proj.weight has shape \(8, 32\), config needs \(16, 32\)"):
+        state_dict_from_hf(sd, config_from_hf(base))
