@@ -163,3 +163,16 @@ def test_sft_in_two_processes_matches_one(sft_inputs, lora, tmp_path):
     adapter_only = set(one) == {k for k in one if "lora_" in k} | {"added_tokens.wte"}  # and the chat tokens' rows
     assert adapter_only == bool(lora)
     assert max_diff(one, two) < 1e-5
+
+
+def test_muon_in_two_processes_matches_one_and_refuses_fsdp(data_dir, tmp_path):
+    """DDP averages the gradients before the step, so every process orthogonalises the same momentum."""
+    train(GPTConfig(**MODEL), TrainConfig(**TRAIN, optimizer="muon"), data_dir, tmp_path / "single", progress=False)
+    torchrun(data_dir, tmp_path / "run", "--optimizer", "muon", "--strategy", "ddp")
+    diff = max_diff(weights(tmp_path / "run"), weights(tmp_path / "single"))
+    print(f"\nmuon ddp: max |param diff| after 20 steps = {diff:.2e}")
+    assert diff <= 1e-5
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gptlab", "train",
+           "--data", str(data_dir), "--out", str(tmp_path / "fsdp"), *FLAGS, "--optimizer", "muon", "--strategy", "fsdp"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode != 0 and "Muon orthogonalises whole matrices, which FSDP shards" in out.stderr

@@ -24,6 +24,7 @@ MLPS = ("standard", "gated")
 DTYPES = ("float32", "bfloat16")
 CONTEXT_OVERFLOW = ("error", "slide")
 STRATEGIES = ("ddp", "fsdp")
+OPTIMIZERS = ("adamw", "muon")
 
 
 def _positive_int(cfg: Any, *names: str) -> None:
@@ -215,6 +216,11 @@ class TrainConfig(_Serializable):
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     tf32: bool = True  # on CUDA, float32 matmuls use TF32 tensor cores (10-bit mantissa products, float32 sums)
     max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient (each skipped) before the run stops
+    # adamw, or muon: Muon (Jordan et al. 2024) for the blocks' weight matrices at muon_lr with momentum muon_momentum,
+    # AdamW at lr for embeddings, head, gains and biases; both follow the warmup + cosine schedule
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     time_budget: float | None = None  # seconds of wall clock for the run, from the start of its setup
 
     def __post_init__(self) -> None:
@@ -237,6 +243,11 @@ class TrainConfig(_Serializable):
         _in_range(self, "grad_clip", 0.0, float("inf"), hi_open=True)
         _choice(self, "dtype", DTYPES)
         _choice(self, "strategy", STRATEGIES)
+        _choice(self, "optimizer", OPTIMIZERS)
+        _in_range(self, "muon_lr", 0.0, 10.0)
+        if self.muon_lr <= 0:
+            raise ConfigError(f"muon_lr must be positive, got {self.muon_lr!r}")
+        _in_range(self, "muon_momentum", 0.0, 1.0, hi_open=True)
         for name in ("compile", "activation_checkpointing", "tf32"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")

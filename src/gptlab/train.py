@@ -41,7 +41,8 @@ from gptlab.distributed import (
 )  # fmt: skip
 from gptlab.errors import CheckpointError, ConfigError, GptlabError
 from gptlab.fileio import check_writable
-from gptlab.model import GPT
+from gptlab.model import GPT, MLP, CausalSelfAttention
+from gptlab.optim import MuonAdamW
 from gptlab.tokenizer import AnyTokenizer
 
 METRICS_FILE = "metrics.jsonl"
@@ -98,8 +99,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019) with weight decay on matrices and embeddings only.
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019) with weight decay on matrices and embeddings only, or with
+    cfg.optimizer == "muon", Muon on the blocks' weight matrices and AdamW on the rest (optim.MuonAdamW).
 
     Biases and LayerNorm gains (the 1-D parameters) are not decayed, as in GPT-2/3.
     The fused implementation is used where this PyTorch offers it (CUDA, CPU, MPS) and `fused`
@@ -108,12 +110,40 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str, fused:
     if any(getattr(m, "inference_only", False) for m in model.modules()):
         raise ConfigError("the model is quantized (gptlab quantize), which is for inference only; train or fine-tune the checkpoint it was made from")
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() already yields tied weights once
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+    muon = _muon_groups(model, cfg) if cfg.optimizer == "muon" else []
+    in_muon = {id(p) for g in muon for p in g["params"]}
+    groups = muon + [
+        {"params": [p for p in params if p.dim() >= 2 and id(p) not in in_muon], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    if muon:
+        return MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, momentum=cfg.muon_momentum)
     fused = fused and "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu", "mps")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
+
+
+def _muon_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Muon's param groups: every trainable weight matrix of the blocks' attention and MLP, a fused q/k/v or gate/up
+    matrix orthogonalised part by part (as separate matrices would be), at lr muon_lr (lr_scale follows the schedule)."""
+    by_split: dict[tuple[int, ...], list[nn.Parameter]] = {}
+    for m in model.modules():
+        if isinstance(m, CausalSelfAttention):
+            q, kv = m.n_head * m.head_dim, m.n_kv_head * m.head_dim
+            pairs = [(m.c_attn, (q, kv, kv)), (m.c_proj, ())]
+        elif isinstance(m, MLP):
+            width = m.c_proj.in_features
+            pairs = [(m.c_fc, (width, width) if m.gated else ()), (m.c_proj, ())]
+        else:
+            continue
+        for linear, split in pairs:
+            w = getattr(linear, "weight", None)
+            if isinstance(w, nn.Parameter) and w.requires_grad:
+                if type(w).__name__ == "DTensor" or type(w.data).__name__ == "DTensor":
+                    raise ConfigError("Muon orthogonalises whole matrices, which FSDP shards; use --strategy ddp (or --optimizer adamw)")
+                by_split.setdefault(split, []).append(w)
+    scale = cfg.muon_lr / cfg.lr
+    return [{"params": ps, "muon": True, "split": list(split) or None, "lr": cfg.muon_lr, "lr_scale": scale, "weight_decay": cfg.weight_decay}
+            for split, ps in by_split.items()]  # fmt: skip
 
 
 class SparseTokenTable:
@@ -835,7 +865,7 @@ def _train(
         for step in range(start, end):
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups follow the schedule at their own scale
             t_step = clock()
             train_loss, grad_norm, stepped = train_step(model, optimizer, loader, cfg, device, info, sync_target=wrapped, objective=objective, table=table)
             step_s = clock() - t_step

@@ -149,7 +149,7 @@ def grpo(
                 ref = label_logprobs(reference, x, y) if reference is not None else None
             model.train()
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, train_cfg)
+                group["lr"] = lr_at(step, train_cfg) * group.get("lr_scale", 1.0)
             for _ in range(cfg.updates_per_rollout):
                 logp = label_logprobs(model, x, y)
                 loss, stats = grpo_loss(logp, logp.detach() if old is None else old, ref, mask, advantages, cfg.clip, cfg.beta)

@@ -1,0 +1,95 @@
+"""Muon for the hidden matrices, AdamW for the rest, as one torch optimizer (`gptlab train --optimizer muon`).
+
+Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers"; modded-nanogpt's speed records) keeps
+SGD momentum for a weight matrix and replaces each update by the nearest semi-orthogonal matrix, which
+it approximates with five steps of a quintic Newton-Schulz iteration. Embeddings, the output head and
+the 1-D gains and biases keep AdamW (Loshchilov & Hutter 2019). One optimizer holds both kinds of
+group, so the training loop's schedule, clipping, checkpoints and resume treat it as they treat AdamW.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# the quintic's coefficients: chosen to push every singular value of the normalised matrix towards 1 as fast as
+# possible in five steps, at the cost of landing in [0.7, 1.2] rather than exactly 1 (Jordan et al. 2024)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """An approximately semi-orthogonal matrix with G's singular vectors: U V^T of G = U S V^T, by `steps` iterations
+    of X <- a X + (b A + c A^2) X, A = X X^T, from X = G / ||G||_F (the Frobenius norm bounds the spectral one, so
+    the iteration starts inside its basin). Computed in G's dtype, on the wide orientation (fewer rows than columns)."""
+    a, b, c = NS_COEFFICIENTS
+    tall = G.size(-2) > G.size(-1)
+    X = G.mT if tall else G
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A = X @ X.mT  # (rows, rows): the smaller Gram matrix
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on groups with muon=True (2-D weights; `split` row counts orthogonalise stacked matrices such as a fused
+    q/k/v one part by part), AdamW on the others. Muon's step for a matrix W with gradient G (Jordan et al. 2024):
+
+        m <- beta m + (1 - beta) G;  u <- (1 - beta) G + beta m (Nesterov)  or  m
+        W <- W (1 - lr wd) - lr sqrt(max(1, rows / cols)) NS(u)
+
+    AdamW's step is torch.optim.AdamW's (decoupled weight decay, bias-corrected moments)."""
+
+    def __init__(self, groups: Iterable[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5) -> None:  # fmt: skip
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, muon=False, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, split=None)
+        super().__init__(list(groups), defaults)
+        for group in self.param_groups:
+            if group["muon"] and any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon updates 2-D weight matrices only")
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # noqa: D102
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                (self._muon if group["muon"] else self._adamw)(p, p.grad, group, self.state[p])
+        return loss
+
+    @staticmethod
+    def _muon(p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        beta = group["momentum"]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.lerp_(grad, 1 - beta)
+        update = grad.lerp(buf, beta) if group["nesterov"] else buf.clone()
+        parts = update.split(group["split"]) if group["split"] else (update,)  # (rows_i, cols) each
+        wide = torch.promote_types(update.dtype, torch.float32)  # the iteration in at least float32
+        ortho = torch.cat([newton_schulz(u.to(wide), group["ns_steps"]) * max(1.0, u.size(0) / u.size(1)) ** 0.5 for u in parts])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(ortho.to(p.dtype), alpha=-group["lr"])
+
+    @staticmethod
+    def _adamw(p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        if not state:  # torch.optim.AdamW's state layout, so the embedding-table path and checkpoints read it alike
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = float(state["step"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = group["lr"] / (1 - beta1**t)
+        denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-step_size)
