@@ -220,3 +220,20 @@ def test_the_llama_preset_through_the_cli_and_a_pruned_gated_mlp(tmp_path, data_
     assert torch.isfinite(pruned(calib)[0]).all()
     with pytest.raises(ConfigError, match="grouped-query"):
         prune_model(model_for(n_kv_head=2), PruneConfig(sparsity=0.5, method="magnitude", structured="heads"))
+
+
+def test_lora_on_a_llama_model_merges_exactly_and_its_peft_export_says_what_to_do(tmp_path):
+    from gptlab.finetune.lora import LoRAConfig, apply_lora, merge_lora, write_peft_files
+
+    model = model_for(**OPTIONS["llama+gqa+qk_norm"]).float()
+    cfg = LoRAConfig(r=4, alpha=8.0)
+    apply_lora(model, cfg, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))  # B starts at 0: make the update real
+    idx = tokens((2, 12), 97, 8)
+    adapted = model(idx)[0]
+    with pytest.raises(ConfigError, match="merge the adapters into the weights and export-hf"):
+        write_peft_files(tmp_path, model, cfg, "base")
+    assert torch.allclose(merge_lora(model)(idx)[0], adapted, atol=1e-5)  # W + (alpha / r) B A, summed in another order

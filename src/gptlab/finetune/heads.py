@@ -722,7 +722,7 @@ def export_task_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], fo
 
     from gptlab.chat import IM_END, IM_START, ChatTemplate
     from gptlab.checkpoint import load_checkpoint
-    from gptlab.hf import GPT2, _add_chat_template, check_out_dir, config_to_hf, hf_expressible, state_dict_to_hf, writing
+    from gptlab.hf import GPT1, GPT2, _add_chat_template, check_out_dir, config_to_hf, hf_expressible, state_dict_to_hf, writing
     from gptlab.tokenizer import EOT
 
     out = Path(out)
@@ -739,6 +739,8 @@ def export_task_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], fo
     sd, cfg = hf_expressible(state, loaded.model_config)
     hf_sd = state_dict_to_hf(sd, cfg)
     hf_config = config_to_hf(cfg, eos_token_id=tok.special_tokens.get(EOT))
+    if hf_config["model_type"] not in (GPT2, GPT1):
+        raise ConfigError(f"task models export as HF GPT-2/GPT-1 head classes only, and this one is {hf_config['model_type']}-shaped")
     prefix = "GPT2" if hf_config["model_type"] == GPT2 else "OpenAIGPT"
     head = model.head.weight.detach()  # (n_out, C)
     task_tokens = {"start": IM_START, "end": IM_END} if reward else {"start": START, "delim": DELIM, "extract": EXTRACT}

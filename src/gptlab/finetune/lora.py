@@ -376,6 +376,12 @@ def write_peft_adapter(
 
 def write_peft_files(directory: Path, model: nn.Module, cfg: LoRAConfig, base_name_or_path: str) -> None:
     """adapter_config.json and adapter_model.safetensors of the model's adapters, into `directory`."""
+    from gptlab.hf_llama import uses_modern_options
+
+    config = getattr(model, "config", None)
+    if config is not None and uses_modern_options(config):
+        raise ConfigError("PEFT adapter files are written for GPT-2/GPT-1 bases; for a model with the modern options (RoPE, RMSNorm, "
+                          "gated MLP, GQA) merge the adapters into the weights and export-hf the merged checkpoint (Llama format)")  # fmt: skip
     modules = _check_against_model(model, cfg)
     adapter_config = {
         "peft_type": "LORA",
