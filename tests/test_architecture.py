@@ -172,7 +172,9 @@ def test_measured_kernels_speculative_decoding_and_bf16_for_modern_options(name,
     cfg = SampleConfig(max_new_tokens=10, temperature=0, ignore_eot=True, logprobs=0)
     want = Engine(model, onednn=False).generate(prompts, cfg)
     tuned = Engine(model, tune=[2])  # the native decode kernels where built: GQA in the cached attention
-    for got in (tuned.generate(prompts, cfg), Engine(model, draft=model_for(seed=9, **OPTIONS[name]).float()).generate(prompts, cfg)):
+    draft = model_for(seed=9, **OPTIONS[name]).float()
+    speculative = Engine(model, draft=draft, tune=[2])  # the draft's steps through the native attention as well
+    for got in (tuned.generate(prompts, cfg), speculative.generate(prompts, cfg), Engine(model, draft=draft).generate(prompts, cfg)):
         assert [c.token_ids for c in got] == [c.token_ids for c in want]
         assert max(abs(x - y) for c, d in zip(got, want, strict=True) for x, y in zip(c.logprobs, d.logprobs, strict=True)) < 1e-4
     bf16 = Engine(model, dtype=torch.bfloat16, tune=[2]).generate(prompts, cfg)
