@@ -519,16 +519,19 @@ class GPT(nn.Module):
             x = x[logits_at]  # (N, C)
         return self.lm_head(x)
 
+    def embed(self, idx: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """What the first block reads for tokens idx (B, T) at positions (T,) or (B, T): the token embeddings plus the
+        position table's rows (B, T, C), and with RoPE instead the rotary angles every block reads (2 x (T or B, T, hs))."""
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos_encoding == "rope":
+            return x, rope_angles(self.rope_inv_freq, positions)
+        table = self.pos_table if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight
+        return x + table[positions], None  # (T, C) or (B, T, C) added
+
     def _trunk(self, idx: Tensor, positions: Tensor, step: CacheStep | None, mask: Tensor | None = None) -> Tensor:
         """Hidden states after the last layer (and ln_f), (B, T, C), for tokens idx (B, T) at positions (T,) or (B, T);
         `mask` as in CausalSelfAttention."""
-        x = self.transformer.wte(idx)  # (B, T, C)
-        rope = None
-        if self.config.pos_encoding == "rope":
-            rope = rope_angles(self.rope_inv_freq, positions)  # 2 x (T, hs) or (B, T, hs), shared by every layer
-        else:
-            table = self.pos_table if self.config.pos_encoding == "sinusoidal" else self.transformer.wpe.weight
-            x = x + table[positions]  # (T, C) or (B, T, C) added
+        x, rope = self.embed(idx, positions)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.checkpoint_blocks and self.training and torch.is_grad_enabled():

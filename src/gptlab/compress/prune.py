@@ -40,7 +40,7 @@ from gptlab.checkpoint import HEAD_KEY, QUANT_KEY, Checkpoint, find_checkpoint, 
 from gptlab.config import TrainConfig, _Serializable
 from gptlab.data import ShardLoader, TokenData, load_data
 from gptlab.errors import CheckpointError, ConfigError
-from gptlab.model import GPT, Block, rope_angles
+from gptlab.model import GPT, Block
 from gptlab.tokenizer import same_encoding
 from gptlab.train import LanguageModeling, TrainResult, train
 
@@ -148,16 +148,6 @@ def _remove_units(block: Block, structured: str, keep: Tensor) -> None:
 # ----------------------------------------------------------------------------- the pass over the blocks
 
 
-def _block_inputs(model: GPT, idx: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-    """What the first block reads for token ids (B, T): token plus position embeddings (B, T, C), and the rotary
-    angles every block reads with them when the model uses RoPE."""
-    T = idx.size(1)
-    if model.config.pos_encoding == "rope":
-        return model.transformer.wte(idx), rope_angles(model.rope_inv_freq, torch.arange(T, device=idx.device))
-    table = model.pos_table if model.config.pos_encoding == "sinusoidal" else model.transformer.wpe.weight
-    return model.transformer.wte(idx) + table[:T], None  # (B, T, C)
-
-
 def _input_norms(block: Block, hidden: Tensor, rope: tuple[Tensor, Tensor] | None, chunk: int) -> dict[str, Tensor]:
     """||X_j||_2 over all calibration tokens for the input features of each of a block's pruned Linears."""
     sums: dict[str, Tensor] = {}
@@ -191,7 +181,8 @@ def prune_model(model: GPT, cfg: PruneConfig, calibration: Tensor | None = None)
         raise ConfigError(f"pruning whole heads of a grouped-query model ({model.config.n_head} query heads sharing {model.config.kv_heads} "
                           "key/value heads) is not supported; prune MLP channels or weights")  # fmt: skip
     model.eval()
-    hidden, rope = _block_inputs(model, calibration) if cfg.method == "wanda" else (None, None)
+    # what the first block reads, and with RoPE the angles every block reads
+    hidden, rope = model.embed(calibration, torch.arange(calibration.size(1), device=calibration.device)) if cfg.method == "wanda" else (None, None)
     chunk = 4  # calibration sequences per forward pass: bounds the activations held at once
     zeros = total = 0
     removed: list[list[int]] = []

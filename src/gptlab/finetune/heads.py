@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from gptlab.checkpoint import HEAD_KEY
 from gptlab.config import GPTConfig, TrainConfig, _in_range, _Serializable
 from gptlab.errors import CheckpointError, ConfigError, DataError, GptlabError, InputError
-from gptlab.model import GPT, IGNORE_INDEX, branched_positions_and_mask, cross_entropy
+from gptlab.model import GPT, IGNORE_INDEX, branched_positions_and_mask, cross_entropy, fixed_buffers
 from gptlab.tokenizer import AnyTokenizer
 
 TASKS = ("classify", "entail", "similar", "choice")
@@ -411,10 +411,8 @@ class TaskModel(GPT):
         state = {k: v for k, v in gpt.state_dict(keep_vars=True).items() if not k.startswith(HEAD_PREFIX)}  # a TaskModel base drops its head
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)  # the Parameters themselves: a tied head stays tied
         assert not unexpected and missing == [HEAD_PREFIX + "weight"], (missing, unexpected)
-        if gpt.config.pos_encoding == "sinusoidal":
-            model.pos_table = gpt.pos_table  # a non-persistent buffer, so not in the state dict
-        if gpt.config.pos_encoding == "rope":
-            model.rope_inv_freq = gpt.rope_inv_freq  # the same
+        for name in fixed_buffers(gpt.config):  # non-persistent buffers, so not in the state dict: gpt's own
+            setattr(model, name, getattr(gpt, name))
         device = gpt.transformer.wte.weight.device
         model.head = nn.Linear(gpt.config.n_embd, spec.n_outputs, bias=False, device=device)
         nn.init.normal_(model.head.weight, mean=0.0, std=gpt.config.init_std, generator=torch.Generator(device).manual_seed(seed))

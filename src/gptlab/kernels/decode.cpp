@@ -204,6 +204,20 @@ inline void axpy(float* acc, float p, const V* v, int64_t n) {
   for (; i < n; ++i) acc[i] += p * to_float(v[i]);
 }
 
+// scores[0:L] <- e^(scores - top), -inf (masked) giving 0, 16 lanes at a time (scores has room for L rounded up
+// to 16); returns 1 / their sum. Shifted by the largest score, so nothing overflows (Milakov & Gimelshein 2018).
+inline float exp_scores(float* scores, int64_t L, float top) {
+  const int64_t L16 = (L + 15) / 16 * 16;
+  std::fill(scores + L, scores + L16, -INFINITY);
+  f32x16 total = {};
+  for (int64_t j = 0; j < L16; j += 16) {
+    f32x16 e = exp16(load16(scores + j) - top);
+    std::memcpy(scores + j, &e, sizeof e);
+    total += e;
+  }
+  return 1.f / hsum(total);
+}
+
 // softmax(scale q k^T, where mask) v for one (row, head, query): q (hs) float32, keys and values L rows of hs at
 // k + j * sk; scores (L rounded up to 16) is scratch, the result goes to acc (hs). A query that sees no key gets zeros.
 template <typename T>
@@ -216,17 +230,9 @@ void attend_one(const float* q, const T* k, const T* v, int64_t sk, int64_t sv, 
   }
   std::fill(acc, acc + hs, 0.f);
   if (top == -INFINITY) return;
-  const int64_t L16 = (L + 15) / 16 * 16;
-  std::fill(scores + L, scores + L16, -INFINITY);
-  f32x16 total = {};
-  for (int64_t j = 0; j < L16; j += 16) {  // shifted by the largest score, so nothing overflows (Milakov & Gimelshein 2018)
-    f32x16 e = exp16(load16(scores + j) - top);
-    std::memcpy(scores + j, &e, sizeof e);
-    total += e;
-  }
+  const float inv = exp_scores(scores, L, top);
   for (int64_t j = 0; j < L; ++j)
     if (scores[j] != 0.f) axpy(acc, scores[j], v + j * sv, hs);
-  const float inv = 1.f / hsum(total);
   for (int64_t i = 0; i < hs; ++i) acc[i] *= inv;
 }
 
@@ -252,21 +258,13 @@ void attend_fixed(const float* q, const T* k, const T* v, int64_t sk, int64_t sv
     std::fill(out, out + 16 * NV, 0.f);
     return;
   }
-  const int64_t L16 = (L + 15) / 16 * 16;
-  std::fill(scores + L, scores + L16, -INFINITY);
-  f32x16 total = {};
-  for (int64_t j = 0; j < L16; j += 16) {  // shifted by the largest score, so nothing overflows (Milakov & Gimelshein 2018)
-    f32x16 e = exp16(load16(scores + j) - top);
-    std::memcpy(scores + j, &e, sizeof e);
-    total += e;
-  }
+  const float inv = exp_scores(scores, L, top);
   f32x16 acc[NV] = {};
   for (int64_t j = 0; j < L; ++j) {
     const float p = scores[j];
     if (p == 0.f) continue;
     for (int c = 0; c < NV; ++c) acc[c] += p * load16(v + j * sv + 16 * c);
   }
-  const float inv = 1.f / hsum(total);
   for (int c = 0; c < NV; ++c) {
     f32x16 o = acc[c] * inv;
     std::memcpy(out + 16 * c, &o, sizeof o);
