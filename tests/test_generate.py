@@ -359,6 +359,7 @@ def test_tuned_linears_pick_a_measured_kernel_per_batch_size_and_compute_the_sam
     assert native or shutil.which("c++") is None, "with a compiler here the native kernels must build and be measured"
     assert all(k in ("blas", "transposed", "onednn", "packed", "onednn-packed") + native and plan.times[M][k] == min(plan.times[M].values()) for M, k in zip(plan.sizes, plan.kernels, strict=True))
     assert any(isinstance(m, TunedLinear) for m in engine.model.modules()) and not any(isinstance(m, TunedLinear) for m in fp32.modules())
+    assert (engine.decoder is not None) == bool(native)  # with the native kernels, decode steps run every layer in one call
     ours, theirs = dict(engine.model.named_parameters()), dict(fp32.named_parameters())
     assert ours.keys() == theirs.keys() and all(ours[k] is theirs[k] for k in ours)  # shared, not copied
     cfg = SampleConfig(max_new_tokens=30, temperature=0, logprobs=0)

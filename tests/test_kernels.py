@@ -118,6 +118,107 @@ def test_cached_attention_refuses_a_slot_outside_the_cache_and_mismatched_shapes
         kernels.cached_attention(q, k, v, cache, cache.clone(), torch.tensor([[0]]), mask.float(), 1.0)
 
 
+# option sets for decode_layers: GPT-2; GPT-1's post-LN with ReLU; the llama stack; grouped and multi-query heads with
+# QK-norm; exact GELU with sinusoidal positions; relu^2; head widths without a register version (20) and heads pruned
+# narrower than the model (head_size); per-layer attention scales
+DECODE_OPTIONS = [
+    {},
+    {"norm_placement": "post", "activation": "relu"},
+    {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "gated", "activation": "silu", "bias": False, "tie_weights": False},
+    {"n_kv_head": 2, "qk_norm": True},
+    {"pos_encoding": "rope", "n_kv_head": 1, "qk_norm": True, "norm": "rmsnorm"},
+    {"activation": "gelu", "pos_encoding": "sinusoidal"},
+    {"activation": "relu2", "n_embd": 60, "n_head": 3},
+    {"head_size": 16, "n_head": 3, "scale_attn_by_inverse_layer_idx": True},
+]
+
+
+@pytest.mark.parametrize("options", DECODE_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "gpt2")
+def test_decode_layers_compute_the_models_cached_forward(options):
+    import copy
+
+    from gptlab.config import GPTConfig
+    from gptlab.generate import NativeDecoder, tune_linears
+    from gptlab.model import GPT, CacheStep, KVCache
+
+    torch.manual_seed(3)
+    # weights 10x GPT-2's init: activations of order 1, where the nonlinearities bend (at 0.02 they are nearly linear)
+    cfg = GPTConfig(**{"vocab_size": 97, "block_size": 48, "n_layer": 3, "n_head": 4, "n_embd": 64, "init_std": 0.2, **options})
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norms' gains and biases away from 1 and 0, where a missing one would show
+                p.add_(torch.randn_like(p) * 0.3)
+    exact = copy.deepcopy(model).double()
+    B, S = 3, 20
+    history = torch.randn(2, cfg.n_layer, B, cfg.kv_heads, S, cfg.head_dim)  # earlier tokens' keys and values
+    for T in (1, 2):  # a decode step, and a speculative verification's few tokens
+        start = torch.tensor([0, 7, 13])  # row 0 has no history: its token sees only itself
+        idx = torch.randint(0, cfg.vocab_size, (B, T))
+        errors = {}
+
+        def step_in(dtype):
+            cache = KVCache(cfg, B, S, dtype, "cpu")
+            cache.k.copy_(history[0]), cache.v.copy_(history[1])
+            return CacheStep(cache, T, start, 13 + T)
+
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            step = step_in(dtype)
+            cache = step.cache
+            with torch.no_grad():
+                if dtype == torch.float64:
+                    want, want_cache = exact.forward_cached(idx, step), cache
+                    continue
+                cast = copy.deepcopy(model).to(dtype)
+                torch_path = cast.forward_cached(idx, step_in(dtype)) if dtype == torch.bfloat16 else None
+                view, _ = tune_linears(cast, (B * T,))
+                assert NativeDecoder.applies(view)
+                got = NativeDecoder(view)(idx, step)
+            assert got.shape == (B, T, cfg.vocab_size) and got.dtype == dtype
+            errors[dtype] = float((got.double() - want).abs().max()) / float(want.abs().max())
+            rows = torch.arange(B)[:, None]
+            written = (cache.k[:, rows, :, step.slots].double() - want_cache.k[:, rows, :, step.slots]).abs().max()
+            if dtype == torch.float32:
+                assert errors[dtype] < 2e-6 and written < 1e-5, (errors, written)
+                assert torch.equal(cache.k[:, :, :, 13 + T :].double(), want_cache.k[:, :, :, 13 + T :])  # nothing else written
+            else:  # hidden states kept in float32: no worse than PyTorch's own bfloat16 path
+                assert errors[dtype] <= 1.5 * float((torch_path.double() - want).abs().max()) / float(want.abs().max()) + 1e-3, errors
+
+
+def test_decode_layers_refuse_parameters_and_inputs_that_do_not_fit():
+    from gptlab.config import GPTConfig
+    from gptlab.generate import NativeDecoder, tune_linears
+    from gptlab.model import GPT, CacheStep, KVCache
+
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    view, _ = tune_linears(GPT(cfg).eval(), (1,))
+    dec = NativeDecoder(view)
+    cache = KVCache(cfg, 1, 8, torch.float32, "cpu")
+    step = CacheStep(cache, 1, torch.tensor([3]), 4)
+    x = torch.randn(1, 1, 16)
+
+    def call(params=dec.params, cache_k=cache.k, slots=step.slots, activation="gelu_tanh", norm="layernorm", x=x):
+        return kernels.decode_layers(x, params, cache_k, cache.v, slots, step.mask, None, dec.scales, 2, norm, activation, False, True, 1e-5)
+
+    assert call().shape == (1, 1, 16)
+    with pytest.raises(RuntimeError, match="34 parameters for 2 layers, got 33"):
+        call(params=dec.params[:-1])
+    with pytest.raises(RuntimeError, match=r"parameter 2 must be \[48, 16\], got \[48, 15\]"):
+        call(params=dec.params[:2] + [dec.params[2][:, :15].contiguous()] + dec.params[3:])
+    with pytest.raises(RuntimeError, match="parameter 2 must be"):  # a required weight missing
+        call(params=dec.params[:2] + [None] + dec.params[3:])
+    with pytest.raises(RuntimeError, match="slot 8 outside a cache of 8"):
+        call(slots=torch.tensor([[8]]))
+    with pytest.raises(RuntimeError, match="the cache must be"):
+        call(cache_k=cache.k[:1])
+    with pytest.raises(RuntimeError, match="no activation named swish"):
+        call(activation="swish")
+    with pytest.raises(RuntimeError, match="no norm named batchnorm"):
+        call(norm="batchnorm")
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        call(x=x.double())
+
+
 def test_a_failed_build_warns_once_is_remembered_and_leaves_pytorchs_kernels(tmp_path, monkeypatch):
     from gptlab.config import GPTConfig
     from gptlab.generate import Engine, native_applies

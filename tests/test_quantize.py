@@ -248,6 +248,7 @@ def test_serving_and_scoring_a_quantized_checkpoint(tmp_path, capsys):
     cfg = SampleConfig(max_new_tokens=12, temperature=0, ignore_eot=True, logprobs=1)
     alone = generate(model, [prompt], cfg)[0]
     sched = Scheduler(model, None, max_batch=2, thread=False, tune=True)  # the start-up kernel measurement skips QuantLinears
+    assert sched.engine.decoder is None  # the one-call native decode step is for float Linears only
     events = []
     sched.submit(Request(prompt, cfg, events.append))
     sched.submit(Request(prompt[:3], cfg, lambda ev: None))  # a neighbour in the batch

@@ -23,7 +23,7 @@ import itertools
 import json
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,12 +288,13 @@ def default_plan_cache() -> Path:
 
 
 def _plan_key(model: GPT, sizes: Sequence[int], kernels: Sequence[str], tuned: Sequence[TunedLinear]) -> str:
-    """What a measured plan depends on: the machine, the software, the threads, the model's shapes and dtype, which of its
-    layers are float Linears (a quantized model of the same shape has fewer), the batch sizes."""
+    """What a measured plan depends on: the machine, the software (gptlab's own kernels' source included), the threads, the
+    model's shapes and dtype, which of its layers are float Linears (a quantized model of the same shape has fewer), the batch sizes."""
     p = next(model.parameters())
     what = {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(p.device), "dtype": str(p.dtype),
             "model": model.config.to_dict(), "linears": [list(t.weight.shape) + [str(t.weight.dtype)] for t in tuned],
-            "sizes": sorted(set(sizes)), "kernels": list(kernels)}  # fmt: skip
+            "sizes": sorted(set(sizes)), "kernels": list(kernels),
+            "native": hashlib.sha256(native.SOURCE.read_bytes()).hexdigest()[:16] if "native" in kernels else None}  # fmt: skip
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -353,6 +354,60 @@ def native_cached_attention(step: CacheStep, layer: int, q: Tensor, k: Tensor, v
     a layer in float32 and 110 vs 15 in bfloat16 for 12 heads over 144 keys (AMD EPYC), plus two index_put calls."""
     assert step.slots is not None and step.mask is not None, "only steps placed at per-row positions have slots and a mask"
     return native.cached_attention(q, k, v, step.cache.k[layer], step.cache.v[layer], step.slots, step.mask, scale)
+
+
+# the activations and norms decode.cpp's decode_layers computes (model._activation's and _norm's names)
+NATIVE_ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu", "relu2")
+
+
+class NativeDecoder:
+    """A decode step of a tuned view (tune_linears) with its layers in one native call, kernels.decode_layers: the token
+    embedding in PyTorch, then every block and the final norm in decode.cpp, then the head's TunedLinear.
+
+    The native matrix-vector kernel reads the weights at the memory's rate, and at batch 1 the ~15 other operator
+    calls a layer (norms, activation, residual adds, views, the cache step's attention call) cost 1.3-2.9 ms a token
+    for the 124M shape on the AMD EPYC: 10-20% of a step that should be all weight reading. Only for views whose every
+    block Linear is a float TunedLinear (no quantized or LoRA layers) and whose norms and activation decode.cpp knows:
+    `applies`. Hidden states stay in float32 between layers (see decode.cpp), so bfloat16 results differ from PyTorch's
+    bfloat16 path by that path's own rounding; float32 ones by summation order.
+    """
+
+    def __init__(self, view: GPT) -> None:
+        assert self.applies(view), "NativeDecoder needs a tuned float view (NativeDecoder.applies)"
+        cfg = view.config
+        self.view = view
+        self.params: list[Tensor | None] = []
+        for block in view.transformer.h:
+            attn, mlp = block.attn, block.mlp
+            norms = (attn.q_norm, attn.k_norm) if cfg.qk_norm else (None, None)
+            for module in (block.ln_1, attn.c_attn, *norms, attn.c_proj, block.ln_2, mlp.c_fc, mlp.c_proj):
+                self.params += [None, None] if module is None else [module.weight, getattr(module, "bias", None)]
+        ln_f = view.transformer["ln_f"] if "ln_f" in view.transformer else None
+        self.params += [None, None] if ln_f is None else [ln_f.weight, getattr(ln_f, "bias", None)]
+        self.scales = [float(block.attn.scale) for block in view.transformer.h]
+        self.settings = (cfg.n_head, cfg.norm, cfg.activation, cfg.mlp == "gated", cfg.norm_placement == "pre", float(cfg.layer_norm_eps))
+
+    @staticmethod
+    def applies(view: GPT) -> bool:
+        """Whether `view` (a tune_linears view) can decode through decode_layers: its blocks' Linears all TunedLinears over
+        contiguous float32 or bfloat16 weights, its norms affine, its activation one decode.cpp computes, the kernels built."""
+        cfg = view.config
+        if cfg.activation not in NATIVE_ACTIVATIONS or not native_applies(view):
+            return False
+        dtype = next(view.parameters()).dtype
+        for block in view.transformer.h:
+            linears = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
+            if not all(isinstance(m, TunedLinear) and m.weight.dtype == dtype and m.weight.is_contiguous() for m in linears):
+                return False
+        norms = [m for m in view.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))]
+        return all(m.weight is not None and m.eps == cfg.layer_norm_eps for m in norms)
+
+    def __call__(self, idx: Tensor, step: CacheStep) -> Tensor:
+        """Logits (B, T, V) for idx (B, T) at the step's per-row positions, as view.forward_cached(idx, step) computes them."""
+        assert step.positions is not None and step.slots is not None and step.mask is not None, "a decode step has per-row positions"
+        x, rope = self.view.embed(idx, step.positions)  # (B, T, C); RoPE's angles (B, T, hs)
+        h = native.decode_layers(x.contiguous(), self.params, step.cache.k, step.cache.v, step.slots, step.mask, rope, self.scales, *self.settings)
+        return self.view.lm_head(h)  # (B, T, V)
 
 
 def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int = 5, plan_cache: Path | None = None) -> tuple[GPT, KernelPlan]:
@@ -419,15 +474,17 @@ def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int =
                 if kernel not in ("packed", "onednn-packed"):
                     raise
                 continue  # a build that refuses to pack: measure the others
+            # "native" decodes as the Engine will run it: every layer in one call where NativeDecoder applies
+            run = NativeDecoder(view) if kernel == "native" and NativeDecoder.applies(view) else view.forward_cached
             for M, (idx, step, want) in zip(plan.sizes, steps, strict=True):
-                if (kernel == "native" and M > NATIVE_MAX_ROWS) or not _close(view, plan, kernel, idx, step, want):
+                if (kernel == "native" and M > NATIVE_MAX_ROWS) or not _close(run, plan, kernel, idx, step, want):
                     continue
-                view.forward_cached(idx, step)  # warm-up: first calls allocate
+                run(idx, step)  # warm-up: first calls allocate
                 for _ in range(rounds):
                     _synchronize(p.device)
                     t0 = time.perf_counter()
                     for _ in range(calls):
-                        view.forward_cached(idx, step)
+                        run(idx, step)
                     _synchronize(p.device)  # a GPU runs the calls after they return
                     times[M][kernel] = min(times[M].get(kernel, float("inf")), (time.perf_counter() - t0) / calls)
     plan.times = times
@@ -439,11 +496,12 @@ def tune_linears(model: GPT, sizes: Sequence[int], rounds: int = 3, calls: int =
     return view, plan
 
 
-def _close(view: GPT, plan: KernelPlan, kernel: str, idx: Tensor, step: CacheStep, want: Tensor) -> bool:
-    """Whether `kernel` in every layer gives `want`'s logits, to the summation-order error of the model's dtype
-    (float32: 1e-4 relative; 16-bit floats round each layer's output to 8 or 11 bits, so a few of their steps)."""
+def _close(run: Callable[[Tensor, CacheStep], Tensor], plan: KernelPlan, kernel: str, idx: Tensor, step: CacheStep, want: Tensor) -> bool:
+    """Whether `kernel` in every layer gives `want`'s logits through `run` (a view's forward_cached, or a NativeDecoder),
+    to the summation-order error of the model's dtype (float32: 1e-4 relative; 16-bit floats round each layer's output
+    to 8 or 11 bits, so a few of their steps)."""
     plan.kernels = [kernel] * len(plan.sizes)
-    got = view.forward_cached(idx, step).float()
+    got = run(idx, step).float()
     tol = 1e-4 if want.dtype == torch.float32 else 3e-2
     return bool(torch.allclose(got, want.float(), rtol=tol, atol=tol * float(want.abs().max())))
 
@@ -695,6 +753,8 @@ class Engine:
             self.model, self.plan = tune_linears(self.model, tune, plan_cache=plan_cache)
         # decode steps' attention and cache writes in one native call where the kernels are built, as for the Linears
         self.attention = native_cached_attention if tune and native_applies(self.model) else None
+        # and, where the view allows, a decode step's layers in one native call
+        self.decoder = NativeDecoder(self.model) if self.attention is not None and NativeDecoder.applies(self.model) else None
         self.tokenizer = tokenizer
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
@@ -838,6 +898,8 @@ class Engine:
         kv_len = cache.max_len if self.static else max(start) + T
         step = CacheStep(cache, T, torch.tensor(start, device=self.device), kv_len)
         step.attention = self.attention
+        if self.decoder is not None and model is self.model and self.plan is not None and self.plan.pick(idx.numel()) == "native":
+            return self.decoder(idx, step)  # few rows, where the plan runs the native kernel in every Linear
         return (self._decode if decode else model.forward_cached)(idx, step)
 
     def _run(self, ids: list[list[int]], cfgs: list[SampleConfig]) -> Iterator[TokenEvent]:

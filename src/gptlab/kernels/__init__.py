@@ -1,12 +1,12 @@
 """Native CPU kernels, compiled on first use for the CPU at hand and cached.
 
-decode.cpp holds a matrix-vector product for batch-1 decoding (see its header for why) and a decode
-step's attention with its KV-cache writes. `load()` compiles it with the system's C++ compiler against
-the installed PyTorch (~10 s, once per CPU model, PyTorch version and source), keeps the library under
-cache_dir()/native, and registers torch.ops.gptlab.gemv and torch.ops.gptlab.cached_attention (called
-through `gemv` and `cached_attention` below). Without a compiler, or when the build fails, `load()`
-returns False, warns once with the reason, and the Engine measures only PyTorch's own kernels.
-GPTLAB_NATIVE=0 turns them off.
+decode.cpp holds a matrix-vector product for batch-1 decoding (see its header for why), a decode
+step's attention with its KV-cache writes, and a whole decode step's layers in one call. `load()`
+compiles it with the system's C++ compiler against the installed PyTorch (~10 s, once per CPU model,
+PyTorch version and source), keeps the library under cache_dir()/native, and registers
+torch.ops.gptlab.gemv, .cached_attention and .decode_layers (called through the functions below).
+Without a compiler, or when the build fails, `load()` returns False, warns once with the reason, and
+the Engine measures only PyTorch's own kernels. GPTLAB_NATIVE=0 turns them off.
 """
 
 from __future__ import annotations
@@ -120,3 +120,16 @@ def cached_attention(q: Tensor, k_new: Tensor, v_new: Tensor, cache_k: Tensor, c
     enable_gqa=True) for q (B, nh, T, hs), nh a multiple of nkv, and mask (B, 1, T, L) bool; float32 or bfloat16, summed
     in float32 (a query that may see no key gets zeros); after load()."""
     return torch.ops.gptlab.cached_attention(q, k_new, v_new, cache_k, cache_v, slots, mask, scale)
+
+
+def decode_layers(
+    x: Tensor, params: list[Tensor | None], cache_k: Tensor, cache_v: Tensor, slots: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor] | None,
+    scales: list[float], n_head: int, norm: str, activation: str, gated: bool, pre_ln: bool, eps: float,
+) -> Tensor:  # fmt: skip
+    """Every layer of a GPT and its final norm for a decode step, in one call: x (B, T, C) the embedded tokens, their keys
+    and values stored at slots (B, T) of the cache (n_layer, B, nkv, S, hs), attention under mask (B, 1, T, L); rope the
+    (cos, sin) of rope_angles, (B, T, hs) float32, or None. params: per layer ln_1 weight and bias, c_attn weight and
+    bias, q_norm and k_norm weight and bias, attn.c_proj weight and bias, ln_2 weight and bias, c_fc weight and bias,
+    mlp.c_proj weight and bias (None where absent), then ln_f's weight and bias. Returns (B, T, C); after load()."""
+    cos, sin = rope if rope is not None else (None, None)
+    return torch.ops.gptlab.decode_layers(x, params, cache_k, cache_v, slots, mask, cos, sin, scales, n_head, norm, activation, gated, pre_ln, eps)

@@ -24,6 +24,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string_view>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -284,22 +287,73 @@ void attend(const float* q, const T* k, const T* v, int64_t sk, int64_t sv, cons
   }
 }
 
+inline void store(float* p, float v) { *p = v; }
+
+// float32 -> bfloat16 rounded to nearest even, as PyTorch rounds (a NaN stays a NaN)
+inline void store(uint16_t* p, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  *p = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40) : uint16_t((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+// a 4-d array with its last dim contiguous: element (i, j, k, :) at p + i * s0 + j * s1 + k * s2
+template <typename T>
+struct Strided {
+  T* p;
+  int64_t s0, s1, s2;
+  T* at(int64_t i, int64_t j, int64_t k) const { return p + i * s0 + j * s1 + k * s2; }
+};
+
+template <typename T>
+Strided<T> strided(const at::Tensor& t, T* p) {
+  return {p, t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// The work of one layer's attention in a decode step (see cached_attention below for what it computes): the new keys
+// and values kn, vn (B, T, nkv) written into the layer's cache ck, cv (B, nkv, S) at slots (B, T), then each query q
+// (B, nh, T) attending over the first L slots where mask (element (b, t, j) at mask + b * m0 + t * m2 + j * m3) allows.
+// Output (B, T, nh, hs), contiguous.
+template <typename E, typename O>
+void attention_core(Strided<const E> q, Strided<const E> kn, Strided<const E> vn, Strided<E> ck, Strided<E> cv, const int64_t* slots,
+                    const bool* mask, int64_t m0, int64_t m2, int64_t m3, int64_t B, int64_t nh, int64_t nkv, int64_t T, int64_t L, int64_t hs,
+                    float scale, O* out) {
+  for (int64_t b = 0; b < B; ++b)  // the writes: B * T * nkv rows of hs, a few KB
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < nkv; ++h) {
+        std::memcpy(ck.at(b, h, slots[b * T + t]), kn.at(b, t, h), hs * sizeof(E));
+        std::memcpy(cv.at(b, h, slots[b * T + t]), vn.at(b, t, h), hs * sizeof(E));
+      }
+  const int64_t group = nh / nkv;  // query heads per key/value head (grouped-query attention)
+  // one task per (row, head, query): 12-ish for a batch-1 step, each a few us of work
+  at::parallel_for(0, B * nh * T, 4, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(hs), acc(hs), scores((L + 15) / 16 * 16);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (nh * T), h = i / T % nh, t = i % T, g = h / group;  // g: the key/value head this query head reads
+      const E* qi = q.at(b, h, t);
+      for (int64_t d = 0; d < hs; ++d) qf[d] = to_float(qi[d]);
+      attend(qf.data(), ck.at(b, g, 0), cv.at(b, g, 0), ck.s2, cv.s2, mask + b * m0 + t * m2, m3, L, hs, scale, scores.data(), acc.data());
+      O* o = out + ((b * T + t) * nh + h) * hs;
+      for (int64_t d = 0; d < hs; ++d) store(o + d, acc[d]);
+    }
+  });
+}
+
 // One layer's attention in a decode step, as CacheStep.update followed by F.scaled_dot_product_attention with a
 // boolean mask: the step's new keys and values k_new, v_new (B, T, nkv, hs) are written into the layer's cache
 // cache_k, cache_v (B, nkv, S, hs) at slots (B, T), then each query q (B, nh, T, hs) attends over the first L slots
-// where mask (B, 1, T, L) allows, query head h reading key/value head h / (nh / nkv) (grouped-query attention). At decode shapes SDPA's CPU kernels spend most of their time on set-up (~20 us a
-// layer in float32, ~110 in bfloat16, for 12 heads over 144 keys) and the cache writes are two index_put calls;
-// here it is one call. Sums in float32. Any strides with the head dim contiguous. Returns (B, nh, T, hs), laid out as
-// (B, T, nh, hs) so that the caller's transpose back to (B, T, nh * hs) is a view.
+// where mask (B, 1, T, L) allows, query head h reading key/value head h / (nh / nkv) (grouped-query attention). At
+// decode shapes SDPA's CPU kernels spend most of their time on set-up (~20 us a layer in float32, ~110 in bfloat16,
+// for 12 heads over 144 keys) and the cache writes are two index_put calls; here it is one call. Sums in float32. Any
+// strides with the head dim contiguous. Returns (B, nh, T, hs), laid out as (B, T, nh, hs) so that the caller's
+// transpose back to (B, T, nh * hs) is a view.
 at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& cache_k,
                             const at::Tensor& cache_v, const at::Tensor& slots, const at::Tensor& mask, double scale) {
   TORCH_CHECK(q.dim() == 4 && k_new.dim() == 4 && v_new.dim() == 4 && cache_k.dim() == 4 && mask.dim() == 4, "attention: 4-d tensors");
   const int64_t B = q.size(0), nh = q.size(1), T = q.size(2), hs = q.size(3), nkv = cache_k.size(1), S = cache_k.size(2), L = mask.size(3);
   TORCH_CHECK(nkv > 0 && nh % nkv == 0, "attention: ", nh, " query heads cannot share ", nkv, " key/value heads");
-  const int64_t group = nh / nkv;  // query heads per key/value head (grouped-query attention)
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "attention: float32 or bfloat16, got ", dtype);
-  for (const at::Tensor* t : {&k_new, &v_new, &cache_k, &cache_v})
+  for (const at::Tensor* t : {&q, &k_new, &v_new, &cache_k, &cache_v})
     TORCH_CHECK(t->scalar_type() == dtype && t->stride(3) == 1, "attention: q, k, v and the cache in one dtype, head dim contiguous");
   TORCH_CHECK(k_new.sizes() == at::IntArrayRef({B, T, nkv, hs}) && v_new.sizes() == k_new.sizes(), "attention: new keys and values must be (",
               B, ", ", T, ", ", nkv, ", ", hs, "), got ", k_new.sizes(), " and ", v_new.sizes());
@@ -312,42 +366,267 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   const int64_t* sp = slot.data_ptr<int64_t>();
   for (int64_t i = 0; i < B * T; ++i) TORCH_CHECK(0 <= sp[i] && sp[i] < S, "attention: slot ", sp[i], " outside a cache of ", S);
   at::Tensor out = at::empty({B, T, nh, hs}, q.options());  // (B, T, nh, hs)
-  const bool* m = mask.data_ptr<bool>();
-  auto run = [&](auto* qp, auto* knp, auto* vnp, auto* kp, auto* vp, auto* op) {
-    using E = std::remove_pointer_t<decltype(kp)>;
-    for (int64_t b = 0; b < B; ++b)  // the writes: B * T * nh rows of hs, a few KB
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t h = 0; h < nkv; ++h) {
-          const int64_t src = b * k_new.stride(0) + t * k_new.stride(1) + h * k_new.stride(2);
-          const int64_t dst = b * cache_k.stride(0) + h * cache_k.stride(1) + sp[b * T + t] * cache_k.stride(2);
-          std::memcpy(kp + dst, knp + src, hs * sizeof(E));
-          std::memcpy(vp + b * cache_v.stride(0) + h * cache_v.stride(1) + sp[b * T + t] * cache_v.stride(2),
-                      vnp + b * v_new.stride(0) + t * v_new.stride(1) + h * v_new.stride(2), hs * sizeof(E));
-        }
-    // one task per (row, head, query): 12-ish for a batch-1 step, each a few us of work
-    at::parallel_for(0, B * nh * T, 4, [&](int64_t i0, int64_t i1) {
-      std::vector<float> qf(hs), acc(hs), scores((L + 15) / 16 * 16);
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / (nh * T), h = i / T % nh, t = i % T;
-        const E* qi = qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2);
-        for (int64_t d = 0; d < hs; ++d) qf[d] = to_float(qi[d]);
-        const int64_t g = h / group;  // the key/value head this query head reads
-        attend(qf.data(), kp + b * cache_k.stride(0) + g * cache_k.stride(1), vp + b * cache_v.stride(0) + g * cache_v.stride(1),
-                   cache_k.stride(2), cache_v.stride(2), m + b * mask.stride(0) + t * mask.stride(2), mask.stride(3), L, hs, float(scale),
-                   scores.data(), acc.data());
-        auto* o = op + ((b * T + t) * nh + h) * hs;
-        for (int64_t d = 0; d < hs; ++d) o[d] = std::remove_pointer_t<decltype(op)>(acc[d]);
-      }
-    });
+  auto run = [&](auto* tag) {
+    using E = std::remove_pointer_t<decltype(tag)>;
+    auto ptr = [](const at::Tensor& t) { return static_cast<E*>(t.data_ptr()); };
+    attention_core<E, E>(strided<const E>(q, ptr(q)), strided<const E>(k_new, ptr(k_new)), strided<const E>(v_new, ptr(v_new)),
+                         strided<E>(cache_k, ptr(cache_k)), strided<E>(cache_v, ptr(cache_v)), sp, mask.data_ptr<bool>(), mask.stride(0),
+                         mask.stride(2), mask.stride(3), B, nh, nkv, T, L, hs, float(scale), ptr(out));
   };
-  if (dtype == at::kFloat) {
-    run(q.data_ptr<float>(), k_new.data_ptr<float>(), v_new.data_ptr<float>(), cache_k.data_ptr<float>(), cache_v.data_ptr<float>(),
-        out.data_ptr<float>());
-  } else {
-    auto u16 = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
-    run(u16(q), u16(k_new), u16(v_new), u16(cache_k), u16(cache_v), out.data_ptr<at::BFloat16>());
-  }
+  if (dtype == at::kFloat) run(static_cast<float*>(nullptr));
+  else run(static_cast<uint16_t*>(nullptr));
   return out.transpose(1, 2);  // (B, nh, T, hs)
+}
+
+// ----------------------------------------------------------------------------- a whole decode step's layers
+
+// f applied to x[0:n] in place, 16 lanes at a time (the last few through a zero-padded copy)
+template <typename F>
+inline void map16(float* x, int64_t n, F f) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    f32x16 v = f(load16(x + i));
+    std::memcpy(x + i, &v, sizeof v);
+  }
+  if (i < n) {
+    float t[16] = {};
+    std::memcpy(t, x + i, (n - i) * sizeof(float));
+    f32x16 v = f(load16(t));
+    std::memcpy(x + i, &v, (n - i) * sizeof(float));
+  }
+}
+
+inline f32x16 abs16(f32x16 x) { return x < 0.f ? -x : x; }
+
+enum class Act { gelu_tanh, gelu, silu, relu, relu2 };
+
+Act parse_activation(std::string_view name) {
+  if (name == "gelu_tanh") return Act::gelu_tanh;
+  if (name == "gelu") return Act::gelu;
+  if (name == "silu") return Act::silu;
+  if (name == "relu") return Act::relu;
+  TORCH_CHECK(name == "relu2", "decode_layers: no activation named ", std::string(name));
+  return Act::relu2;
+}
+
+// the MLP activations of model.py, 16 lanes at a time, through exp16 (each within a few float32 ulps of PyTorch's)
+inline f32x16 activate(f32x16 x, Act act) {
+  switch (act) {
+    case Act::gelu_tanh: {  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (Hendrycks & Gimpel 2016, eq. 2)
+      const f32x16 u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+      const f32x16 e = exp16(-2.f * abs16(u));  // tanh |u| = (1 - e^-2|u|) / (1 + e^-2|u|), never overflowing
+      const f32x16 th = (1.f - e) / (1.f + e);
+      return 0.5f * x * (1.f + (u < 0.f ? -th : th));
+    }
+    case Act::gelu: {  // 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7)
+      const f32x16 z = abs16(x * 0.7071067811865476f);
+      const f32x16 t = 1.f / (1.f + 0.3275911f * z);
+      f32x16 p = 1.061405429f * t - 1.453152027f;
+      p = p * t + 1.421413741f;
+      p = p * t - 0.284496736f;
+      p = p * t + 0.254829592f;
+      const f32x16 erf = 1.f - p * t * exp16(-z * z);
+      return 0.5f * x * (1.f + (x < 0.f ? -erf : erf));
+    }
+    case Act::silu: {  // x sigmoid(x), the exponent taken of -|x| so that it never overflows
+      const f32x16 e = exp16(-abs16(x));
+      return x * ((x < 0.f ? e : f32x16{} + 1.f) / (1.f + e));
+    }
+    case Act::relu: return x < 0.f ? f32x16{} : x;
+    case Act::relu2: {  // relu(x)^2 (So et al. 2021)
+      const f32x16 r = x < 0.f ? f32x16{} : x;
+      return r * r;
+    }
+  }
+  return x;
+}
+
+// the sum of x[0:n] and of its squares about `shift`, 16 lanes at a time
+inline std::pair<float, float> sums(const float* x, int64_t n, float shift) {
+  f32x16 s = {}, q = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const f32x16 d = load16(x + i) - shift;
+    s += d;
+    q += d * d;
+  }
+  float a = hsum(s), b = hsum(q);
+  for (; i < n; ++i) a += x[i] - shift, b += (x[i] - shift) * (x[i] - shift);
+  return {a, b};
+}
+
+// y = LayerNorm(x) (x - mean) / sqrt(var + eps) * w + b, or RMSNorm x / sqrt(mean(x^2) + eps) * w (Zhang & Sennrich
+// 2019), over n features; y may be x. w, b: the norm's parameters (b null for none).
+template <typename W>
+void normalize(const float* x, float* y, int64_t n, const W* w, const W* b, float eps, bool rms) {
+  float mean = 0.f, var;
+  if (rms) {
+    var = sums(x, n, 0.f).second / n;
+  } else {
+    mean = sums(x, n, 0.f).first / n;
+    var = sums(x, n, mean).second / n;  // two passes: no cancellation when the mean is large against the spread
+  }
+  const float r = 1.f / std::sqrt(var + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * r * to_float(w[i]) + (b ? to_float(b[i]) : 0.f);
+}
+
+// x and y from apply_rope: each head's pairs (i, i + hs/2) rotated by the row's angles, cos and sin (hs) as rope_angles gives them
+inline void rotate(float* x, const float* cos, const float* sin, int64_t hs) {
+  const int64_t half = hs / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], c = x[i + half];
+    x[i] = a * cos[i] - c * sin[i];
+    x[i + half] = c * cos[i + half] + a * sin[i + half];
+  }
+}
+
+// the parameters of one layer in decode_layers' list, in this order (absent ones None)
+enum Param { ln1_w, ln1_b, attn_w, attn_b, qn_w, qn_b, kn_w, kn_b, attn_proj_w, attn_proj_b, ln2_w, ln2_b, fc_w, fc_b, mlp_proj_w, mlp_proj_b, kPerLayer };
+
+// decode_layers for weights and cache of element type E (float, or uint16_t holding bfloat16)
+template <typename E>
+void run_layers(const at::Tensor& x, const std::vector<at::Tensor>& p, const at::Tensor& cache_k, const at::Tensor& cache_v, const int64_t* slots,
+                const at::Tensor& mask, const float* cos, const float* sin, at::ArrayRef<double> scales, int64_t nh, bool rms, Act act,
+                bool gated, bool pre_ln, float eps, at::Tensor& out) {
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), M = B * T, nL = int64_t(scales.size());
+  const int64_t nkv = cache_k.size(2), hs = cache_k.size(4), L = mask.size(3);
+  const int64_t Q = nh * hs, W = Q + 2 * nkv * hs;  // query width; q, k and v side by side
+  const int64_t F = p[mlp_proj_w].size(1), Fw = p[fc_w].size(0);  // MLP width; c_fc's outputs (2F gated)
+  auto ptr = [&](int64_t l, int i) -> const E* { const at::Tensor& t = p[l * kPerLayer + i]; return t.defined() ? static_cast<const E*>(t.data_ptr()) : nullptr; };
+  std::vector<float> h(M * C), a(M * C), qkv(M * W), y(M * Q), f(M * Fw), o(M * C);
+  std::vector<uint16_t> xb(M * std::max({C, Q, F})), qkv_e(std::is_same_v<E, float> ? 0 : M * W);
+  const E* xp = static_cast<const E*>(x.data_ptr());
+  for (int64_t i = 0; i < M * C; ++i) h[i] = to_float(xp[i]);
+  // out (M, N) = in (M, K) w^T + bias, in float32; bfloat16 weights read with the bfloat16 dot product where the CPU has it
+  auto project = [&](const E* w, const E* bias, const float* in, float* res, int64_t N, int64_t K) {
+#if defined(__AVX512BF16__)
+    if constexpr (!std::is_same_v<E, float>) {
+      for (int64_t i = 0; i < M * K; ++i) store(&xb[i], in[i]);  // the inputs rounded to bfloat16, as PyTorch's bf16 Linear has them
+      gemv_rows(w, xb.data(), bias, res, M, N, K);
+      return;
+    }
+#endif
+    gemv_rows(w, in, bias, res, M, N, K);
+  };
+  auto norm_rows = [&](const float* in, float* res, const E* w, const E* b) {
+    for (int64_t m = 0; m < M; ++m) normalize(in + m * C, res + m * C, C, w, b, eps, rms);
+  };
+  const bool* mp = mask.data_ptr<bool>();
+  for (int64_t l = 0; l < nL; ++l) {
+    // attention: x + proj(attend(heads(norm(x)))) pre-LN, norm(x + proj(attend(heads(x)))) post-LN
+    if (pre_ln) norm_rows(h.data(), a.data(), ptr(l, ln1_w), ptr(l, ln1_b));
+    project(ptr(l, attn_w), ptr(l, attn_b), pre_ln ? a.data() : h.data(), qkv.data(), W, C);  // (M, W)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t head = 0; head < nh + nkv; ++head) {  // the query heads, then the key heads
+        float* v = qkv.data() + m * W + head * hs;
+        const bool query = head < nh;
+        if (ptr(l, qn_w)) normalize(v, v, hs, ptr(l, query ? qn_w : kn_w), ptr(l, query ? qn_b : kn_b), eps, rms);
+        if (cos) rotate(v, cos + m * hs, sin + m * hs, hs);
+      }
+    const E* heads;  // q, k, v in the cache's element type
+    if constexpr (std::is_same_v<E, float>) {
+      heads = qkv.data();
+    } else {
+      for (int64_t i = 0; i < M * W; ++i) store(&qkv_e[i], qkv[i]);
+      heads = qkv_e.data();
+    }
+    auto layer = [&](const at::Tensor& c) { return Strided<E>{static_cast<E*>(c.data_ptr()) + l * c.stride(0), c.stride(1), c.stride(2), c.stride(3)}; };
+    // q (B, nh, T) heads at row b * T + t, k and v (B, T, nkv) after them
+    attention_core<E, float>({heads, T * W, hs, W}, {heads + Q, T * W, W, hs}, {heads + Q + nkv * hs, T * W, W, hs}, layer(cache_k), layer(cache_v),
+                             slots, mp, mask.stride(0), mask.stride(2), mask.stride(3), B, nh, nkv, T, L, hs, float(scales[l]), y.data());
+    project(ptr(l, attn_proj_w), ptr(l, attn_proj_b), y.data(), o.data(), C, Q);  // (M, C)
+    for (int64_t i = 0; i < M * C; ++i) h[i] += o[i];
+    if (!pre_ln) norm_rows(h.data(), h.data(), ptr(l, ln1_w), ptr(l, ln1_b));
+    // MLP: x + proj(act(fc(norm(x)))), gated proj(act(gate) * up)
+    if (pre_ln) norm_rows(h.data(), a.data(), ptr(l, ln2_w), ptr(l, ln2_b));
+    project(ptr(l, fc_w), ptr(l, fc_b), pre_ln ? a.data() : h.data(), f.data(), Fw, C);  // (M, Fw)
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = f.data() + m * Fw;
+      map16(row, F, [&](f32x16 v) { return activate(v, act); });
+      if (gated)  // [gate, up] side by side: act(gate) * up, packed to the front so that the rows are F apart
+        for (int64_t i = 0; i < F; ++i) f[m * F + i] = row[i] * row[F + i];
+    }
+    project(ptr(l, mlp_proj_w), ptr(l, mlp_proj_b), f.data(), o.data(), C, F);  // (M, C)
+    for (int64_t i = 0; i < M * C; ++i) h[i] += o[i];
+    if (!pre_ln) norm_rows(h.data(), h.data(), ptr(l, ln2_w), ptr(l, ln2_b));
+  }
+  if (p[nL * kPerLayer].defined()) norm_rows(h.data(), h.data(), ptr(nL, 0), ptr(nL, 1));  // the final norm
+  E* res = static_cast<E*>(out.data_ptr());
+  for (int64_t i = 0; i < M * C; ++i) store(res + i, h[i]);
+}
+
+// Every layer of a decode step and the final norm in one call: what GPT._trunk computes from the embedded tokens x
+// (B, T, C), with the step's keys and values stored at slots (B, T) of the KV cache (n_layer, B, nkv, S, hs) and
+// attention under mask (B, 1, T, L). Batch-1 decoding reads each weight once, so its speed is the rate the weights
+// stream at; what is left is the layers' small work (norms, activations, residual adds, RoPE, cache writes), which in
+// PyTorch is ~15 operator calls a layer, each a few microseconds of dispatch for a microsecond of work: 1.3-2.9 ms a
+// token for the 124M shape (AMD EPYC), 10-20% of the step. Here it runs in place in float32 buffers between the
+// matrix-vector products. params: kPerLayer tensors (or None) per layer in Param's order, then the final norm's weight
+// and bias; scales: each layer's attention scale; cos, sin (B, T, hs) float32: RoPE's angles, None without RoPE; norm:
+// "layernorm" or "rmsnorm" (the QK-norm too); activation as model.py names it; gated: c_fc gives [gate, up]; pre_ln:
+// GPT-2's placement, else GPT-1's. Hidden states stay in float32 between layers (PyTorch's bfloat16 path rounds them
+// to bfloat16 after each op); the inputs of every product and the cached keys and values are rounded to the weights'
+// dtype. Returns (B, T, C) in x's dtype.
+at::Tensor decode_layers(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& params, const at::Tensor& cache_k, const at::Tensor& cache_v,
+                         const at::Tensor& slots, const at::Tensor& mask, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                         at::ArrayRef<double> scales, int64_t n_head, std::string_view norm, std::string_view activation, bool gated, bool pre_ln,
+                         double eps) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "decode_layers: float32 or bfloat16, got ", dtype);
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "decode_layers: x must be contiguous (B, T, C), got ", x.sizes());
+  TORCH_CHECK(norm == "layernorm" || norm == "rmsnorm", "decode_layers: no norm named ", std::string(norm));
+  const Act act = parse_activation(activation);
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), nL = int64_t(scales.size());
+  TORCH_CHECK(int64_t(params.size()) == nL * kPerLayer + 2, "decode_layers: ", nL * kPerLayer + 2, " parameters for ", nL, " layers, got ", params.size());
+  TORCH_CHECK(cache_k.dim() == 5 && cache_k.size(0) == nL && cache_k.size(1) == B && cache_v.sizes() == cache_k.sizes() && cache_k.stride(4) == 1 &&
+                  cache_v.stride(4) == 1 && cache_k.scalar_type() == dtype && cache_v.scalar_type() == dtype,
+              "decode_layers: the cache must be ", dtype, " (", nL, ", ", B, ", n_kv, S, hs) with the head dim contiguous, got ", cache_k.sizes());
+  const int64_t nkv = cache_k.size(2), S = cache_k.size(3), hs = cache_k.size(4), Q = n_head * hs;
+  TORCH_CHECK(nkv > 0 && n_head % nkv == 0, "decode_layers: ", n_head, " query heads cannot share ", nkv, " key/value heads");
+  std::vector<at::Tensor> p(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::optional<at::Tensor> t = params.get(i);
+    if (!t.has_value() || !t->defined()) continue;
+    TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous(), "decode_layers: parameter ", i, " must be contiguous ", dtype);
+    p[i] = *t;
+  }
+  auto expect = [&](size_t i, std::vector<int64_t> shape, bool needed) {
+    TORCH_CHECK(p[i].defined() ? p[i].sizes() == at::IntArrayRef(shape) : !needed, "decode_layers: parameter ", i, " must be ", at::IntArrayRef(shape),
+                ", got ", p[i].defined() ? p[i].sizes() : at::IntArrayRef({}));
+  };
+  const int64_t F = p[mlp_proj_w].defined() ? p[mlp_proj_w].size(1) : 0, Fw = gated ? 2 * F : F;
+  for (int64_t l = 0; l < nL; ++l) {
+    const size_t o = l * kPerLayer;
+    const bool qk = p[o + qn_w].defined();
+    for (auto [w, b] : {std::pair{ln1_w, ln1_b}, std::pair{ln2_w, ln2_b}}) expect(o + w, {C}, true), expect(o + b, {C}, false);
+    for (auto [w, b] : {std::pair{qn_w, qn_b}, std::pair{kn_w, kn_b}}) expect(o + w, {hs}, qk), expect(o + b, {hs}, false);
+    expect(o + attn_w, {Q + 2 * nkv * hs, C}, true), expect(o + attn_b, {Q + 2 * nkv * hs}, false);
+    expect(o + attn_proj_w, {C, Q}, true), expect(o + attn_proj_b, {C}, false);
+    expect(o + fc_w, {Fw, C}, true), expect(o + fc_b, {Fw}, false);
+    expect(o + mlp_proj_w, {C, F}, true), expect(o + mlp_proj_b, {C}, false);
+  }
+  expect(nL * kPerLayer, {C}, false), expect(nL * kPerLayer + 1, {C}, false);
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.sizes() == at::IntArrayRef({B, T}), "decode_layers: slots must be int64 (", B, ", ", T, ")");
+  TORCH_CHECK(mask.dim() == 4 && mask.scalar_type() == at::kBool && mask.size(0) == B && mask.size(1) == 1 && mask.size(2) == T && mask.size(3) <= S,
+              "decode_layers: mask must be bool (", B, ", 1, ", T, ", L <= ", S, "), got ", mask.sizes());
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "decode_layers: RoPE needs both cos and sin");
+  at::Tensor c, s;
+  if (cos.has_value()) {
+    c = cos->contiguous(), s = sin->contiguous();
+    TORCH_CHECK(c.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat && c.numel() == B * T * hs && s.numel() == B * T * hs && hs % 2 == 0,
+                "decode_layers: cos and sin must be float32 (", B, ", ", T, ", ", hs, ")");
+  }
+  const at::Tensor slot = slots.contiguous();
+  const int64_t* sp = slot.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * T; ++i) TORCH_CHECK(0 <= sp[i] && sp[i] < S, "decode_layers: slot ", sp[i], " outside a cache of ", S);
+  at::Tensor out = at::empty({B, T, C}, x.options());  // (B, T, C)
+  const float* cp = c.defined() ? c.data_ptr<float>() : nullptr;
+  const float* snp = s.defined() ? s.data_ptr<float>() : nullptr;
+  if (dtype == at::kFloat)
+    run_layers<float>(x, p, cache_k, cache_v, sp, mask, cp, snp, scales, n_head, norm == "rmsnorm", act, gated, pre_ln, float(eps), out);
+  else
+    run_layers<uint16_t>(x, p, cache_k, cache_v, sp, mask, cp, snp, scales, n_head, norm == "rmsnorm", act, gated, pre_ln, float(eps), out);
+  return out;
 }
 
 }  // namespace
@@ -355,9 +634,12 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k_new, const 
 TORCH_LIBRARY(gptlab, m) {
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("cached_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor slots, Tensor mask, float scale) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor?[] params, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor slots, Tensor mask, Tensor? cos, Tensor? sin, "
+        "float[] scales, int n_head, str norm, str activation, bool gated, bool pre_ln, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptlab, CPU, m) {
   m.impl("gemv", gemv);
   m.impl("cached_attention", cached_attention);
+  m.impl("decode_layers", decode_layers);
 }
