@@ -118,6 +118,53 @@ def test_cached_attention_refuses_a_slot_outside_the_cache_and_mismatched_shapes
         kernels.cached_attention(q, k, v, cache, cache.clone(), torch.tensor([[0]]), mask.float(), 1.0)
 
 
+QUANT_SHAPES = [("int8", 128, 37, 100), ("int8", 128, 300, 768), ("int4", 32, 45, 96), ("int4", 32, 300, 768), ("int4", 64, 33, 192),
+                ("int4", 128, 64, 768), ("int4", 256, 20, 512)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_quant_is_dequantize_then_matmul(dtype):
+    from gptlab.compress.quantize import QuantLinear
+
+    g = torch.Generator().manual_seed(5)
+    for method, group, N, K in QUANT_SHAPES:  # widths with and without a 64-column tail
+        linear = torch.nn.Linear(K, N)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(N, K, generator=g) * 0.1 + torch.rand(N, 1, generator=g) * 0.05)  # groups off centre
+            linear.bias.normal_(0, 0.1, generator=g)
+        q = QuantLinear.from_linear(linear, method, group)
+        w = q.dequantized(torch.float64)
+        for M in (1, 3, 8):
+            x = torch.randn(M, 1, K, generator=g).to(dtype)
+            for bias in (q.bias.to(dtype), None):
+                got = kernels.gemv_quant(x, q.qweight, q.scales, q.zeros, bias)
+                assert got.shape == (M, 1, N) and got.dtype == dtype
+                want = F.linear(x.double(), w, None if bias is None else bias.double())
+                # float32 sums; int4 may meet float32 inputs rounded to bfloat16 (the CPU's bfloat16 dot product):
+                # 2^-9 of each |x|; a bfloat16 result rounds once more
+                spread = x.double().abs() @ w.abs().t() + (0 if bias is None else bias.double().abs())
+                rounding = 2**-8 if method == "int4" and dtype == torch.float32 else 1e-5
+                bound = rounding * spread + (2**-8 * want.abs() if dtype == torch.bfloat16 else 0) + 1e-6
+                assert ((got.double() - want).abs() <= bound).all(), (method, group, N, K, M, float((got.double() - want).abs().max()))
+
+
+def test_gemv_quant_refuses_codes_that_do_not_fit():
+    from gptlab.compress.quantize import QuantLinear
+
+    q8, q4 = QuantLinear.from_linear(torch.nn.Linear(64, 8), "int8"), QuantLinear.from_linear(torch.nn.Linear(64, 8), "int4", 32)
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match=r"int4 codes must be \[8, 32\] with scales \[8, groups\] for groups of a multiple of 32"):
+        kernels.gemv_quant(x, q4.qweight, q4.scales.repeat(1, 2), q4.zeros.repeat(1, 2), None)  # groups of 16
+    with pytest.raises(RuntimeError, match="int8 codes must be"):
+        kernels.gemv_quant(x, q8.qweight, q8.scales, q8.scales, None)
+    with pytest.raises(RuntimeError, match="float32 scales"):
+        kernels.gemv_quant(x, q8.qweight, q8.scales.double(), None, None)
+    with pytest.raises(RuntimeError, match="the bias must be"):
+        kernels.gemv_quant(x, q8.qweight, q8.scales, None, torch.zeros(8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="int8 or packed int4"):
+        kernels.gemv_quant(x, torch.randn(8, 64), q8.scales, None, None)
+
+
 # option sets for decode_layers: GPT-2; GPT-1's post-LN with ReLU; the llama stack; grouped and multi-query heads with
 # QK-norm; exact GELU with sinusoidal positions; relu^2; head widths without a register version (20) and heads pruned
 # narrower than the model (head_size); per-layer attention scales
@@ -185,6 +232,43 @@ def test_decode_layers_compute_the_models_cached_forward(options):
                 assert errors[dtype] <= 1.5 * float((torch_path.double() - want).abs().max()) / float(want.abs().max()) + 1e-3, errors
 
 
+@pytest.mark.parametrize("scheme", [("int8", 128, True), ("int4", 32, True), ("int4", 128, False)], ids=["int8", "int4-32", "int4-128-head-float"])
+@pytest.mark.parametrize("arch", [{}, {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "gated", "activation": "silu", "bias": False, "n_kv_head": 2}],
+                         ids=["gpt2", "llama"])  # fmt: skip
+def test_decode_layers_run_quantized_weights_as_their_dequantized_floats(scheme, arch):
+    import copy
+
+    from gptlab.compress.quantize import QuantConfig, quantize_model, set_kernel
+    from gptlab.config import GPTConfig
+    from gptlab.generate import NativeDecoder, tune_linears
+    from gptlab.model import GPT, CacheStep, KVCache
+
+    torch.manual_seed(4)
+    cfg = GPTConfig(vocab_size=130, block_size=48, n_layer=2, n_head=4, n_embd=128, init_std=0.2, **arch)
+    model = GPT(cfg).eval()
+    quantize_model(model, QuantConfig(scheme[0], scheme[1], head=scheme[2]))
+    history = torch.randn(2, cfg.n_layer, 2, cfg.kv_heads, 16, cfg.head_dim)
+    idx, start = torch.randint(0, cfg.vocab_size, (2, 1)), torch.tensor([3, 11])
+
+    def logits(run, kernel):
+        set_kernel(model, kernel)
+        cache = KVCache(cfg, 2, 16, torch.float32, "cpu")
+        cache.k.copy_(history[0]), cache.v.copy_(history[1])
+        with torch.no_grad():
+            return run(idx, CacheStep(cache, 1, start, 12)).double()
+
+    want = logits(model.forward_cached, "reference")  # the dequantized float32 weights through F.linear
+    view, _ = tune_linears(copy.deepcopy(model), (2,))
+    assert NativeDecoder.applies(view)
+    got = logits(NativeDecoder(view), "auto")
+    error = float((got - want).abs().max() / want.abs().max())
+    if scheme[0] == "int8":  # float32 inputs against float32 widened codes: summation order only
+        assert error < 2e-6, error
+    else:  # inputs rounded to bfloat16 where the CPU's bfloat16 dot product runs int4: no worse than torch's packed kernel's
+        packed = float((logits(model.forward_cached, "packed") - want).abs().max() / want.abs().max())
+        assert error <= max(1.5 * packed, 1e-3), (error, packed)
+
+
 def test_decode_layers_refuse_parameters_and_inputs_that_do_not_fit():
     from gptlab.config import GPTConfig
     from gptlab.generate import NativeDecoder, tune_linears
@@ -201,12 +285,16 @@ def test_decode_layers_refuse_parameters_and_inputs_that_do_not_fit():
         return kernels.decode_layers(x, params, cache_k, cache.v, slots, step.mask, None, dec.scales, 2, norm, activation, False, True, 1e-5)
 
     assert call().shape == (1, 1, 16)
-    with pytest.raises(RuntimeError, match="34 parameters for 2 layers, got 33"):
+    with pytest.raises(RuntimeError, match="50 parameters for 2 layers, got 49"):
         call(params=dec.params[:-1])
-    with pytest.raises(RuntimeError, match=r"parameter 2 must be \[48, 16\], got \[48, 15\]"):
-        call(params=dec.params[:2] + [dec.params[2][:, :15].contiguous()] + dec.params[3:])
-    with pytest.raises(RuntimeError, match="parameter 2 must be"):  # a required weight missing
-        call(params=dec.params[:2] + [None] + dec.params[3:])
+    attn = next(i for i, p in enumerate(dec.params) if p is view.transformer.h[0].attn.c_attn.weight)  # after the norms' eight
+    assert attn == 8
+    with pytest.raises(RuntimeError, match=r"layer 0 attn.c_attn: weight must be \[48, 16\], got \[48, 15\]"):
+        call(params=dec.params[:attn] + [dec.params[attn][:, :15].contiguous()] + dec.params[attn + 1 :])
+    with pytest.raises(RuntimeError, match="layer 0 attn.c_attn: a contiguous weight is required"):
+        call(params=dec.params[:attn] + [None] + dec.params[attn + 1 :])
+    with pytest.raises(RuntimeError, match=r"parameter 0 \(a norm's\) must be"):
+        call(params=[None] + dec.params[1:])
     with pytest.raises(RuntimeError, match="slot 8 outside a cache of 8"):
         call(slots=torch.tensor([[8]]))
     with pytest.raises(RuntimeError, match="the cache must be"):

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from gptlab.config import SampleConfig
 from gptlab.errors import ConfigError, InputError
 from gptlab import kernels as native
+from gptlab.kernels import MAX_ROWS as NATIVE_MAX_ROWS
 from gptlab.kernels import cache_dir
 from gptlab.model import GPT, CacheStep, KVCache
 from gptlab.tokenizer import EOT, AnyTokenizer, TextStream
@@ -259,6 +260,10 @@ class TunedLinear(nn.Module):
             out = torch.ops.mkl._mkl_linear(rows, self.weight_packed, self.weight, self.bias, rows.size(0))  # (M, out)
         return out.view(*x.shape[:-1], out.size(-1))
 
+    def native_weights(self) -> tuple[Tensor, Tensor | None, None, None]:
+        """What kernels.decode_layers takes for this Linear: the weight and bias (no scales or zero points)."""
+        return self.weight, self.bias, None, None
+
     def make_copies(self, kernels: Sequence[str]) -> None:
         """The weight copies `kernels` need, and no others."""
         w = self.weight.detach()
@@ -335,9 +340,6 @@ def measured_kernels(device: torch.device, batch: int) -> dict[str, object]:
     return {"tune": (batch,), "plan_cache": default_plan_cache()} if device.type == "cpu" else {}
 
 
-# the native kernel does all rows with each weight row, at the multiply-add rate of one row: past a few rows
-# the GEMMs win, and measuring it at 32 rows would cost a second of start-up for nothing
-NATIVE_MAX_ROWS = 8
 
 
 def native_applies(model: GPT) -> bool:
@@ -362,26 +364,29 @@ NATIVE_ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu", "relu2")
 
 class NativeDecoder:
     """A decode step of a tuned view (tune_linears) with its layers in one native call, kernels.decode_layers: the token
-    embedding in PyTorch, then every block and the final norm in decode.cpp, then the head's TunedLinear.
+    embedding in PyTorch, then every block and the final norm in decode.cpp, then the head.
 
     The native matrix-vector kernel reads the weights at the memory's rate, and at batch 1 the ~15 other operator
     calls a layer (norms, activation, residual adds, views, the cache step's attention call) cost 1.3-2.9 ms a token
-    for the 124M shape on the AMD EPYC: 10-20% of a step that should be all weight reading. Only for views whose every
-    block Linear is a float TunedLinear (no quantized or LoRA layers) and whose norms and activation decode.cpp knows:
-    `applies`. Hidden states stay in float32 between layers (see decode.cpp), so bfloat16 results differ from PyTorch's
-    bfloat16 path by that path's own rounding; float32 ones by summation order.
+    for the 124M shape on the AMD EPYC: 10-20% of a step that should be all weight reading, and more for a quantized
+    model, whose weights take fewer bytes. For views whose every block Linear can hand decode_layers its weights
+    (`native_weights`: a TunedLinear in the model's dtype, or a weight-only quantized QuantLinear) and whose norms
+    and activation decode.cpp knows: `applies`. Hidden states stay in float32 between layers (see decode.cpp), so
+    bfloat16 results differ from PyTorch's bfloat16 path by that path's own rounding; float32 ones by summation order.
     """
 
     def __init__(self, view: GPT) -> None:
-        assert self.applies(view), "NativeDecoder needs a tuned float view (NativeDecoder.applies)"
+        assert self.applies(view), "NativeDecoder needs a tuned view (NativeDecoder.applies)"
         cfg = view.config
         self.view = view
         self.params: list[Tensor | None] = []
         for block in view.transformer.h:
             attn, mlp = block.attn, block.mlp
-            norms = (attn.q_norm, attn.k_norm) if cfg.qk_norm else (None, None)
-            for module in (block.ln_1, attn.c_attn, *norms, attn.c_proj, block.ln_2, mlp.c_fc, mlp.c_proj):
-                self.params += [None, None] if module is None else [module.weight, getattr(module, "bias", None)]
+            norms = (block.ln_1, attn.q_norm, attn.k_norm, block.ln_2) if cfg.qk_norm else (block.ln_1, None, None, block.ln_2)
+            for norm in norms:
+                self.params += [None, None] if norm is None else [norm.weight, getattr(norm, "bias", None)]
+            for linear in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj):
+                self.params += linear.native_weights()
         ln_f = view.transformer["ln_f"] if "ln_f" in view.transformer else None
         self.params += [None, None] if ln_f is None else [ln_f.weight, getattr(ln_f, "bias", None)]
         self.scales = [float(block.attn.scale) for block in view.transformer.h]
@@ -389,18 +394,22 @@ class NativeDecoder:
 
     @staticmethod
     def applies(view: GPT) -> bool:
-        """Whether `view` (a tune_linears view) can decode through decode_layers: its blocks' Linears all TunedLinears over
-        contiguous float32 or bfloat16 weights, its norms affine, its activation one decode.cpp computes, the kernels built."""
+        """Whether `view` (a tune_linears view) can decode through decode_layers: on CPU with the kernels built, its blocks'
+        Linears all able to hand over their weights (float ones contiguous in the model's dtype, float32 or bfloat16;
+        quantized ones as stored), its norms affine, its activation one decode.cpp computes."""
         cfg = view.config
-        if cfg.activation not in NATIVE_ACTIVATIONS or not native_applies(view):
+        dtype = view.transformer.h[0].ln_1.weight.dtype
+        if cfg.activation not in NATIVE_ACTIVATIONS or dtype not in (torch.float32, torch.bfloat16) or not native_applies(view):
             return False
-        dtype = next(view.parameters()).dtype
         for block in view.transformer.h:
-            linears = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
-            if not all(isinstance(m, TunedLinear) and m.weight.dtype == dtype and m.weight.is_contiguous() for m in linears):
-                return False
+            for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+                if not hasattr(linear, "native_weights"):
+                    return False  # a plain nn.Linear, a LoRA wrapper: the view's own forward runs them
+                weight, bias = linear.native_weights()[:2]
+                if not weight.is_contiguous() or weight.dtype not in (dtype, torch.int8, torch.uint8) or (bias is not None and bias.dtype != dtype):
+                    return False
         norms = [m for m in view.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))]
-        return all(m.weight is not None and m.eps == cfg.layer_norm_eps for m in norms)
+        return all(m.weight is not None and m.weight.dtype == dtype and m.eps == cfg.layer_norm_eps for m in norms)
 
     def __call__(self, idx: Tensor, step: CacheStep) -> Tensor:
         """Logits (B, T, V) for idx (B, T) at the step's per-row positions, as view.forward_cached(idx, step) computes them."""

@@ -29,9 +29,14 @@ is first run, so a file depends neither on the PyTorch version nor on the CPU):
     <linear>.bias      as it was
 
 checkpoint.json's "quantization" entry holds the QuantConfig. Kernels (`QuantLinear.kernel`):
-"packed" on CPU is torch._weight_int8pack_mm for int8 and torch._weight_int4pack_mm_for_cpu
-for int4 (its dequantization is (q - 8) * s + z, so z = lo + 8 s), on bfloat16 activations
-(KERNEL_DTYPE); elsewhere, and with "reference" (the slow path tests compare against), the
+"native" is gptlab's own (kernels/decode.cpp, gemv_quant): it reads the stored codes as they are,
+one row front to back, widening them to float32 against float32 activations, for a few rows on
+CPU (the product of a decode step; on the AMD EPYC it reads the codes several times faster than
+torch's packed kernels at one row: benchmarks/quantize.py). "packed" on CPU is
+torch._weight_int8pack_mm for int8 and torch._weight_int4pack_mm_for_cpu for int4 (its
+dequantization is (q - 8) * s + z, so z = lo + 8 s), on bfloat16 activations (KERNEL_DTYPE).
+"auto", the default, is "native" for up to kernels.MAX_ROWS rows where the native kernels are
+built, else "packed". Elsewhere, and with "reference" (the slow path tests compare against), the
 weight is dequantized to the input's dtype and passed to F.linear.
 """
 
@@ -46,13 +51,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gptlab import kernels as native
 from gptlab.checkpoint import HEAD_KEY, QUANT_KEY, load_checkpoint, write_checkpoint_dir
 from gptlab.config import _Serializable
 from gptlab.errors import CheckpointError, ConfigError
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel takes
-KERNELS = ("packed", "reference")
+KERNELS = ("auto", "native", "packed", "reference")
 # The packed CPU kernels take activations in bfloat16: with float32 ones they run a generic path,
 # measured 5-60x slower (3072 x 768 weight, Xeon with AMX: int8 1171 us vs 116 us at 1 row, int4
 # 2502 vs 97; 9886 vs 375 at 8 rows). A float32 model's activations are rounded to bfloat16 going
@@ -153,8 +159,9 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.ones(out_features, groups, device=device))
             self.register_buffer("zeros", torch.zeros(out_features, groups, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
-        self.kernel = "packed"
+        self.kernel = "auto"
         self._prepared: tuple[tuple, tuple[Tensor, ...]] | None = None
+        self._native: tuple[tuple, tuple[Tensor, Tensor | None]] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, method: str = "int8", group_size: int = 128) -> QuantLinear:
@@ -185,6 +192,12 @@ class QuantLinear(nn.Module):
         if self.kernel == "reference" or x.device.type != "cpu":
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized(x.dtype), bias)
+        rows = x.numel() // self.in_features
+        if self.kernel == "native" or (self.kernel == "auto" and rows <= native.MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16) and native.load()):
+            if not native.load():
+                raise ConfigError("the native quantized kernel is not built here (a C++ compiler is needed); use kernel 'packed'")
+            scales, zeros = self.native_form()
+            return native.gemv_quant(x.contiguous(), self.qweight, scales, zeros, None if self.bias is None else self.bias.to(x.dtype))
         x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous()  # (M, K)
         if self.method == "int8":
             qweight, scales = self._kernel_form()
@@ -214,6 +227,19 @@ class QuantLinear(nn.Module):
                 form = (packed, scales_and_zeros)
             self._prepared = (key, form)
         return self._prepared[1]
+
+    def native_weights(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """What kernels.decode_layers takes for this Linear: the codes, the bias, float32 scales and zero points."""
+        return (self.qweight, self.bias, *self.native_form())
+
+    def native_form(self) -> tuple[Tensor, Tensor | None]:
+        """Scales and zero points in float32, as the native kernels take them (a model cast to bfloat16 holds them in
+        bfloat16): the buffers themselves when they are float32 already, else copies made once."""
+        key = (self.scales.data_ptr(), self.scales._version) + ((self.zeros.data_ptr(), self.zeros._version) if self.zeros is not None else ())
+        if self._native is None or self._native[0] != key:
+            zeros = None if self.zeros is None else self.zeros.float().contiguous()
+            self._native = (key, (self.scales.float().contiguous(), zeros))
+        return self._native[1]
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.method == "int4" else ""
@@ -298,7 +324,9 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def set_kernel(model: nn.Module, kernel: str) -> None:
-    """Every QuantLinear's kernel: "packed" (CPU kernels on the packed codes) or "reference" (dequantize, then F.linear)."""
+    """Every QuantLinear's kernel: "auto" (the default: "native" for a few rows where built, else "packed"), "native"
+    (gptlab's kernel on the stored codes), "packed" (torch's CPU kernels on their packed codes) or "reference" (dequantize,
+    then F.linear)."""
     if kernel not in KERNELS:
         raise ConfigError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
     for m in model.modules():

@@ -25,6 +25,9 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("decode.cpp")
+# the matrix-vector kernels do all rows with each weight row, at the multiply-add rate of one row: past a few rows the
+# GEMMs win, and measuring them at 32 rows would cost a second of start-up for nothing
+MAX_ROWS = 8
 
 
 def cache_dir() -> Path:
@@ -122,14 +125,22 @@ def cached_attention(q: Tensor, k_new: Tensor, v_new: Tensor, cache_k: Tensor, c
     return torch.ops.gptlab.cached_attention(q, k_new, v_new, cache_k, cache_v, slots, mask, scale)
 
 
+def gemv_quant(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None) -> Tensor:
+    """A weight-only quantized Linear for x (..., K) with a few rows, float32 or bfloat16: int8 codes (N, K) with scales (N,)
+    and no zeros, or int4 codes packed two a byte (N, K/2) with scales and zeros (N, K/G), G a multiple of 32, all float32
+    (compress/quantize.py's layout); bias (N,) in x's dtype. Returns (..., N) in x's dtype; after load()."""
+    return torch.ops.gptlab.gemv_quant(x, qweight, scales, zeros, bias)
+
+
 def decode_layers(
     x: Tensor, params: list[Tensor | None], cache_k: Tensor, cache_v: Tensor, slots: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor] | None,
     scales: list[float], n_head: int, norm: str, activation: str, gated: bool, pre_ln: bool, eps: float,
 ) -> Tensor:  # fmt: skip
     """Every layer of a GPT and its final norm for a decode step, in one call: x (B, T, C) the embedded tokens, their keys
     and values stored at slots (B, T) of the cache (n_layer, B, nkv, S, hs), attention under mask (B, 1, T, L); rope the
-    (cos, sin) of rope_angles, (B, T, hs) float32, or None. params: per layer ln_1 weight and bias, c_attn weight and
-    bias, q_norm and k_norm weight and bias, attn.c_proj weight and bias, ln_2 weight and bias, c_fc weight and bias,
-    mlp.c_proj weight and bias (None where absent), then ln_f's weight and bias. Returns (B, T, C); after load()."""
+    (cos, sin) of rope_angles, (B, T, hs) float32, or None. params: per layer the weight and bias of ln_1, q_norm, k_norm
+    and ln_2, then for each of c_attn, attn.c_proj, c_fc and mlp.c_proj its weight (in x's dtype, or int8 / int4 codes as
+    gemv_quant takes them), bias, scales and zeros (None where absent); then ln_f's weight and bias. Returns (B, T, C);
+    after load()."""
     cos, sin = rope if rope is not None else (None, None)
     return torch.ops.gptlab.decode_layers(x, params, cache_k, cache_v, slots, mask, cos, sin, scales, n_head, norm, activation, gated, pre_ln, eps)

@@ -16,15 +16,18 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AVX512BF16__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -378,6 +381,297 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   return out.transpose(1, 2);  // (B, nh, T, hs)
 }
 
+// ----------------------------------------------------------------------------- weight-only quantized products
+
+inline f32x16 to_f32x16(const int32_t* w) {
+  f32x16 v;
+  for (int i = 0; i < 16; ++i) v[i] = float(w[i]);
+  return v;
+}
+
+// 16 int8 codes as float32. Compilers (GCC 12) turn a vector conversion from 8-bit lanes into 16 scalar ones, so
+// the widening is spelled out with the CPU's instructions where it has them.
+inline f32x16 widen_int8(const int8_t* p) {
+#if defined(__AVX512F__)
+  const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  f32x16 r;
+  std::memcpy(&r, &v, sizeof r);
+  return r;
+#else
+  int32_t w[16];
+  for (int i = 0; i < 16; ++i) w[i] = p[i];
+  return to_f32x16(w);
+#endif
+}
+
+// the 32 int4 codes of 16 bytes as float32: the low nibbles (even columns), then the high ones (odd columns)
+inline void widen_int4(const uint8_t* p, f32x16& lo, f32x16& hi) {
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), nibble = _mm_set1_epi8(0x0F);
+  const __m512 l = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, nibble)));
+  const __m512 h = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), nibble)));
+  std::memcpy(&lo, &l, sizeof lo);
+  std::memcpy(&hi, &h, sizeof hi);
+#else
+  int32_t l[16], h[16];
+  for (int i = 0; i < 16; ++i) l[i] = p[i] & 15, h[i] = p[i] >> 4;
+  lo = to_f32x16(l), hi = to_f32x16(h);
+#endif
+}
+
+// a prefetch for each cache line of the `bytes` that start kPrefetchBytes past p (a row's worth, where the
+// float dot products ask as they go: a quantized row is a few hundred bytes)
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p) + kPrefetchBytes;
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
+}
+
+// sum_k q[k] x[k] for int8 codes q, 16 codes widened to float32 at a time
+inline float dot_int8(const int8_t* q, const float* x, int64_t K) {
+  f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  auto codes = widen_int8;
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    a0 += codes(q + k) * load16(x + k);
+    a1 += codes(q + k + 16) * load16(x + k + 16);
+    a2 += codes(q + k + 32) * load16(x + k + 32);
+    a3 += codes(q + k + 48) * load16(x + k + 48);
+  }
+  for (; k + 16 <= K; k += 16) a0 += codes(q + k) * load16(x + k);
+  float s = hsum((a0 + a1) + (a2 + a3));
+  for (; k < K; ++k) s += float(q[k]) * x[k];
+  return s;
+}
+
+// One row of an int4 weight (quantize.py's layout: two codes a byte, the even column in the low nibble; per group of
+// G inputs a scale s and a zero point z, w = q s + z) times x: sum_g s_g (sum_{k in g} q_k x_k) + z_g (sum_{k in g} x_k).
+// xp is x with each 32 columns reordered as the nibbles come, [the 16 even columns, the 16 odd ones], so that a byte's
+// low and high nibbles multiply two plain loads; xs (K/G) holds each group's sum of x. G is a multiple of 32.
+inline float dot_int4(const uint8_t* q, const float* s, const float* z, const float* xp, const float* xs, int64_t K, int64_t G) {
+  f32x16 acc[2] = {};
+  float zsum = 0.f;
+  for (int64_t g = 0; g < K / G; ++g) {
+    f32x16 v = {};
+    for (int64_t j = 0; j < G / 2; j += 16) {  // 16 bytes: 32 codes
+      f32x16 lo, hi;
+      widen_int4(q + g * G / 2 + j, lo, hi);
+      const float* xj = xp + g * G + 2 * j;
+      v += lo * load16(xj) + hi * load16(xj + 16);
+    }
+    acc[g & 1] += s[g] * v;  // two sums, so that one group's scaling does not wait on the last one's
+    zsum += z[g] * xs[g];
+  }
+  return hsum(acc[0] + acc[1]) + zsum;
+}
+
+#if defined(__AVX512BF16__)
+// dot_int4 through the CPU's bfloat16 dot product, for K a multiple of 64: widening 32 codes to float32 takes ~11
+// instructions, which on two cores bounds int4 below the memory's rate (18 of ~45 GB/s, AMD EPYC); here 64 codes take
+// ~7. A code c becomes the bfloat16 128 + c by setting the bits 0x4300 around it (128 = 2^7, and c fills the low bits of
+// the 7-bit mantissa), so x . (128 + c) = x . c + 128 sum(x), and the group's x sum takes the 128 back out:
+// sum_g s_g (x_g . (128 + c_g)) + z_g sum(x_g) - 128 s_g sum(x_g). xb: x in bfloat16, each 64 columns reordered as
+// [the 32 even columns, the 32 odd ones] (a byte's two nibbles); xs: each group's sum of those bfloat16 values.
+inline float dot_int4_bf16(const uint8_t* q, const float* s, const float* z, const uint16_t* xb, const float* xs, int64_t K, int64_t G) {
+  const __m512i nibble = _mm512_set1_epi16(0x000F), bits = _mm512_set1_epi16(0x4300);
+  // the 64 codes of chunk c times their inputs, added to lo_sum and hi_sum: float lane j takes columns 4j..4j+3, so
+  // lanes 0-7 hold the chunk's first 32 columns and lanes 8-15 its last 32
+  auto products = [&](int64_t c, __m512& lo_sum, __m512& hi_sum) {
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c * 32)));  // a byte a 16-bit lane
+    const __m512i lo = _mm512_ternarylogic_epi32(w, nibble, bits, 0xEA);  // (w & 0xF) | 0x4300
+    const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(w, 4), bits);  // the high nibble; the lane's top byte is 0
+    lo_sum = _mm512_dpbf16_ps(lo_sum, (__m512bh)lo, (__m512bh)_mm512_loadu_si512(xb + c * 64));
+    hi_sum = _mm512_dpbf16_ps(hi_sum, (__m512bh)hi, (__m512bh)_mm512_loadu_si512(xb + c * 64 + 32));
+  };
+  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  if (G == 32) {  // two groups a chunk: its lanes 0-7 scaled by group 2c's scale, 8-15 by group 2c + 1's
+    for (int64_t c = 0; c < K / 64; ++c) {
+      __m512 lo_sum = _mm512_setzero_ps(), hi_sum = _mm512_setzero_ps();
+      products(c, lo_sum, hi_sum);
+      const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[2 * c]), _mm512_set1_ps(s[2 * c + 1]));
+      acc[c & 1] = _mm512_fmadd_ps(scale, _mm512_add_ps(lo_sum, hi_sum), acc[c & 1]);
+    }
+  } else {  // a group of G / 64 chunks: their products summed, then scaled once
+    for (int64_t g = 0; g < K / G; ++g) {
+      __m512 lo_sum = _mm512_setzero_ps(), hi_sum = _mm512_setzero_ps();
+      for (int64_t c = g * (G / 64); c < (g + 1) * (G / 64); ++c) products(c, lo_sum, hi_sum);
+      acc[g & 1] = _mm512_fmadd_ps(_mm512_set1_ps(s[g]), _mm512_add_ps(lo_sum, hi_sum), acc[g & 1]);
+    }
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + dot(z, xs, K / G) - 128.f * dot(s, xs, K / G);
+}
+#endif
+
+// the sum of x[0:n] and of its squares about `shift`, 16 lanes at a time
+inline std::pair<float, float> sums(const float* x, int64_t n, float shift) {
+  f32x16 s = {}, q = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const f32x16 d = load16(x + i) - shift;
+    s += d;
+    q += d * d;
+  }
+  float a = hsum(s), b = hsum(q);
+  for (; i < n; ++i) a += x[i] - shift, b += (x[i] - shift) * (x[i] - shift);
+  return {a, b};
+}
+
+// x (M, K) float32 reordered for dot_int4 into xp (M, K), with each group's sum in xs (M, K/G)
+inline void int4_inputs(const float* x, float* xp, float* xs, int64_t M, int64_t K, int64_t G) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < K; c += 32)
+      for (int64_t i = 0; i < 16; ++i) xp[m * K + c + i] = x[m * K + c + 2 * i], xp[m * K + c + 16 + i] = x[m * K + c + 2 * i + 1];
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < K / G; ++g) xs[m * (K / G) + g] = sums(x + m * K + g * G, G, 0.f).first;
+}
+
+// A Linear for decode_layers and gemv_quant: float32 or bfloat16 weights (E), or int8 codes with a scale a row, or
+// int4 codes with a scale and a zero point a group (float32 scales and zero points); the bias in E, or none.
+template <typename E>
+struct Weights {
+  at::ScalarType kind;  // the weight's: kFloat / kBFloat16, kChar (int8), kByte (int4, two a byte)
+  const void* w;
+  const float* scales;
+  const float* zeros;
+  int64_t group;
+  const E* bias;
+};
+
+// out (M, N) = x (M, K) W^T + b in float32, for any of Weights' kinds; scratch: room for M * (K + K / 32) floats.
+// bfloat16 weights take their inputs rounded to bfloat16 (as PyTorch's bf16 Linear has them) for the CPU's bfloat16
+// dot product where it has one; int8 and int4 codes are widened to float32 and meet float32 inputs.
+template <typename E>
+void project(const Weights<E>& W, const float* x, float* out, int64_t M, int64_t N, int64_t K, float* scratch) {
+  if (W.kind == at::kFloat || W.kind == at::kBFloat16) {
+    const E* w = static_cast<const E*>(W.w);
+#if defined(__AVX512BF16__)
+    if constexpr (!std::is_same_v<E, float>) {
+      uint16_t* xb = reinterpret_cast<uint16_t*>(scratch);
+      for (int64_t i = 0; i < M * K; ++i) store(xb + i, x[i]);
+      gemv_rows(w, xb, W.bias, out, M, N, K);
+      return;
+    }
+#endif
+    gemv_rows(w, x, W.bias, out, M, N, K);
+    return;
+  }
+  if (W.kind == at::kChar) {
+    const int8_t* q = static_cast<const int8_t*>(W.w);
+    at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        prefetch_row(q + r * K, K);
+        const float bias = W.bias ? to_float(W.bias[r]) : 0.f;
+        for (int64_t m = 0; m < M; ++m) out[m * N + r] = W.scales[r] * dot_int8(q + r * K, x + m * K, K) + bias;
+      }
+    });
+    return;
+  }
+  const uint8_t* q = static_cast<const uint8_t*>(W.w);
+  const int64_t G = W.group, nG = K / G;
+  float* xp = scratch;
+  float* xs = scratch + M * K;
+#if defined(__AVX512BF16__)
+  if (K % 64 == 0) {
+    uint16_t* xb = reinterpret_cast<uint16_t*>(scratch);  // (M, K) bfloat16 in the first half of xp's room
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t c = 0; c < K; c += 64)
+        for (int64_t i = 0; i < 32; ++i) store(xb + m * K + c + i, x[m * K + c + 2 * i]), store(xb + m * K + c + 32 + i, x[m * K + c + 2 * i + 1]);
+      for (int64_t g = 0; g < nG; ++g) {
+        float sum = 0.f;  // of the rounded values, so that the 128 offsets cancel exactly
+        for (int64_t i = 0; i < G; ++i) {
+          uint16_t r;
+          store(&r, x[m * K + g * G + i]);
+          sum += to_float(r);
+        }
+        xs[m * nG + g] = sum;
+      }
+    }
+    at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        prefetch_row(q + r * K / 2, K / 2);
+        const float bias = W.bias ? to_float(W.bias[r]) : 0.f;
+        for (int64_t m = 0; m < M; ++m)
+          out[m * N + r] = dot_int4_bf16(q + r * K / 2, W.scales + r * nG, W.zeros + r * nG, xb + m * K, xs + m * nG, K, G) + bias;
+      }
+    });
+    return;
+  }
+#endif
+  int4_inputs(x, xp, xs, M, K, G);
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      prefetch_row(q + r * K / 2, K / 2);
+      const float bias = W.bias ? to_float(W.bias[r]) : 0.f;
+      for (int64_t m = 0; m < M; ++m)
+        out[m * N + r] = dot_int4(q + r * K / 2, W.scales + r * nG, W.zeros + r * nG, xp + m * K, xs + m * nG, K, G) + bias;
+    }
+  });
+}
+
+// The Weights of a Linear from K inputs to N outputs: weight (N, K) in E's dtype `dtype`; or int8 (N, K) with float32
+// scales (N,); or uint8 (N, K/2) with float32 scales and zeros (N, K/G), G a multiple of 32. bias: (N,) in `dtype`.
+// `what` names the Linear in errors.
+template <typename E>
+Weights<E> weights(const at::Tensor& w, const at::Tensor& bias, const at::Tensor& scales, const at::Tensor& zeros, int64_t N, int64_t K,
+                   at::ScalarType dtype, const std::string& what) {
+  TORCH_CHECK(w.defined() && w.is_contiguous(), what, ": a contiguous weight is required");
+  const auto kind = w.scalar_type();
+  TORCH_CHECK(!bias.defined() || (bias.scalar_type() == dtype && bias.is_contiguous() && bias.sizes() == at::IntArrayRef({N})), what,
+              ": the bias must be ", dtype, " (", N, ")");
+  Weights<E> W{kind, w.data_ptr(), nullptr, nullptr, 0, bias.defined() ? static_cast<const E*>(bias.data_ptr()) : nullptr};
+  if (kind == dtype) {
+    TORCH_CHECK(w.sizes() == at::IntArrayRef({N, K}) && !scales.defined() && !zeros.defined(), what, ": weight must be [", N, ", ", K, "], got ",
+                w.sizes());
+    return W;
+  }
+  TORCH_CHECK(kind == at::kChar || kind == at::kByte, what, ": weights are ", dtype, ", int8 or packed int4 (uint8), got ", kind);
+  TORCH_CHECK(scales.defined() && scales.scalar_type() == at::kFloat && scales.is_contiguous(), what, ": quantized weights need float32 scales");
+  W.scales = scales.data_ptr<float>();
+  if (kind == at::kChar) {
+    TORCH_CHECK(w.sizes() == at::IntArrayRef({N, K}) && scales.sizes() == at::IntArrayRef({N}) && !zeros.defined(), what,
+                ": int8 codes must be [", N, ", ", K, "] with scales [", N, "], got ", w.sizes(), " and ", scales.sizes());
+    return W;
+  }
+  const int64_t nG = scales.dim() == 2 ? scales.size(1) : 0;
+  TORCH_CHECK(w.sizes() == at::IntArrayRef({N, K / 2}) && scales.dim() == 2 && scales.size(0) == N && nG > 0 && K % nG == 0 && (K / nG) % 32 == 0,
+              what, ": int4 codes must be [", N, ", ", K / 2, "] with scales [", N, ", groups] for groups of a multiple of 32 inputs, got ",
+              w.sizes(), " and ", scales.sizes());
+  TORCH_CHECK(zeros.defined() && zeros.scalar_type() == at::kFloat && zeros.is_contiguous() && zeros.sizes() == scales.sizes(), what,
+              ": int4 codes need float32 zero points shaped like their scales");
+  W.zeros = zeros.data_ptr<float>();
+  W.group = K / nG;
+  return W;
+}
+
+// A weight-only quantized Linear at decode shapes (QuantLinear's native kernel): y = x W^T + b for x (..., K) float32 or
+// bfloat16, W int8 codes (N, K) with scales (N,) (no zeros), or int4 codes packed two a byte (N, K/2) with scales and
+// zeros (N, K/G); float32 sums, the result in x's dtype. torch's packed kernels take bfloat16 activations and, on the
+// AMD EPYC, read the codes at a fraction of the memory's rate at one row; this reads each row once, front to back.
+at::Tensor gemv_quant(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                      const std::optional<at::Tensor>& bias) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && x.is_contiguous() && x.dim() >= 1, "gemv_quant: x must be contiguous float32 or bfloat16");
+  TORCH_CHECK(qweight.dim() == 2 && (qweight.scalar_type() == at::kChar || qweight.scalar_type() == at::kByte),
+              "gemv_quant: int8 or packed int4 (uint8) codes, 2-d, got ", qweight.scalar_type(), " ", qweight.sizes());
+  const int64_t N = qweight.size(0), K = x.size(-1), M = x.numel() / std::max<int64_t>(K, 1);
+  const at::Tensor none;
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  at::Tensor out = at::empty(shape, x.options());  // (..., N)
+  std::vector<float> xf(M * K), y(M * N), scratch(M * (K + K / 32));
+  auto run = [&](auto* tag) {
+    using E = std::remove_pointer_t<decltype(tag)>;
+    const Weights<E> W = weights<E>(qweight, bias.value_or(none), scales, zeros.value_or(none), N, K, dtype, "gemv_quant");
+    const E* xp = static_cast<const E*>(x.data_ptr());
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = to_float(xp[i]);
+    project(W, xf.data(), y.data(), M, N, K, scratch.data());
+    E* o = static_cast<E*>(out.data_ptr());
+    for (int64_t i = 0; i < M * N; ++i) store(o + i, y[i]);
+  };
+  if (dtype == at::kFloat) run(static_cast<float*>(nullptr));
+  else run(static_cast<uint16_t*>(nullptr));
+  return out;
+}
+
 // ----------------------------------------------------------------------------- a whole decode step's layers
 
 // f applied to x[0:n] in place, 16 lanes at a time (the last few through a zero-padded copy)
@@ -441,20 +735,6 @@ inline f32x16 activate(f32x16 x, Act act) {
   return x;
 }
 
-// the sum of x[0:n] and of its squares about `shift`, 16 lanes at a time
-inline std::pair<float, float> sums(const float* x, int64_t n, float shift) {
-  f32x16 s = {}, q = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const f32x16 d = load16(x + i) - shift;
-    s += d;
-    q += d * d;
-  }
-  float a = hsum(s), b = hsum(q);
-  for (; i < n; ++i) a += x[i] - shift, b += (x[i] - shift) * (x[i] - shift);
-  return {a, b};
-}
-
 // y = LayerNorm(x) (x - mean) / sqrt(var + eps) * w + b, or RMSNorm x / sqrt(mean(x^2) + eps) * w (Zhang & Sennrich
 // 2019), over n features; y may be x. w, b: the norm's parameters (b null for none).
 template <typename W>
@@ -480,34 +760,39 @@ inline void rotate(float* x, const float* cos, const float* sin, int64_t hs) {
   }
 }
 
-// the parameters of one layer in decode_layers' list, in this order (absent ones None)
-enum Param { ln1_w, ln1_b, attn_w, attn_b, qn_w, qn_b, kn_w, kn_b, attn_proj_w, attn_proj_b, ln2_w, ln2_b, fc_w, fc_b, mlp_proj_w, mlp_proj_b, kPerLayer };
+// the parameters of one layer in decode_layers' list, in this order (absent ones None): the norms' weights and biases,
+// then each Linear's weight, bias, scales and zero points (the last two for quantized weights only)
+enum Param { ln1_w, ln1_b, qn_w, qn_b, kn_w, kn_b, ln2_w, ln2_b, attn, attn_proj = attn + 4, fc = attn + 8, mlp_proj = attn + 12, kPerLayer = attn + 16 };
 
 // decode_layers for weights and cache of element type E (float, or uint16_t holding bfloat16)
 template <typename E>
 void run_layers(const at::Tensor& x, const std::vector<at::Tensor>& p, const at::Tensor& cache_k, const at::Tensor& cache_v, const int64_t* slots,
                 const at::Tensor& mask, const float* cos, const float* sin, at::ArrayRef<double> scales, int64_t nh, bool rms, Act act,
                 bool gated, bool pre_ln, float eps, at::Tensor& out) {
+  const auto dtype = x.scalar_type();
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), M = B * T, nL = int64_t(scales.size());
   const int64_t nkv = cache_k.size(2), hs = cache_k.size(4), L = mask.size(3);
   const int64_t Q = nh * hs, W = Q + 2 * nkv * hs;  // query width; q, k and v side by side
-  const int64_t F = p[mlp_proj_w].size(1), Fw = p[fc_w].size(0);  // MLP width; c_fc's outputs (2F gated)
+  // the MLP's width: mlp.c_proj's inputs (its weight's columns, twice as many codes as bytes for int4)
+  const at::Tensor& down = p[mlp_proj];
+  TORCH_CHECK(down.defined() && down.dim() == 2, "decode_layers: layer 0 mlp.c_proj: a 2-d weight is required");
+  const int64_t F = down.size(1) * (down.scalar_type() == at::kByte ? 2 : 1), Fw = gated ? 2 * F : F;
+  // every Linear's Weights, checked: layer l's attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+  std::vector<std::array<Weights<E>, 4>> lin(nL);
+  const std::array<std::tuple<int, int64_t, int64_t, const char*>, 4> shapes = {
+      std::tuple{attn, W, C, "attn.c_attn"}, {attn_proj, C, Q, "attn.c_proj"}, {fc, Fw, C, "mlp.c_fc"}, {mlp_proj, C, F, "mlp.c_proj"}};
+  for (int64_t l = 0; l < nL; ++l)
+    for (int i = 0; i < 4; ++i) {
+      const auto [first, N, K, name] = shapes[i];
+      const int64_t o = l * kPerLayer + first;
+      lin[l][i] = weights<E>(p[o], p[o + 1], p[o + 2], p[o + 3], N, K, dtype, "decode_layers: layer " + std::to_string(l) + " " + name);
+    }
   auto ptr = [&](int64_t l, int i) -> const E* { const at::Tensor& t = p[l * kPerLayer + i]; return t.defined() ? static_cast<const E*>(t.data_ptr()) : nullptr; };
-  std::vector<float> h(M * C), a(M * C), qkv(M * W), y(M * Q), f(M * Fw), o(M * C);
-  std::vector<uint16_t> xb(M * std::max({C, Q, F})), qkv_e(std::is_same_v<E, float> ? 0 : M * W);
+  const int64_t widest = std::max({C, Q, F});
+  std::vector<float> h(M * C), a(M * C), qkv(M * W), y(M * Q), f(M * Fw), o(M * C), scratch(M * (widest + widest / 32));
+  std::vector<E> qkv_e(std::is_same_v<E, float> ? 0 : M * W);
   const E* xp = static_cast<const E*>(x.data_ptr());
   for (int64_t i = 0; i < M * C; ++i) h[i] = to_float(xp[i]);
-  // out (M, N) = in (M, K) w^T + bias, in float32; bfloat16 weights read with the bfloat16 dot product where the CPU has it
-  auto project = [&](const E* w, const E* bias, const float* in, float* res, int64_t N, int64_t K) {
-#if defined(__AVX512BF16__)
-    if constexpr (!std::is_same_v<E, float>) {
-      for (int64_t i = 0; i < M * K; ++i) store(&xb[i], in[i]);  // the inputs rounded to bfloat16, as PyTorch's bf16 Linear has them
-      gemv_rows(w, xb.data(), bias, res, M, N, K);
-      return;
-    }
-#endif
-    gemv_rows(w, in, bias, res, M, N, K);
-  };
   auto norm_rows = [&](const float* in, float* res, const E* w, const E* b) {
     for (int64_t m = 0; m < M; ++m) normalize(in + m * C, res + m * C, C, w, b, eps, rms);
   };
@@ -515,7 +800,7 @@ void run_layers(const at::Tensor& x, const std::vector<at::Tensor>& p, const at:
   for (int64_t l = 0; l < nL; ++l) {
     // attention: x + proj(attend(heads(norm(x)))) pre-LN, norm(x + proj(attend(heads(x)))) post-LN
     if (pre_ln) norm_rows(h.data(), a.data(), ptr(l, ln1_w), ptr(l, ln1_b));
-    project(ptr(l, attn_w), ptr(l, attn_b), pre_ln ? a.data() : h.data(), qkv.data(), W, C);  // (M, W)
+    project(lin[l][0], pre_ln ? a.data() : h.data(), qkv.data(), M, W, C, scratch.data());  // (M, W)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t head = 0; head < nh + nkv; ++head) {  // the query heads, then the key heads
         float* v = qkv.data() + m * W + head * hs;
@@ -534,19 +819,19 @@ void run_layers(const at::Tensor& x, const std::vector<at::Tensor>& p, const at:
     // q (B, nh, T) heads at row b * T + t, k and v (B, T, nkv) after them
     attention_core<E, float>({heads, T * W, hs, W}, {heads + Q, T * W, W, hs}, {heads + Q + nkv * hs, T * W, W, hs}, layer(cache_k), layer(cache_v),
                              slots, mp, mask.stride(0), mask.stride(2), mask.stride(3), B, nh, nkv, T, L, hs, float(scales[l]), y.data());
-    project(ptr(l, attn_proj_w), ptr(l, attn_proj_b), y.data(), o.data(), C, Q);  // (M, C)
+    project(lin[l][1], y.data(), o.data(), M, C, Q, scratch.data());  // (M, C)
     for (int64_t i = 0; i < M * C; ++i) h[i] += o[i];
     if (!pre_ln) norm_rows(h.data(), h.data(), ptr(l, ln1_w), ptr(l, ln1_b));
     // MLP: x + proj(act(fc(norm(x)))), gated proj(act(gate) * up)
     if (pre_ln) norm_rows(h.data(), a.data(), ptr(l, ln2_w), ptr(l, ln2_b));
-    project(ptr(l, fc_w), ptr(l, fc_b), pre_ln ? a.data() : h.data(), f.data(), Fw, C);  // (M, Fw)
+    project(lin[l][2], pre_ln ? a.data() : h.data(), f.data(), M, Fw, C, scratch.data());  // (M, Fw)
     for (int64_t m = 0; m < M; ++m) {
       float* row = f.data() + m * Fw;
       map16(row, F, [&](f32x16 v) { return activate(v, act); });
       if (gated)  // [gate, up] side by side: act(gate) * up, packed to the front so that the rows are F apart
         for (int64_t i = 0; i < F; ++i) f[m * F + i] = row[i] * row[F + i];
     }
-    project(ptr(l, mlp_proj_w), ptr(l, mlp_proj_b), f.data(), o.data(), C, F);  // (M, C)
+    project(lin[l][3], f.data(), o.data(), M, C, F, scratch.data());  // (M, C)
     for (int64_t i = 0; i < M * C; ++i) h[i] += o[i];
     if (!pre_ln) norm_rows(h.data(), h.data(), ptr(l, ln2_w), ptr(l, ln2_b));
   }
@@ -562,11 +847,12 @@ void run_layers(const at::Tensor& x, const std::vector<at::Tensor>& p, const at:
 // PyTorch is ~15 operator calls a layer, each a few microseconds of dispatch for a microsecond of work: 1.3-2.9 ms a
 // token for the 124M shape (AMD EPYC), 10-20% of the step. Here it runs in place in float32 buffers between the
 // matrix-vector products. params: kPerLayer tensors (or None) per layer in Param's order, then the final norm's weight
-// and bias; scales: each layer's attention scale; cos, sin (B, T, hs) float32: RoPE's angles, None without RoPE; norm:
-// "layernorm" or "rmsnorm" (the QK-norm too); activation as model.py names it; gated: c_fc gives [gate, up]; pre_ln:
-// GPT-2's placement, else GPT-1's. Hidden states stay in float32 between layers (PyTorch's bfloat16 path rounds them
-// to bfloat16 after each op); the inputs of every product and the cached keys and values are rounded to the weights'
-// dtype. Returns (B, T, C) in x's dtype.
+// and bias; the Linears' weights in x's dtype, or int8 / int4 codes with their float32 scales (and zero points) as
+// QuantLinear stores them. scales: each layer's attention scale; cos, sin (B, T, hs) float32: RoPE's angles, None
+// without RoPE; norm: "layernorm" or "rmsnorm" (the QK-norm too); activation as model.py names it; gated: c_fc gives
+// [gate, up]; pre_ln: GPT-2's placement, else GPT-1's. Hidden states stay in float32 between layers (PyTorch's bfloat16
+// path rounds them to bfloat16 after each op); the inputs of bfloat16 products and the cached keys and values are
+// rounded to bfloat16. Returns (B, T, C) in x's dtype.
 at::Tensor decode_layers(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& params, const at::Tensor& cache_k, const at::Tensor& cache_v,
                          const at::Tensor& slots, const at::Tensor& mask, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                          at::ArrayRef<double> scales, int64_t n_head, std::string_view norm, std::string_view activation, bool gated, bool pre_ln,
@@ -577,35 +863,30 @@ at::Tensor decode_layers(const at::Tensor& x, const c10::List<std::optional<at::
   TORCH_CHECK(norm == "layernorm" || norm == "rmsnorm", "decode_layers: no norm named ", std::string(norm));
   const Act act = parse_activation(activation);
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), nL = int64_t(scales.size());
-  TORCH_CHECK(int64_t(params.size()) == nL * kPerLayer + 2, "decode_layers: ", nL * kPerLayer + 2, " parameters for ", nL, " layers, got ", params.size());
+  TORCH_CHECK(nL > 0 && int64_t(params.size()) == nL * kPerLayer + 2, "decode_layers: ", nL * kPerLayer + 2, " parameters for ", nL, " layers, got ",
+              params.size());
   TORCH_CHECK(cache_k.dim() == 5 && cache_k.size(0) == nL && cache_k.size(1) == B && cache_v.sizes() == cache_k.sizes() && cache_k.stride(4) == 1 &&
                   cache_v.stride(4) == 1 && cache_k.scalar_type() == dtype && cache_v.scalar_type() == dtype,
               "decode_layers: the cache must be ", dtype, " (", nL, ", ", B, ", n_kv, S, hs) with the head dim contiguous, got ", cache_k.sizes());
-  const int64_t nkv = cache_k.size(2), S = cache_k.size(3), hs = cache_k.size(4), Q = n_head * hs;
+  const int64_t nkv = cache_k.size(2), S = cache_k.size(3), hs = cache_k.size(4);
   TORCH_CHECK(nkv > 0 && n_head % nkv == 0, "decode_layers: ", n_head, " query heads cannot share ", nkv, " key/value heads");
   std::vector<at::Tensor> p(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const std::optional<at::Tensor> t = params.get(i);
-    if (!t.has_value() || !t->defined()) continue;
-    TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous(), "decode_layers: parameter ", i, " must be contiguous ", dtype);
-    p[i] = *t;
+    if (t.has_value() && t->defined()) p[i] = *t;
   }
-  auto expect = [&](size_t i, std::vector<int64_t> shape, bool needed) {
-    TORCH_CHECK(p[i].defined() ? p[i].sizes() == at::IntArrayRef(shape) : !needed, "decode_layers: parameter ", i, " must be ", at::IntArrayRef(shape),
-                ", got ", p[i].defined() ? p[i].sizes() : at::IntArrayRef({}));
+  // the norms' weights and biases (the Linears are checked by weights())
+  auto norm_param = [&](size_t i, int64_t n, bool needed) {
+    TORCH_CHECK(p[i].defined() ? p[i].scalar_type() == dtype && p[i].is_contiguous() && p[i].sizes() == at::IntArrayRef({n}) : !needed,
+                "decode_layers: parameter ", i, " (a norm's) must be ", dtype, " [", n, "], got ", p[i].defined() ? p[i].sizes() : at::IntArrayRef({}));
   };
-  const int64_t F = p[mlp_proj_w].defined() ? p[mlp_proj_w].size(1) : 0, Fw = gated ? 2 * F : F;
   for (int64_t l = 0; l < nL; ++l) {
     const size_t o = l * kPerLayer;
     const bool qk = p[o + qn_w].defined();
-    for (auto [w, b] : {std::pair{ln1_w, ln1_b}, std::pair{ln2_w, ln2_b}}) expect(o + w, {C}, true), expect(o + b, {C}, false);
-    for (auto [w, b] : {std::pair{qn_w, qn_b}, std::pair{kn_w, kn_b}}) expect(o + w, {hs}, qk), expect(o + b, {hs}, false);
-    expect(o + attn_w, {Q + 2 * nkv * hs, C}, true), expect(o + attn_b, {Q + 2 * nkv * hs}, false);
-    expect(o + attn_proj_w, {C, Q}, true), expect(o + attn_proj_b, {C}, false);
-    expect(o + fc_w, {Fw, C}, true), expect(o + fc_b, {Fw}, false);
-    expect(o + mlp_proj_w, {C, F}, true), expect(o + mlp_proj_b, {C}, false);
+    norm_param(o + ln1_w, C, true), norm_param(o + ln1_b, C, false), norm_param(o + ln2_w, C, true), norm_param(o + ln2_b, C, false);
+    norm_param(o + qn_w, hs, qk), norm_param(o + qn_b, hs, false), norm_param(o + kn_w, hs, qk), norm_param(o + kn_b, hs, false);
   }
-  expect(nL * kPerLayer, {C}, false), expect(nL * kPerLayer + 1, {C}, false);
+  norm_param(nL * kPerLayer, C, false), norm_param(nL * kPerLayer + 1, C, false);
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.sizes() == at::IntArrayRef({B, T}), "decode_layers: slots must be int64 (", B, ", ", T, ")");
   TORCH_CHECK(mask.dim() == 4 && mask.scalar_type() == at::kBool && mask.size(0) == B && mask.size(1) == 1 && mask.size(2) == T && mask.size(3) <= S,
               "decode_layers: mask must be bool (", B, ", 1, ", T, ", L <= ", S, "), got ", mask.sizes());
@@ -634,6 +915,7 @@ at::Tensor decode_layers(const at::Tensor& x, const c10::List<std::optional<at::
 TORCH_LIBRARY(gptlab, m) {
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("cached_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor slots, Tensor mask, float scale) -> Tensor");
+  m.def("gemv_quant(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor?[] params, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor slots, Tensor mask, Tensor? cos, Tensor? sin, "
         "float[] scales, int n_head, str norm, str activation, bool gated, bool pre_ln, float eps) -> Tensor");
 }
@@ -641,5 +923,6 @@ TORCH_LIBRARY(gptlab, m) {
 TORCH_LIBRARY_IMPL(gptlab, CPU, m) {
   m.impl("gemv", gemv);
   m.impl("cached_attention", cached_attention);
+  m.impl("gemv_quant", gemv_quant);
   m.impl("decode_layers", decode_layers);
 }
