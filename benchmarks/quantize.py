@@ -11,7 +11,8 @@ Speed: decode tokens/s at batch 1 and 8 (greedy, prompt 16, --new new tokens) th
 Engine, for each checkpoint's model and for the GPT-2 124M shape (12 x 768, vocabulary 50257,
 random weights: speed does not depend on the values). Float Linears (float32, bfloat16, a head kept
 in float) run the kernels the Engine measures fastest at start-up on this CPU, as gptlab's commands
-do; the variants' rounds are interleaved and the
+do; quantized ones gptlab's native kernels (QuantLinear's "auto"), and the "torch packed" rows the
+same codes through torch's packed kernels, layer by layer; the variants' rounds are interleaved and the
 table keeps the median. Size: model.safetensors as `gptlab quantize` writes it (float32: the
 checkpoint's; bfloat16: its state dict in bfloat16; torchao: not written, its tensors' bytes).
 """
@@ -30,7 +31,7 @@ import torch
 from safetensors.torch import save_model
 
 from gptlab.checkpoint import MODEL_FILE, load_checkpoint
-from gptlab.compress.quantize import QuantConfig, quantize_checkpoint, quantize_model, weight_bytes
+from gptlab.compress.quantize import QuantConfig, quantize_checkpoint, quantize_model, set_kernel, weight_bytes
 from gptlab.config import GPTConfig, SampleConfig
 from gptlab.data import load_data
 from gptlab.evaluate import evaluate_split
@@ -78,9 +79,14 @@ def variants(base: GPT) -> dict[str, Callable[[], tuple[GPT, torch.dtype | None]
     }
     for name, cfg in GPTLAB.items():
         out[name] = lambda cfg=cfg: (quantized(base, cfg), None)
+    for name in TORCH_PACKED:  # the same codes through torch's packed kernels, layer by layer: what the native ones replace
+        out[f"{name}, torch packed"] = lambda name=name: (quantized(base, GPTLAB[name]), None)
     for name, apply in torchao_variants().items():
         out[name] = lambda apply=apply: (apply(copy.deepcopy(base)), None)
     return out
+
+
+TORCH_PACKED = ("int8", "int4/128")
 
 
 def quantized(base: GPT, cfg: QuantConfig) -> GPT:
@@ -90,9 +96,14 @@ def quantized(base: GPT, cfg: QuantConfig) -> GPT:
 
 
 def engine_for(name: str, model: GPT, dtype: torch.dtype | None, batches: list[int]) -> Engine:
+    if name.endswith("torch packed"):
+        set_kernel(model, "packed")
+        engine = Engine(model, dtype=dtype, tune=batches)
+        engine.decoder = None  # the layers through their modules, so that the QuantLinears run torch's kernels
+        return engine
     if not name.startswith("torchao"):
         # the float Linears (all of them, or a head kept in float) on the kernels measured fastest here, as gptlab's
-        # commands pick them; QuantLinears run their packed kernels
+        # commands pick them; QuantLinears run gptlab's native kernels at a few rows, in the one-call decode step
         return Engine(model, dtype=dtype, tune=batches)
     return Engine(model, dtype=dtype, onednn=False)  # torchao's tensor subclasses under F.linear
 
@@ -147,7 +158,7 @@ def main() -> None:
     lines = [
         f"CPU: {cpu_name()}, {args.threads} threads, torch {torch.__version__}; decode: greedy, prompt 16, {args.new} new tokens, median of {args.rounds} interleaved rounds"
     ]
-    data = load_data(args.data)
+    data = load_data(args.data) if args.ckpt else None
     work = Path(tempfile.mkdtemp(prefix="gptlab_quantbench_"))
     for i, ckpt_arg in enumerate(args.ckpt):
         loaded = load_checkpoint(ckpt_arg)

@@ -1,5 +1,6 @@
-// Decode kernels: matrix-vector products y = x W^T + b for a few rows of x (float32 or bfloat16), and a decode
-// step's attention fused with its KV-cache writes (cached_attention, below).
+// Decode kernels: matrix-vector products y = x W^T + b for a few rows of x (float32 or bfloat16 weights: gemv;
+// int8 or int4 weight-only codes: gemv_quant), a decode step's attention fused with its KV-cache writes
+// (cached_attention), and a decode step's whole stack of layers in one call (decode_layers).
 //
 // At one row a Linear reads each weight once and does one multiply-add with it, so its speed is the
 // rate at which the weight streams from memory. BLAS GEMV and oneDNN read it at 40-75% of the rate a
@@ -9,8 +10,7 @@
 // reaches the sum's rate.
 //
 // Built on first use by gptlab/kernels/__init__.py for the CPU at hand (-march=native) and registered
-// as torch.ops.gptlab.gemv and torch.ops.gptlab.cached_attention; the threads are PyTorch's own
-// (at::parallel_for), so they share its pool.
+// as torch.ops.gptlab.<name>; the threads are PyTorch's own (at::parallel_for), so they share its pool.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
