@@ -121,6 +121,21 @@ def test_packed_kernels_equal_dequantize_then_matmul(method, group, n_out, dtype
     assert torch.allclose(q(x).float(), exact, atol=5e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+def test_auto_kernel_runs_the_native_one_where_it_measured_faster():
+    from gptlab.compress.quantize import NATIVE_ROWS
+
+    if not native_applies(GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=4))):
+        pytest.skip("no native kernels here")
+    for method in ("int8", "int4"):
+        q = QuantLinear.from_linear(torch.nn.Linear(128, 40), method, 32)
+        for rows in (1, 4, 6):
+            x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
+            q.kernel = "auto"
+            auto = q(x)
+            q.kernel = "native" if rows <= NATIVE_ROWS[method] else "packed"
+            assert torch.equal(auto, q(x)), (method, rows)  # (tests/test_kernels.py holds the native kernel to the reference)
+
+
 def test_kernels_follow_new_weights_after_loading_a_state_dict():
     a, b = (QuantLinear.from_linear(torch.nn.Linear(64, 16), "int4", 32) for _ in range(2))
     x = torch.randn(3, 64)

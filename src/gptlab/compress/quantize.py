@@ -30,13 +30,14 @@ is first run, so a file depends neither on the PyTorch version nor on the CPU):
 
 checkpoint.json's "quantization" entry holds the QuantConfig. Kernels (`QuantLinear.kernel`):
 "native" is gptlab's own (kernels/decode.cpp, gemv_quant): it reads the stored codes as they are,
-one row front to back, widening them to float32 against float32 activations, for a few rows on
-CPU (the product of a decode step; on the AMD EPYC it reads the codes several times faster than
-torch's packed kernels at one row: benchmarks/quantize.py). "packed" on CPU is
+one row front to back (int8 widened to float32 against float32 activations; int4 through the CPU's
+bfloat16 dot product where it has one, on activations rounded to bfloat16). "packed" on CPU is
 torch._weight_int8pack_mm for int8 and torch._weight_int4pack_mm_for_cpu for int4 (its
 dequantization is (q - 8) * s + z, so z = lo + 8 s), on bfloat16 activations (KERNEL_DTYPE).
-"auto", the default, is "native" for up to kernels.MAX_ROWS rows where the native kernels are
-built, else "packed". Elsewhere, and with "reference" (the slow path tests compare against), the
+"auto", the default, is "native" where it measured faster layer by layer (int8 up to 4 rows,
+NATIVE_ROWS) and the native kernels are built, else "packed"; the Engine's one-call decode step
+(kernels.decode_layers) reads the stored codes natively whatever the kernel. Elsewhere, and with
+"reference" (the slow path tests compare against), the
 weight is dequantized to the input's dtype and passed to F.linear.
 """
 
@@ -65,6 +66,11 @@ KERNELS = ("auto", "native", "packed", "reference")
 # into a quantized matmul and its outputs come back in float32; bfloat16's 8-bit mantissa is finer
 # than the weights' codes.
 KERNEL_DTYPE = torch.bfloat16
+# The rows up to which "auto" runs the native kernel, layer by layer (measured on the AMD EPYC, 24 layers of 3072 x 768
+# read from memory, benchmarks/RESULTS.md): native int8 beat torch's packed kernel 1.07-1.73x up to 4 rows and lost
+# from 6; native int4 lost at every row count (0.35-0.76x: the inputs are reordered and summed per call), and pays off
+# only inside the one-call decode step (kernels.decode_layers), which the Engine measures against these.
+NATIVE_ROWS = {"int8": 4, "int4": 0}
 _INT8_MAX = 127
 _INT4_LEVELS = 15
 
@@ -193,7 +199,7 @@ class QuantLinear(nn.Module):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized(x.dtype), bias)
         rows = x.numel() // self.in_features
-        if self.kernel == "native" or (self.kernel == "auto" and rows <= native.MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16) and native.load()):
+        if self.kernel == "native" or (self.kernel == "auto" and rows <= NATIVE_ROWS[self.method] and x.dtype in (torch.float32, torch.bfloat16) and native.load()):
             if not native.load():
                 raise ConfigError("the native quantized kernel is not built here (a C++ compiler is needed); use kernel 'packed'")
             scales, zeros = self.native_form()
@@ -324,7 +330,7 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def set_kernel(model: nn.Module, kernel: str) -> None:
-    """Every QuantLinear's kernel: "auto" (the default: "native" for a few rows where built, else "packed"), "native"
+    """Every QuantLinear's kernel: "auto" (the default: "native" where it measured faster, NATIVE_ROWS, else "packed"), "native"
     (gptlab's kernel on the stored codes), "packed" (torch's CPU kernels on their packed codes) or "reference" (dequantize,
     then F.linear)."""
     if kernel not in KERNELS:
