@@ -67,9 +67,9 @@ KERNELS = ("auto", "native", "packed", "reference")
 # than the weights' codes.
 KERNEL_DTYPE = torch.bfloat16
 # The rows up to which "auto" runs the native kernel, layer by layer (measured on the AMD EPYC, 24 layers of 3072 x 768
-# read from memory, benchmarks/RESULTS.md): native int8 beat torch's packed kernel 1.07-1.73x up to 4 rows and lost
-# from 6; native int4 lost at every row count (0.35-0.76x: the inputs are reordered and summed per call), and pays off
-# only inside the one-call decode step (kernels.decode_layers), which the Engine measures against these.
+# read from memory, benchmarks/RESULTS.md): native int8 beat torch's packed kernel 1.04-1.78x up to 4 rows, was even
+# at 6 and lost at 8 (0.87x); native int4 lost almost everywhere (0.55-0.90x at group 128), and pays off only inside
+# the one-call decode step (kernels.decode_layers), which the Engine measures against the layer-by-layer path.
 NATIVE_ROWS = {"int8": 4, "int4": 0}
 _INT8_MAX = 127
 _INT4_LEVELS = 15

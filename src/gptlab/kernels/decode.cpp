@@ -443,6 +443,22 @@ inline float dot_int8(const int8_t* q, const float* x, int64_t K) {
   return s;
 }
 
+// dot_int8 for MR rows of x (K apart) at once: each 16 codes widened once and used MR times (the widening, not the
+// multiply-adds, bounds it at several rows); the rows' sums are independent, so one accumulator each
+template <int MR>
+inline void dot_int8_rows(const int8_t* q, const float* x, int64_t K, float* out) {
+  f32x16 a[MR] = {};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const f32x16 w = widen_int8(q + k);
+    for (int m = 0; m < MR; ++m) a[m] += w * load16(x + m * K + k);
+  }
+  for (int m = 0; m < MR; ++m) {
+    out[m] = hsum(a[m]);
+    for (int64_t t = k; t < K; ++t) out[m] += float(q[t]) * x[m * K + t];
+  }
+}
+
 // One row of an int4 weight (quantize.py's layout: two codes a byte, the even column in the low nibble; per group of
 // G inputs a scale s and a zero point z, w = q s + z) times x: sum_g s_g (sum_{k in g} q_k x_k) + z_g (sum_{k in g} x_k).
 // xp is x with each 32 columns reordered as the nibbles come, [the 16 even columns, the 16 odd ones], so that a byte's
@@ -498,6 +514,37 @@ inline float dot_int4_bf16(const uint8_t* q, const float* s, const float* z, con
     }
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + dot(z, xs, K / G) - 128.f * dot(s, xs, K / G);
+}
+
+// dot_int4_bf16 for MR rows of inputs at once (xb MR rows K apart, xs MR rows K/G apart): each chunk's 64 codes
+// unpacked once and used MR times, its two halves scaled by their groups' scales chunk by chunk
+template <int MR>
+inline void dot_int4_bf16_rows(const uint8_t* q, const float* s, const float* z, const uint16_t* xb, const float* xs, int64_t K, int64_t G,
+                               float* out) {
+  const __m512i nibble = _mm512_set1_epi16(0x000F), bits = _mm512_set1_epi16(0x4300);
+  __m512 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  const int64_t halves = G / 32;  // 32-column halves of a chunk a group spans
+  int64_t g = 0, left = halves;  // the group of the next half, and how many of its halves are left (no division in the loop)
+  auto next_group = [&] {
+    const int64_t at = g;
+    if (--left == 0) ++g, left = halves;
+    return at;
+  };
+  for (int64_t c = 0; c < K / 64; ++c) {
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c * 32)));
+    const __m512i lo = _mm512_ternarylogic_epi32(w, nibble, bits, 0xEA);
+    const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(w, 4), bits);
+    const float first = s[next_group()];
+    const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(first), _mm512_set1_ps(s[next_group()]));
+    for (int m = 0; m < MR; ++m) {
+      const uint16_t* x = xb + m * K + c * 64;
+      const __m512 p = _mm512_add_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)lo, (__m512bh)_mm512_loadu_si512(x)),
+                                     _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)hi, (__m512bh)_mm512_loadu_si512(x + 32)));
+      acc[m] = _mm512_fmadd_ps(scale, p, acc[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(acc[m]) + dot(z, xs + m * (K / G), K / G) - 128.f * dot(s, xs + m * (K / G), K / G);
 }
 #endif
 
@@ -557,10 +604,19 @@ void project(const Weights<E>& W, const float* x, float* out, int64_t M, int64_t
   if (W.kind == at::kChar) {
     const int8_t* q = static_cast<const int8_t*>(W.w);
     at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+      float sums[4];
       for (int64_t r = r0; r < r1; ++r) {
         prefetch_row(q + r * K, K);
         const float bias = W.bias ? to_float(W.bias[r]) : 0.f;
-        for (int64_t m = 0; m < M; ++m) out[m * N + r] = W.scales[r] * dot_int8(q + r * K, x + m * K, K) + bias;
+        for (int64_t m = 0; m < M; m += 4) {  // rows four at a time; one alone by dot_int8's four accumulators
+          const int64_t n = std::min<int64_t>(4, M - m);
+          const int8_t* row = q + r * K;
+          if (n == 4) dot_int8_rows<4>(row, x + m * K, K, sums);
+          else if (n == 3) dot_int8_rows<3>(row, x + m * K, K, sums);
+          else if (n == 2) dot_int8_rows<2>(row, x + m * K, K, sums);
+          else sums[0] = dot_int8(row, x + m * K, K);
+          for (int64_t i = 0; i < n; ++i) out[(m + i) * N + r] = W.scales[r] * sums[i] + bias;
+        }
       }
     });
     return;
@@ -586,11 +642,20 @@ void project(const Weights<E>& W, const float* x, float* out, int64_t M, int64_t
       }
     }
     at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+      float sums[4];
       for (int64_t r = r0; r < r1; ++r) {
         prefetch_row(q + r * K / 2, K / 2);
         const float bias = W.bias ? to_float(W.bias[r]) : 0.f;
-        for (int64_t m = 0; m < M; ++m)
-          out[m * N + r] = dot_int4_bf16(q + r * K / 2, W.scales + r * nG, W.zeros + r * nG, xb + m * K, xs + m * nG, K, G) + bias;
+        const uint8_t* row = q + r * K / 2;
+        const float *sc = W.scales + r * nG, *zr = W.zeros + r * nG;
+        for (int64_t m = 0; m < M; m += 4) {  // rows four at a time
+          const int64_t n = std::min<int64_t>(4, M - m);
+          if (n == 4) dot_int4_bf16_rows<4>(row, sc, zr, xb + m * K, xs + m * nG, K, G, sums);
+          else if (n == 3) dot_int4_bf16_rows<3>(row, sc, zr, xb + m * K, xs + m * nG, K, G, sums);
+          else if (n == 2) dot_int4_bf16_rows<2>(row, sc, zr, xb + m * K, xs + m * nG, K, G, sums);
+          else sums[0] = dot_int4_bf16(row, sc, zr, xb + m * K, xs + m * nG, K, G);
+          for (int64_t i = 0; i < n; ++i) out[(m + i) * N + r] = sums[i] + bias;
+        }
       }
     });
     return;
