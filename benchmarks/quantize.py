@@ -13,7 +13,8 @@ random weights: speed does not depend on the values). Float Linears (float32, bf
 in float) run the kernels the Engine measures fastest at start-up on this CPU, as gptlab's commands
 do; quantized ones gptlab's native kernels (QuantLinear's "auto"), and the "torch packed" rows the
 same codes through torch's packed kernels, layer by layer; the variants' rounds are interleaved and the
-table keeps the median. Size: model.safetensors as `gptlab quantize` writes it (float32: the
+table keeps the median, and each ratio is the median over rounds of the variant's speed over float32's in the
+same round (the host's memory speed drifts ~2x within minutes). Size: model.safetensors as `gptlab quantize` writes it (float32: the
 checkpoint's; bfloat16: its state dict in bfloat16; torchao: not written, its tensors' bytes).
 """
 
@@ -108,7 +109,9 @@ def engine_for(name: str, model: GPT, dtype: torch.dtype | None, batches: list[i
     return Engine(model, dtype=dtype, onednn=False)  # torchao's tensor subclasses under F.linear
 
 
-def decode_speed(engines: dict[str, Engine], vocab: int, batches: list[int], new: int, rounds: int) -> dict[int, dict[str, float]]:
+def decode_speed(engines: dict[str, Engine], vocab: int, batches: list[int], new: int, rounds: int) -> dict[int, dict[str, list[float]]]:
+    """Tokens/s of every engine in every round, per batch size: rounds interleaved (the order reversed every other round),
+    so that the host's drift in memory speed reaches all alike; ratio() compares within a round."""
     cfg = SampleConfig(max_new_tokens=new, temperature=0.0, ignore_eot=True)
     out = {}
     for B in batches:
@@ -122,9 +125,15 @@ def decode_speed(engines: dict[str, Engine], vocab: int, batches: list[int], new
                 t0 = time.perf_counter()
                 engines[name].generate(prompt, cfg)
                 runs[name].append(B * new / (time.perf_counter() - t0))
-        out[B] = {name: statistics.median(v) for name, v in runs.items()}
-        print(f"  batch {B}: " + ", ".join(f"{n} {v:.1f}" for n, v in out[B].items()) + " tokens/s", flush=True)
+        out[B] = runs
+        print(f"  batch {B}: " + ", ".join(f"{n} {statistics.median(v):.1f}" for n, v in runs.items()) + " tokens/s", flush=True)
     return out
+
+
+def speed_cell(runs: dict[str, list[float]], name: str) -> str:
+    """The median tokens/s and the median over rounds of this variant's speed over float32's in the same round."""
+    ratio = statistics.median(a / b for a, b in zip(runs[name], runs["float32"], strict=True))
+    return f"{statistics.median(runs[name]):.1f} ({ratio:.2f}x)"
 
 
 def disk_size(name: str, src: Path, model: GPT, work: Path) -> float | None:
@@ -149,14 +158,15 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=65536)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--new", type=int, default=64, help="new tokens per row in the speed runs")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-124m", action="store_true", help="skip the GPT-2 124M-shape speed table")
     p.add_argument("--out", type=Path, help="append the markdown tables here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     lines = [
-        f"CPU: {cpu_name()}, {args.threads} threads, torch {torch.__version__}; decode: greedy, prompt 16, {args.new} new tokens, median of {args.rounds} interleaved rounds"
+        f"CPU: {cpu_name()}, {args.threads} threads, torch {torch.__version__}; decode: greedy, prompt 16, {args.new} new tokens, median of {args.rounds} interleaved rounds "
+        "(ratios: the median of per-round ratios to float32)"
     ]
     data = load_data(args.data) if args.ckpt else None
     work = Path(tempfile.mkdtemp(prefix="gptlab_quantbench_"))
@@ -184,7 +194,7 @@ def main() -> None:
                   "|---|---:|---:|---:|" + "---:|" * len(args.batches)]  # fmt: skip
         for name, r in rows.items():
             size = f"{r['MiB']:.1f} MiB" if r["MiB"] is not None else f"({r['weights']:.1f} MiB in memory)"
-            tps = " | ".join(f"{speed[B][name]:.1f} ({speed[B][name] / speed[B]['float32']:.2f}x)" for B in args.batches)
+            tps = " | ".join(speed_cell(speed[B], name) for B in args.batches)
             lines.append(f"| {name} | {r['bpb']:.4f} | {100 * (r['bpb'] / ref - 1):+.2f}% | {size} | {tps} |")
         del engines
     if not args.no_124m:
@@ -197,7 +207,7 @@ def main() -> None:
                   "| variant | weights in memory | " + " | ".join(f"decode tok/s, batch {B}" for B in args.batches) + " |",
                   "|---|---:|" + "---:|" * len(args.batches)]  # fmt: skip
         for name, e in engines.items():
-            tps = " | ".join(f"{speed[B][name]:.1f} ({speed[B][name] / speed[B]['float32']:.2f}x)" for B in args.batches)
+            tps = " | ".join(speed_cell(speed[B], name) for B in args.batches)
             lines.append(f"| {name} | {weight_bytes(e.model) / 2**20:.1f} MiB | {tps} |")
     text = "\n".join(lines)
     print("\n" + text)
