@@ -34,7 +34,7 @@ one row front to back (int8 widened to float32 against float32 activations; int4
 bfloat16 dot product where it has one, on activations rounded to bfloat16). "packed" on CPU is
 torch._weight_int8pack_mm for int8 and torch._weight_int4pack_mm_for_cpu for int4 (its
 dequantization is (q - 8) * s + z, so z = lo + 8 s), on bfloat16 activations (KERNEL_DTYPE).
-"auto", the default, is "native" where it measured faster layer by layer (int8 up to 4 rows,
+"auto", the default, is "native" where it measured faster layer by layer (int8 up to 3 rows,
 NATIVE_ROWS) and the native kernels are built, else "packed"; the Engine's one-call decode step
 (kernels.decode_layers) reads the stored codes natively whatever the kernel. Elsewhere, and with
 "reference" (the slow path tests compare against), the
@@ -66,11 +66,12 @@ KERNELS = ("auto", "native", "packed", "reference")
 # into a quantized matmul and its outputs come back in float32; bfloat16's 8-bit mantissa is finer
 # than the weights' codes.
 KERNEL_DTYPE = torch.bfloat16
-# The rows up to which "auto" runs the native kernel, layer by layer (measured on the AMD EPYC, 24 layers of 3072 x 768
-# read from memory, benchmarks/RESULTS.md): native int8 beat torch's packed kernel 1.04-1.78x up to 4 rows, was even
-# at 6 and lost at 8 (0.87x); native int4 lost almost everywhere (0.55-0.90x at group 128), and pays off only inside
-# the one-call decode step (kernels.decode_layers), which the Engine measures against the layer-by-layer path.
-NATIVE_ROWS = {"int8": 4, "int4": 0}
+# The rows up to which "auto" runs the native kernel, layer by layer (benchmarks/quant_kernels.py on the AMD EPYC: 24
+# Linears of 768 -> 3072 read from memory, two runs): native int8 beat torch's packed kernel 1.08-1.79x up to 3 rows,
+# was within 12% either way at 4-6 and lost at 8 (0.83-0.87x); native int4 lost at nearly every row count (0.55-0.92x),
+# and pays off only inside the one-call decode step (kernels.decode_layers), which the Engine measures against the
+# layer-by-layer path.
+NATIVE_ROWS = {"int8": 3, "int4": 0}
 _INT8_MAX = 127
 _INT4_LEVELS = 15
 
