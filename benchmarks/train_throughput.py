@@ -1,14 +1,22 @@
-"""Training throughput: gptlab's GPT against Hugging Face's GPT2LMHeadModel, same shape, same process.
+"""Training throughput: gptlab's GPT against nanoGPT's model and Hugging Face's GPT2LMHeadModel, same shape, same process.
 
 Each training step is forward + backward + optimizer step. gptlab runs its own
 training step (its model and `gptlab.train.build_optimizer`); HF runs what an HF user
 gets: GPT2LMHeadModel with SDPA attention and GPT-2's default activation (gelu_new),
 and torch.optim.AdamW with its defaults at the same lr, betas and weight decay.
+"nanoGPT" is `NanoGPT` below: nanoGPT's model (Karpathy, github.com/karpathy/nanoGPT,
+model.py) as its README and code describe it, written here since nanoGPT is not a
+package: pre-LN blocks of nn.LayerNorm, a fused q/k/v Linear, SDPA with is_causal,
+nn.GELU (exact), the head tied to the token table and applied at every position,
+F.cross_entropy over all logits, and AdamW with weight decay on the 2-D parameters
+only (fused on CUDA only, as nanoGPT's configure_optimizers has it).
 The runs' steps are interleaved one by one, so drift in machine speed reaches all of
 them alike; only ratios from one run compare.
 
-On CPU (the default without a GPU) the runs are gptlab/HF x float32/bf16 autocast, at
-n_layer 6, n_head 6, n_embd 384, T 256, batch 8. On CUDA they are gptlab/HF in bf16
+On CPU (the default without a GPU) the runs are gptlab/nanoGPT/HF x float32/bf16
+autocast, at n_layer 6, n_head 6, n_embd 384, T 256, batch 8, and the report adds the
+CPU's float32 and bf16 matmul peaks measured in the same process (torch.mm of
+--cpu-matmul-size^3) and each run's model FLOP/s as a share of its precision's peak. On CUDA they are gptlab/HF in bf16
 autocast, eager and (unless --no-compile) torch.compile'd, at GPT-2 124M's shape
 (n_layer 12, n_head 12, n_embd 768, T 1024, batch 16) with TF32 on; the report adds
 step time, MFU against the GPU's bf16 matmul peak measured in the same process, and
@@ -48,8 +56,9 @@ class Run(NamedTuple):
         return self.precision + (" compiled" if self.compiled else "")
 
 
-CPU_RUNS = (Run("gptlab", "fp32"), Run("HF", "fp32"), Run("gptlab", "bf16"), Run("HF", "bf16"))
-CPU_RATIOS = ((CPU_RUNS[0], CPU_RUNS[1]), (CPU_RUNS[2], CPU_RUNS[1]), (CPU_RUNS[2], CPU_RUNS[3]))
+CPU_RUNS = tuple(Run(impl, precision) for precision in ("fp32", "bf16") for impl in ("gptlab", "nanoGPT", "HF"))
+CPU_RATIOS = tuple((Run("gptlab", p), Run(peer, p)) for p in ("fp32", "bf16") for peer in ("nanoGPT", "HF")) + ((Run("gptlab", "bf16"), Run("nanoGPT", "fp32")),)
+SPEED_GOAL, PEAK_GOAL = 1.5, 0.6  # the issue's goals on CPU: >= 1.5x nanoGPT in each precision; bf16 >= 60% of the bf16 matmul peak
 CUDA_RUNS = (Run("gptlab", "bf16"), Run("HF", "bf16"), Run("gptlab", "bf16", True), Run("HF", "bf16", True))
 CUDA_RATIOS = ((CUDA_RUNS[0], CUDA_RUNS[1]), (CUDA_RUNS[2], CUDA_RUNS[3]), (CUDA_RUNS[2], CUDA_RUNS[1]))
 MFU_GOAL = 0.5  # the issue's goal for gptlab's compiled bf16 step on a GPU
@@ -64,6 +73,42 @@ DEFAULTS = {
 SHAPES = {"cpu": {"n_layer": 6, "n_head": 6, "n_embd": 384}, "cuda": {"n_layer": 12, "n_head": 12, "n_embd": 768}}
 
 
+class NanoGPT(nn.Module):
+    """nanoGPT's GPT-2 model (see the module docstring): what a nanoGPT user trains, for the side-by-side step."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        C, self.n_head = cfg.n_embd, cfg.n_head
+        self.wte, self.wpe = nn.Embedding(cfg.vocab_size, C), nn.Embedding(cfg.block_size, C)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"ln_1": nn.LayerNorm(C), "c_attn": nn.Linear(C, 3 * C), "c_proj": nn.Linear(C, C), "ln_2": nn.LayerNorm(C),
+                           "c_fc": nn.Linear(C, 4 * C), "gelu": nn.GELU(), "mlp_proj": nn.Linear(4 * C, C)})  # fmt: skip
+            for _ in range(cfg.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(C)
+        self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        for b in self.blocks:
+            q, k, v = b["c_attn"](b["ln_1"](x)).split(x.size(-1), dim=2)
+            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)  # (B, T, C)
+            x = x + b["c_proj"](y)
+            x = x + b["mlp_proj"](b["gelu"](b["c_fc"](b["ln_2"](x))))
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        return nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+    def optimizer(self, train_cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+        """nanoGPT's configure_optimizers: weight decay on the matrices and tables, none on biases and norm gains."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": train_cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+        return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), fused=device.type == "cuda")
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available, else cpu")
@@ -76,6 +121,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="CUDA only: also time torch.compile'd models (default: on)")
     p.add_argument("--matmul-size", type=int, default=8192, help="CUDA only: M = N = K of the bf16 matmul that measures the peak")
+    p.add_argument("--cpu-matmul-size", type=int, default=2048, help="CPU only: M = N = K of the matmuls that measure the CPU's peaks")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out", type=Path, help="append the markdown report to this file")
     args = p.parse_args()
@@ -85,7 +131,7 @@ def parse_args() -> argparse.Namespace:
     for name, value in DEFAULTS[args.device.type].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("steps", "repeats", "threads", "batch", "seq_len", "vocab", "matmul_size"):
+    for name in ("steps", "repeats", "threads", "batch", "seq_len", "vocab", "matmul_size", "cpu_matmul_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -180,12 +226,19 @@ def make_steps(
     ours = GPT(cfg).train()
     hf = GPT2LMHeadModel(GPT2Config(**config_to_hf(cfg), attn_implementation="sdpa")).train()
     hf.load_state_dict(state_dict_to_hf(ours.state_dict(), cfg))
+    nano = NanoGPT(cfg).train()
+    with torch.no_grad():  # gptlab's initial weights, by position: the same layers in the same order
+        for mine, theirs in zip(nano.parameters(), ours.parameters(), strict=True):
+            mine.copy_(theirs)
     ours.to(device)
     hf.to(device)
+    nano.to(device)
     models: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {
         "gptlab": (ours, build_optimizer(ours, train_cfg, device.type)),
+        "nanoGPT": (nano, nano.optimizer(train_cfg, device)),
         "HF": (hf, torch.optim.AdamW(hf.parameters(), lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), weight_decay=train_cfg.weight_decay)),
     }
+    models = {impl: m for impl, m in models.items() if any(r.impl == impl for r in runs)}
     compiled = {impl: torch.compile(model) for impl, (model, _) in models.items() if any(r.impl == impl and r.compiled for r in runs)}
 
     def autocast(precision: str):
@@ -197,6 +250,8 @@ def make_steps(
         with autocast(run.precision):
             if run.impl == "gptlab":
                 _, loss = forward(x, y)
+            elif run.impl == "nanoGPT":
+                loss = forward(x, y)
             else:
                 loss = forward(input_ids=x, labels=x).loss  # HF shifts the labels inside: the same next-token targets as y
         loss.backward()
@@ -242,7 +297,7 @@ def peak_memory(steps: dict[Run, Callable[[], float]], models: dict[str, tuple[n
     return peaks
 
 
-def report(cfg: GPTConfig, args: argparse.Namespace, rounds: list[dict[Run, float]], flops_per_token: int) -> str:
+def report(cfg: GPTConfig, args: argparse.Namespace, rounds: list[dict[Run, float]], flops_per_token: int, peaks: dict[str, float]) -> str:
     median = {run: statistics.median(r[run] for r in rounds) for run in CPU_RUNS}
     lines = [
         f"### Training throughput: n_layer {cfg.n_layer}, n_head {cfg.n_head}, n_embd {cfg.n_embd}, T {cfg.block_size}, "
@@ -252,15 +307,26 @@ def report(cfg: GPTConfig, args: argparse.Namespace, rounds: list[dict[Run, floa
         f"{args.threads} thread(s); {args.warmup} warm-up + {args.steps} timed steps per run, steps interleaved; "
         f"median of {len(rounds)} round(s)",
         "",
-        "| implementation | precision | tokens/s | min-max over rounds | model GFLOP/s |",
-        "|---|---|---:|---:|---:|",
+        f"Matmul peaks measured in the same process (best of {MATMUL_REPEATS} x {MATMUL_ITERS} torch.mm of {args.cpu_matmul_size}^3): "
+        f"float32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s. Model FLOPs per token: {flops_per_token:,} "
+        "(6 N + 12 L C T, PaLM appendix B).",
+        "",
+        "| implementation | precision | tokens/s | min-max over rounds | model GFLOP/s | share of the precision's matmul peak |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for run in CPU_RUNS:
         values = [r[run] for r in rounds]
-        lines.append(f"| {run.impl} | {run.precision} | {median[run]:,.0f} | {min(values):,.0f}-{max(values):,.0f} | {median[run] * flops_per_token / 1e9:.1f} |")
+        gflops = median[run] * flops_per_token / 1e9
+        lines.append(f"| {run.impl} | {run.precision} | {median[run]:,.0f} | {min(values):,.0f}-{max(values):,.0f} | {gflops:.1f} | "
+                     f"{gflops * 1e9 / peaks[run.precision]:.0%} |")  # fmt: skip
     lines += ["", "| ratio | value |", "|---|---:|"]
     for a, b in CPU_RATIOS:
         lines.append(f"| {a.impl} {a.precision} / {b.impl} {b.precision} | {median[a] / median[b]:.2f}x |")
+    speed = {p: median[Run("gptlab", p)] / median[Run("nanoGPT", p)] for p in ("fp32", "bf16")}
+    share = median[Run("gptlab", "bf16")] * flops_per_token / peaks["bf16"]
+    lines += ["", f"Goals: gptlab >= {SPEED_GOAL}x nanoGPT in fp32 ({speed['fp32']:.2f}x: {'met' if speed['fp32'] >= SPEED_GOAL else 'not met'}) "
+              f"and bf16 ({speed['bf16']:.2f}x: {'met' if speed['bf16'] >= SPEED_GOAL else 'not met'}); gptlab bf16 >= {PEAK_GOAL:.0%} of the bf16 "
+              f"matmul peak ({share:.0%}: {'met' if share >= PEAK_GOAL else 'not met'})"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -339,7 +405,8 @@ def main() -> None:
         peak_flops = matmul_peak_flops(device, torch.bfloat16, size=args.matmul_size)
         text = cuda_report(cfg, args, rounds, flops_per_token, peak_flops, memory)
     else:
-        text = report(cfg, args, rounds, flops_per_token)
+        peaks = {name: matmul_peak_flops(device, dtype, size=args.cpu_matmul_size) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        text = report(cfg, args, rounds, flops_per_token, peaks)
     print(text)
     if args.out is not None:
         with args.out.open("a", encoding="utf-8") as f:

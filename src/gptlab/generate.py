@@ -340,8 +340,6 @@ def measured_kernels(device: torch.device, batch: int) -> dict[str, object]:
     return {"tune": (batch,), "plan_cache": default_plan_cache()} if device.type == "cpu" else {}
 
 
-
-
 def native_applies(model: GPT) -> bool:
     """Whether gptlab's own matrix-vector kernel can run `model`'s Linears: float32 or bfloat16 weights on a CPU, and the
     kernel built (or buildable) here."""
@@ -737,7 +735,9 @@ class Engine:
     tune: batch sizes at which to measure the Linear kernels now and use the fastest at each
     (`tune_linears`; for a server, whose batch size varies), in place of the onednn rule; the
     plan is `self.plan`; plan_cache, a file of plans measured before (`default_plan_cache()`), skips
-    the measurement when it holds one for this machine and model shape. The model passed in is never changed. The draft model must share the
+    the measurement when it holds one for this machine and model shape. Where the plan runs gptlab's
+    native kernel (a few rows), decode steps run every layer in one native call (`self.decoder`,
+    a NativeDecoder). The model passed in is never changed. The draft model must share the
     tokenizer; draft_tokens is how many tokens it proposes per step.
     """
 
