@@ -162,6 +162,34 @@ def test_weight_tying_shares_storage() -> None:
     assert untied.lm_head.weight.data_ptr() != untied.transformer.wte.weight.data_ptr()
 
 
+def test_the_tied_tables_gradient_is_the_dense_sum_whether_the_lookups_part_is_sparse_or_not(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    x, y = torch.randint(0, 300, (4, 32)), torch.randint(0, 300, (4, 32))
+    x[0, :8] = 7  # a row read many times: the sparse rows repeat and must add up
+    lookups = []
+    real_embedding = F.embedding
+    monkeypatch.setattr(F, "embedding", lambda *args, **kw: lookups.append(kw.get("sparse", False)) or real_embedding(*args, **kw))
+    model(x, y)[1].backward()
+    monkeypatch.setattr(F, "embedding", real_embedding)
+    assert lookups == [True]  # a training forward on CPU looks the tied table up with a sparse gradient
+    got = model.transformer.wte.weight.grad
+    assert got.layout == torch.strided  # the head's dense gradient with the lookup's rows added: what AdamW takes
+    model.zero_grad(set_to_none=True)
+    dense_embed = GPT.embed
+    monkeypatch.setattr(GPT, "embed", lambda self, idx, positions, sparse_grad=False: dense_embed(self, idx, positions, False))
+    model(x, y)[1].backward()
+    want = model.transformer.wte.weight.grad
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-9)
+    monkeypatch.setattr(GPT, "embed", dense_embed)
+    model.zero_grad(set_to_none=True)
+    model.embed(x, torch.arange(32), sparse_grad=True)[0].sum().backward()
+    assert model.transformer.wte.weight.grad.is_sparse  # the lookup alone: the rows it read, sparse
+    model.zero_grad(set_to_none=True)
+    model.hidden_states(x).sum().backward()  # no head (reward and task heads): the lookup's gradient stays dense
+    assert model.transformer.wte.weight.grad.layout == torch.strided
+
+
 def test_num_params_hand_count() -> None:
     V, T, L, C = 61, 16, 2, 16
     ln = 2 * C
