@@ -495,7 +495,7 @@ class GPT(nn.Module):
         # lookup's is a zero-filled (V, C) tensor of its own, and on CPU filling its fresh pages cost more than the rest
         # (23 of 29 ms for 50304 x 384, 6% of a float32 training step); sparse, autograd adds it into the head's. Only
         # where the head's gradient is sure to come too (this forward always applies the head), on CPU (where the fill
-        # costs), and outside torch.distributed (whose gradient hooks want one dense gradient per parameter).
+        # costs), and outside torch.distributed (kept dense there: DDP's and FSDP's gradient hooks were not tried with it).
         sparse = (self.config.tie_weights and idx.device.type == "cpu" and torch.is_grad_enabled() and self.transformer.wte.weight.requires_grad
                   and isinstance(self.transformer.wte, nn.Embedding) and not (torch.distributed.is_available() and torch.distributed.is_initialized()))  # fmt: skip
         h = self._trunk(idx, torch.arange(T, device=idx.device) if positions is None else positions, None, mask, sparse)  # (B, T, C)
