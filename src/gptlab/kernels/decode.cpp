@@ -481,7 +481,7 @@ inline float dot_int4(const uint8_t* q, const float* s, const float* z, const fl
 }
 
 #if defined(__AVX512BF16__)
-// dot_int4 through the CPU's bfloat16 dot product, for K a multiple of 64: widening 32 codes to float32 takes ~11
+// dot_int4 through the CPU's bfloat16 dot product, for K a multiple of 64 and G 32 or a multiple of 64: widening 32 codes to float32 takes ~11
 // instructions, which on two cores bounds int4 below the memory's rate (18 of ~45 GB/s, AMD EPYC); here 64 codes take
 // ~7. A code c becomes the bfloat16 128 + c by setting the bits 0x4300 around it (128 = 2^7, and c fills the low bits of
 // the 7-bit mantissa), so x . (128 + c) = x . c + 128 sum(x), and the group's x sum takes the 128 back out:
@@ -626,7 +626,7 @@ void project(const Weights<E>& W, const float* x, float* out, int64_t M, int64_t
   float* xp = scratch;
   float* xs = scratch + M * K;
 #if defined(__AVX512BF16__)
-  if (K % 64 == 0) {
+  if (K % 64 == 0 && (G == 32 || G % 64 == 0)) {  // whole 64-column chunks, each in one group or split between two
     uint16_t* xb = reinterpret_cast<uint16_t*>(scratch);  // (M, K) bfloat16 in the first half of xp's room
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t c = 0; c < K; c += 64)
