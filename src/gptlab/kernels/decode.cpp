@@ -64,6 +64,29 @@ inline float to_float(uint16_t w) {
   return f;
 }
 
+inline f32x16 to_f32x16(const int32_t* w) {
+  f32x16 v;
+  for (int i = 0; i < 16; ++i) v[i] = float(w[i]);
+  return v;
+}
+
+// int8 codes widened to float32. Compilers (GCC 12) turn a vector conversion from 8-bit lanes into 16 scalar ones, so
+// the widening is spelled out with the CPU's instructions where it has them.
+inline f32x16 load16(const int8_t* p) {
+#if defined(__AVX512F__)
+  const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  f32x16 r;
+  std::memcpy(&r, &v, sizeof r);
+  return r;
+#else
+  int32_t w[16];
+  for (int i = 0; i < 16; ++i) w[i] = p[i];
+  return to_f32x16(w);
+#endif
+}
+
+inline float to_float(int8_t w) { return float(w); }
+
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
@@ -383,27 +406,6 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k_new, const 
 
 // ----------------------------------------------------------------------------- weight-only quantized products
 
-inline f32x16 to_f32x16(const int32_t* w) {
-  f32x16 v;
-  for (int i = 0; i < 16; ++i) v[i] = float(w[i]);
-  return v;
-}
-
-// 16 int8 codes as float32. Compilers (GCC 12) turn a vector conversion from 8-bit lanes into 16 scalar ones, so
-// the widening is spelled out with the CPU's instructions where it has them.
-inline f32x16 widen_int8(const int8_t* p) {
-#if defined(__AVX512F__)
-  const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  f32x16 r;
-  std::memcpy(&r, &v, sizeof r);
-  return r;
-#else
-  int32_t w[16];
-  for (int i = 0; i < 16; ++i) w[i] = p[i];
-  return to_f32x16(w);
-#endif
-}
-
 // the 32 int4 codes of 16 bytes as float32: the low nibbles (even columns), then the high ones (odd columns)
 inline void widen_int4(const uint8_t* p, f32x16& lo, f32x16& hi) {
 #if defined(__AVX512F__)
@@ -426,31 +428,14 @@ inline void prefetch_row(const void* p, int64_t bytes) {
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
 }
 
-// sum_k q[k] x[k] for int8 codes q, 16 codes widened to float32 at a time
-inline float dot_int8(const int8_t* q, const float* x, int64_t K) {
-  f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-  auto codes = widen_int8;
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    a0 += codes(q + k) * load16(x + k);
-    a1 += codes(q + k + 16) * load16(x + k + 16);
-    a2 += codes(q + k + 32) * load16(x + k + 32);
-    a3 += codes(q + k + 48) * load16(x + k + 48);
-  }
-  for (; k + 16 <= K; k += 16) a0 += codes(q + k) * load16(x + k);
-  float s = hsum((a0 + a1) + (a2 + a3));
-  for (; k < K; ++k) s += float(q[k]) * x[k];
-  return s;
-}
-
-// dot_int8 for MR rows of x (K apart) at once: each 16 codes widened once and used MR times (the widening, not the
+// dot (int8 codes) for MR rows of x (K apart) at once: each 16 codes widened once and used MR times (the widening, not the
 // multiply-adds, bounds it at several rows); the rows' sums are independent, so one accumulator each
 template <int MR>
 inline void dot_int8_rows(const int8_t* q, const float* x, int64_t K, float* out) {
   f32x16 a[MR] = {};
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    const f32x16 w = widen_int8(q + k);
+    const f32x16 w = load16(q + k);
     for (int m = 0; m < MR; ++m) a[m] += w * load16(x + m * K + k);
   }
   for (int m = 0; m < MR; ++m) {
@@ -608,13 +593,13 @@ void project(const Weights<E>& W, const float* x, float* out, int64_t M, int64_t
       for (int64_t r = r0; r < r1; ++r) {
         prefetch_row(q + r * K, K);
         const float bias = W.bias ? to_float(W.bias[r]) : 0.f;
-        for (int64_t m = 0; m < M; m += 4) {  // rows four at a time; one alone by dot_int8's four accumulators
+        for (int64_t m = 0; m < M; m += 4) {  // rows four at a time; one alone by dot's four accumulators
           const int64_t n = std::min<int64_t>(4, M - m);
           const int8_t* row = q + r * K;
           if (n == 4) dot_int8_rows<4>(row, x + m * K, K, sums);
           else if (n == 3) dot_int8_rows<3>(row, x + m * K, K, sums);
           else if (n == 2) dot_int8_rows<2>(row, x + m * K, K, sums);
-          else sums[0] = dot_int8(row, x + m * K, K);
+          else sums[0] = dot(row, x + m * K, K);
           for (int64_t i = 0; i < n; ++i) out[(m + i) * N + r] = W.scales[r] * sums[i] + bias;
         }
       }
