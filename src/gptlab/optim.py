@@ -34,6 +34,15 @@ def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     return X.mT if tall else X
 
 
+def _sharded(t: Tensor) -> bool:
+    """Whether `t` is a DTensor, as FSDP2 (`fully_shard`) makes parameters, their gradients and their state."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Muon on groups with muon=True (2-D weights; `split` row counts orthogonalise stacked matrices such as a fused
     q/k/v one part by part), AdamW on the others. Muon's step for a matrix W with gradient G (Jordan et al. 2024):
@@ -41,7 +50,10 @@ class MuonAdamW(torch.optim.Optimizer):
         m <- beta m + (1 - beta) G;  u <- (1 - beta) G + beta m (Nesterov)  or  m
         W <- W (1 - lr wd) - lr sqrt(max(1, rows / cols)) NS(u)
 
-    AdamW's step is torch.optim.AdamW's (decoupled weight decay, bias-corrected moments)."""
+    AdamW's step is torch.optim.AdamW's (decoupled weight decay, bias-corrected moments).
+
+    Under FSDP a matrix's momentum stays sharded, and each step gathers the whole update, orthogonalises it on
+    every process (the same work repeated: simple, and exact to one process's result), and keeps the local rows."""
 
     def __init__(self, groups: Iterable[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5) -> None:  # fmt: skip
@@ -72,9 +84,16 @@ class MuonAdamW(torch.optim.Optimizer):
         buf = state["momentum_buffer"]
         buf.lerp_(grad, 1 - beta)
         update = grad.lerp(buf, beta) if group["nesterov"] else buf.clone()
-        parts = update.split(group["split"]) if group["split"] else (update,)  # (rows_i, cols) each
-        wide = torch.promote_types(update.dtype, torch.float32)  # the iteration in at least float32
+        sharded = _sharded(update)
+        whole = update.full_tensor() if sharded else update  # FSDP holds rows of the matrix; Newton-Schulz needs all of them
+        parts = whole.split(group["split"]) if group["split"] else (whole,)  # (rows_i, cols) each
+        wide = torch.promote_types(whole.dtype, torch.float32)  # the iteration in at least float32
         ortho = torch.cat([newton_schulz(u.to(wide), group["ns_steps"]) * max(1.0, u.size(0) / u.size(1)) ** 0.5 for u in parts])
+        if sharded:  # every process computed the whole update; each keeps its own rows (a local slice, no communication)
+            from torch.distributed.tensor import DTensor, Replicate
+
+            mesh = update.device_mesh
+            ortho = DTensor.from_local(ortho, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, update.placements)
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(ortho.to(p.dtype), alpha=-group["lr"])
 

@@ -138,8 +138,6 @@ def _muon_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
         for linear, split in pairs:
             w = getattr(linear, "weight", None)
             if isinstance(w, nn.Parameter) and w.requires_grad:
-                if type(w).__name__ == "DTensor" or type(w.data).__name__ == "DTensor":
-                    raise ConfigError("Muon orthogonalises whole matrices, which FSDP shards; use --strategy ddp (or --optimizer adamw)")
                 by_split.setdefault(split, []).append(w)
     scale = cfg.muon_lr / cfg.lr
     return [{"params": ps, "muon": True, "split": list(split) or None, "lr": cfg.muon_lr, "lr_scale": scale, "weight_decay": cfg.weight_decay}
