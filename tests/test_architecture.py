@@ -181,7 +181,7 @@ def test_measured_kernels_speculative_decoding_and_bf16_for_modern_options(name,
     assert max(abs(x - y) for c, d in zip(bf16, want, strict=True) for x, y in zip(c.logprobs[:2], d.logprobs[:2], strict=True)) < 0.1
 
 
-def test_modern_models_train_and_export_as_llama_or_say_why_not(tmp_path):
+def test_modern_models_train_and_export_as_llama_or_qwen3_or_say_why_not(tmp_path):
     from gptlab.hf import config_to_hf, hf_expressible
 
     model = model_for(**OPTIONS["llama+gqa+qk_norm"]).float().train()
@@ -196,8 +196,8 @@ def test_modern_models_train_and_export_as_llama_or_say_why_not(tmp_path):
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert model.lm_head.weight is not model.transformer.wte.weight  # untied, as the preset says
-    with pytest.raises(ConfigError, match="qk_norm=True: HF's Llama class needs qk_norm=False"):  # test_hf_llama: what it can hold
-        hf_expressible(model.state_dict(), model.config)
+    sd, cfg = hf_expressible(model.state_dict(), model.config)  # QK-norm: Qwen3's class (test_hf_llama: parity)
+    assert config_to_hf(cfg)["architectures"] == ["Qwen3ForCausalLM"] and sd.keys() == model.state_dict().keys()
     with pytest.raises(ConfigError, match="pos_encoding='learned': HF's Llama class needs pos_encoding='rope'"):
         config_to_hf(GPTConfig(**TINY, n_kv_head=2))
 

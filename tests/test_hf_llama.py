@@ -1,4 +1,5 @@
-"""Llama-format interop: gptlab models with the modern options against transformers' LlamaForCausalLM."""
+"""Llama-format interop: gptlab models with the modern options against transformers' LlamaForCausalLM, and with
+QK-norm against Qwen3ForCausalLM."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ CASES = {
     "mha-bias": dict(LLAMA, bias=True, n_inner=40),
     "gqa-head-width": dict(LLAMA, n_kv_head=2, head_size=12, activation="gelu_tanh"),
     "relu2": dict(LLAMA, activation="relu2", layer_norm_eps=1e-6),
+    "qwen3-gqa-qk-norm": dict(LLAMA, n_kv_head=2, qk_norm=True, layer_norm_eps=1e-6),
+    "qwen3-tied-head-width": dict(LLAMA, qk_norm=True, tie_weights=True, head_size=12),
 }
 
 
@@ -43,16 +46,20 @@ def _model(fields: dict, seed: int = 0) -> GPT:
     return model
 
 
-def _hf(model: GPT) -> transformers.LlamaForCausalLM:
+def _hf(model: GPT) -> transformers.PreTrainedModel:
     hf_config = config_to_hf(model.config)
-    assert hf_config["model_type"] == "llama" and hf_config["architectures"] == ["LlamaForCausalLM"]
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config)).eval()
+    if model.config.qk_norm:
+        assert hf_config["model_type"] == "qwen3" and hf_config["architectures"] == ["Qwen3ForCausalLM"]
+        hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**hf_config)).eval()
+    else:
+        assert hf_config["model_type"] == "llama" and hf_config["architectures"] == ["LlamaForCausalLM"]
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config)).eval()
     hf.load_state_dict(state_dict_to_hf(model.state_dict(), model.config), strict=True)
     return hf
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_logits_and_greedy_generation_equal_transformers_llama(name):
+def test_logits_and_greedy_generation_equal_transformers_llama_and_qwen3(name):
     model = _model(CASES[name])
     hf = _hf(model)
     idx = tokens((2, CTX), VOCAB, 1)
@@ -101,9 +108,29 @@ def test_a_llama_made_by_transformers_imports_with_logits_parity(tmp_path: Path)
         assert (hf(idx).logits - loaded.model(idx)[0]).abs().max() <= 1e-4
 
 
+def test_a_qwen3_made_by_transformers_exports_back_and_imports_with_logits_parity(tmp_path: Path):
+    hf_config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=3000.0, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(7)
+    hf = transformers.Qwen3ForCausalLM(hf_config).eval()
+    randomize_(hf, 8)  # q_norm / k_norm gains away from 1
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = load_hf(tmp_path / "hf")
+    assert loaded.model_type == "qwen3" and loaded.config.qk_norm and loaded.config.head_dim == 16 and not loaded.config.bias
+    idx = tokens((2, 40), VOCAB, 9)
+    with torch.no_grad():
+        assert (hf(idx).logits - loaded.model(idx)[0]).abs().max() <= 1e-4
+    ckpt = save_checkpoint(tmp_path / "run", 1, loaded.model, loaded.config, _tokenizer())
+    export_hf(ckpt, tmp_path / "again")  # and out again: the same class, loadable with no custom code
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    assert type(again).__name__ == "Qwen3ForCausalLM"
+    with torch.no_grad():
+        assert torch.equal(again(idx).logits, hf(idx).logits)
+
+
 def test_what_llamas_class_cannot_hold_is_refused_in_one_line(tmp_path: Path):
-    with pytest.raises(ConfigError, match="qk_norm=True: HF's Llama class needs qk_norm=False"):
-        config_to_hf(GPTConfig(vocab_size=VOCAB, block_size=CTX, n_layer=1, n_head=4, n_embd=32, **LLAMA, qk_norm=True))
+    with pytest.raises(ConfigError, match="qk_norm=True with bias=True: HF's Qwen3 class .* has no MLP biases"):
+        config_to_hf(GPTConfig(vocab_size=VOCAB, block_size=CTX, n_layer=1, n_head=4, n_embd=32, **{**LLAMA, "bias": True}, qk_norm=True))
     with pytest.raises(ConfigError, match="pos_encoding='learned': HF's Llama class needs pos_encoding='rope'"):
         config_to_hf(GPTConfig(vocab_size=VOCAB, block_size=CTX, n_layer=1, n_head=4, n_embd=32, norm="rmsnorm"))
     base = config_to_hf(_model(CASES["gqa-untied"]).config)
@@ -111,6 +138,13 @@ def test_what_llamas_class_cannot_hold_is_refused_in_one_line(tmp_path: Path):
         config_from_hf({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}})
     with pytest.raises(ConfigError, match="attention_bias=True and mlp_bias=False differ"):
         config_from_hf({**base, "attention_bias": True, "mlp_bias": False})
+    qwen3 = config_to_hf(_model(CASES["qwen3-gqa-qk-norm"]).config)
+    with pytest.raises(ConfigError, match="attention_bias=True and mlp_bias=False differ"):  # Qwen3's MLP has none
+        config_from_hf({**qwen3, "attention_bias": True})
+    with pytest.raises(ConfigError, match="uses sliding-window attention"):
+        config_from_hf({**qwen3, "use_sliding_window": True, "sliding_window": 16})
+    with pytest.raises(ConfigError, match="model_type='qwen2' is not supported"):
+        config_from_hf({**qwen3, "model_type": "qwen2"})
     sd = state_dict_to_hf(_model(CASES["gqa-untied"]).state_dict(), _model(CASES["gqa-untied"]).config)
     sd["model.layers.0.self_attn.k_proj.weight"] = sd["model.layers.0.self_attn.k_proj.weight"][:8]
     with pytest.raises(CheckpointError, match=r"k_proj.weight has shape \(8, 32\), config needs \(16, 32\)"):

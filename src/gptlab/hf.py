@@ -34,12 +34,15 @@ from gptlab.config import GPTConfig
 from gptlab.errors import CheckpointError, ConfigError, GptlabError
 from gptlab.fileio import staged_dir, unwritable_reason
 from gptlab.hf_llama import (
+    FAMILY,
     LLAMA,
+    QWEN3,
     check_llama_shaped,
     llama_config_from_hf,
     llama_config_to_hf,
     llama_state_dict_from_hf,
     llama_state_dict_to_hf,
+    modern_model_type,
     uses_modern_options,
 )
 from gptlab.model import GPT, fixed_buffers, sinusoidal_positions
@@ -114,11 +117,11 @@ def _one_dropout(hf_config: Mapping[str, Any], model_type: str) -> float:
 
 
 def model_type_of(hf_config: Mapping[str, Any]) -> str:
-    """"gpt2", "openai-gpt" or "llama"; ConfigError for any other architecture."""
+    """"gpt2", "openai-gpt", "llama" or "qwen3"; ConfigError for any other architecture."""
     model_type = hf_config.get("model_type", GPT2)
-    if model_type not in _DEFAULTS and model_type != LLAMA:
+    if model_type not in _DEFAULTS and model_type not in FAMILY:
         raise ConfigError(
-            f"HF config model_type={model_type!r} is not supported; gptlab imports {GPT2!r} (GPT-2), {GPT1!r} (GPT-1) and {LLAMA!r} (Llama)"
+            f"HF config model_type={model_type!r} is not supported; gptlab imports {GPT2!r} (GPT-2), {GPT1!r} (GPT-1), {LLAMA!r} (Llama) and {QWEN3!r} (Qwen3)"
         )
     if hf_config.get("add_cross_attention"):
         raise ConfigError("HF config field add_cross_attention=True is not supported (gptlab models are decoder-only)")
@@ -129,7 +132,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> GPTConfig:
     """GPTConfig computing the same function as a GPT-2 or GPT-1 config.json; ConfigError names any field
     gptlab cannot honour."""
     model_type = model_type_of(hf_config)
-    if model_type == LLAMA:
+    if model_type in FAMILY:
         return llama_config_from_hf(hf_config)
 
     def get(name: str) -> Any:
@@ -174,9 +177,9 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> GPTConfig:
 
 def hf_model_type_for(cfg: GPTConfig) -> str:
     """The HF class that can hold a gptlab model: Llama for the modern options (RoPE, RMSNorm, gated MLPs, GQA),
-    else GPT-2 for pre-LN, GPT-1 for post-LN."""
+    Qwen3 when they include QK-norm, else GPT-2 for pre-LN, GPT-1 for post-LN."""
     if uses_modern_options(cfg):
-        return LLAMA
+        return modern_model_type(cfg)
     return GPT2 if cfg.norm_placement == "pre" else GPT1
 
 
@@ -185,9 +188,9 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict[str, A
 
     `cfg` must use learned positions and biases (see `hf_expressible`, which rewrites a model
     that does not). eos_token_id also serves as BOS, as in GPT-2. ConfigError names what HF cannot express.
-    A model with the modern options gets LlamaForCausalLM's config (hf_llama).
+    A model with the modern options gets LlamaForCausalLM's config, or Qwen3ForCausalLM's with QK-norm (hf_llama).
     """
-    if hf_model_type_for(cfg) == LLAMA:
+    if hf_model_type_for(cfg) in FAMILY:
         return llama_config_to_hf(cfg, eos_token_id)
     _check_hf_shaped(cfg)
     common = {
@@ -244,7 +247,7 @@ def hf_expressible(sd: Mapping[str, Tensor], cfg: GPTConfig) -> tuple[dict[str, 
     the model computes exactly the same function.
     """
     sd = dict(sd)
-    if hf_model_type_for(cfg) == LLAMA:  # Llama's class holds RoPE, biases or none, explicit head widths: nothing to rewrite
+    if hf_model_type_for(cfg) in FAMILY:  # Llama's class holds RoPE, biases or none, explicit head widths: nothing to rewrite
         check_llama_shaped(cfg)
         return sd, cfg
     if cfg.pos_encoding == "sinusoidal":
@@ -282,8 +285,8 @@ def _all_heads(sd: dict[str, Tensor], cfg: GPTConfig) -> tuple[dict[str, Tensor]
 
 def state_dict_from_hf(hf_sd: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
     """gptlab state dict from a GPT2LMHeadModel/OpenAIGPTLMHeadModel state dict (or the base model's: keys
-    without "transformer.", as the original OpenAI checkpoints on the hub), or a LlamaForCausalLM one. `cfg` from `config_from_hf`."""
-    if hf_model_type_for(cfg) == LLAMA:
+    without "transformer.", as the original OpenAI checkpoints on the hub), or a LlamaForCausalLM / Qwen3ForCausalLM one. `cfg` from `config_from_hf`."""
+    if hf_model_type_for(cfg) in FAMILY:
         return llama_state_dict_from_hf(hf_sd, cfg)
     source = {k if k.startswith(_PREFIX) or k == _HEAD else _PREFIX + k: v for k, v in hf_sd.items()}
     source = {k: v for k, v in source.items() if not k.endswith(_HF_BUFFER_SUFFIXES)}
@@ -296,8 +299,8 @@ def state_dict_from_hf(hf_sd: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str,
 def state_dict_to_hf(sd: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
     """HF state dict (GPT-2 for pre-LN, GPT-1 for post-LN) from a gptlab one; transposed weights are new
     tensors, the rest shared. A tied head is included as the same tensor as the token embedding. A model with
-    the modern options gets LlamaForCausalLM's names."""
-    if hf_model_type_for(cfg) == LLAMA:
+    the modern options gets LlamaForCausalLM's (or Qwen3ForCausalLM's) names."""
+    if hf_model_type_for(cfg) in FAMILY:
         return llama_state_dict_to_hf(sd, cfg)
     source = dict(sd)
     hf_sd = _convert(source, cfg, "gptlab", from_hf=False)
@@ -474,7 +477,7 @@ class HFModel:
     model: GPT
     config: GPTConfig
     tokenizer: AnyTokenizer | None  # None when the directory has no tokenizer files
-    model_type: str  # "gpt2", "openai-gpt" or "llama"
+    model_type: str  # "gpt2", "openai-gpt", "llama" or "qwen3"
     directory: Path
 
 

@@ -1,10 +1,14 @@
-"""Hugging Face Llama format <-> gptlab, for the modern architecture options (gptlab/hf.py dispatches here).
+"""Hugging Face Llama and Qwen3 formats <-> gptlab, for the modern architecture options (gptlab/hf.py dispatches here).
 
 transformers' LlamaForCausalLM is RoPE (rotate-half pairs (i, i + d/2), as gptlab's), RMSNorm before
 each sublayer and at the end, a gated MLP, grouped-query attention, optional biases on all attention
 (attention_bias) and all MLP (mlp_bias) projections, tied or untied embeddings. gptlab keeps q, k, v in
 one matrix (c_attn) and gate and up in another (c_fc); Llama stores them apart, so conversion splits
 and concatenates rows; nothing is transposed (both store Linear weights as (out, in)).
+
+A model with QK-norm goes to Qwen3ForCausalLM instead: Llama's layout plus an RMSNorm over each head's
+queries and keys before RoPE (q_norm, k_norm: one (head_dim,) gain per layer, shared by the heads, as
+gptlab's), with biases on the attention projections only and none in the MLP.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from torch import Tensor
 from gptlab.config import GPTConfig
 from gptlab.errors import CheckpointError, ConfigError
 
-LLAMA = "llama"
+LLAMA, QWEN3 = "llama", "qwen3"
+FAMILY = (LLAMA, QWEN3)  # the HF model types this module converts
+_CLASSES = {LLAMA: "LlamaForCausalLM", QWEN3: "Qwen3ForCausalLM"}
 
 # gptlab activation -> HF's ACT2FN name, and back (gelu_pytorch_tanh and gelu_new are the same function)
 _ACTIVATIONS_OUT = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu", "relu2": "relu2"}
@@ -30,23 +36,31 @@ def uses_modern_options(cfg: GPTConfig) -> bool:
     return cfg.pos_encoding == "rope" or cfg.norm == "rmsnorm" or cfg.mlp == "gated" or cfg.kv_heads != cfg.n_head or cfg.qk_norm
 
 
+def modern_model_type(cfg: GPTConfig) -> str:
+    """The HF model type for a modern-options model: Qwen3 when it normalises queries and keys, else Llama."""
+    return QWEN3 if cfg.qk_norm else LLAMA
+
+
 def check_llama_shaped(cfg: GPTConfig) -> None:
-    """ConfigError naming the first option LlamaForCausalLM cannot hold."""
-    needs = (("pos_encoding", "rope"), ("norm", "rmsnorm"), ("mlp", "gated"), ("norm_placement", "pre"), ("qk_norm", False),
+    """ConfigError naming the first option LlamaForCausalLM (or, with QK-norm, Qwen3ForCausalLM) cannot hold."""
+    needs = (("pos_encoding", "rope"), ("norm", "rmsnorm"), ("mlp", "gated"), ("norm_placement", "pre"),
              ("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False))  # fmt: skip
     for name, required in needs:
         if getattr(cfg, name) != required:
             raise ConfigError(f"{name}={getattr(cfg, name)!r}: HF's Llama class needs {name}={required!r} (GPT-2 export needs none of the modern options)")
+    if cfg.qk_norm and cfg.bias:
+        raise ConfigError("qk_norm=True with bias=True: HF's Qwen3 class (Llama's with QK-norm) has no MLP biases; use bias=False")
     if cfg.activation not in _ACTIVATIONS_OUT:
         raise ConfigError(f"activation={cfg.activation!r} has no HF name; use one of {', '.join(_ACTIVATIONS_OUT)}")
 
 
 def llama_config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict[str, Any]:
-    """config.json for transformers' LlamaForCausalLM computing what `cfg` computes."""
+    """config.json for transformers' LlamaForCausalLM (Qwen3ForCausalLM with QK-norm) computing what `cfg` computes."""
     check_llama_shaped(cfg)
-    return {
-        "model_type": LLAMA,
-        "architectures": ["LlamaForCausalLM"],
+    model_type = modern_model_type(cfg)
+    config = {
+        "model_type": model_type,
+        "architectures": [_CLASSES[model_type]],
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.n_embd,
         "intermediate_size": cfg.mlp_dim,
@@ -68,10 +82,19 @@ def llama_config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict[
         "bos_token_id": eos_token_id,
         "eos_token_id": eos_token_id,
     }
+    if model_type == QWEN3:  # full attention in every layer; the MLP has no bias setting of its own
+        del config["mlp_bias"]
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer, layer_types=["full_attention"] * cfg.n_layer)
+    return config
 
 
 def llama_config_from_hf(hf: Mapping[str, Any]) -> GPTConfig:
-    """GPTConfig computing what a Llama config.json computes; ConfigError names any field gptlab cannot honour."""
+    """GPTConfig computing what a Llama or Qwen3 config.json computes; ConfigError names any field gptlab cannot honour."""
+    qwen3 = hf.get("model_type") == QWEN3
+    if qwen3:
+        if hf.get("use_sliding_window", False) or any(t != "full_attention" for t in hf.get("layer_types") or ()):
+            raise ConfigError("HF config uses sliding-window attention (use_sliding_window / layer_types); gptlab attends to the whole context")
+        hf = {**hf, "mlp_bias": False}  # Qwen3's MLP never has biases
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling")
     rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
@@ -105,6 +128,7 @@ def llama_config_from_hf(hf: Mapping[str, Any]) -> GPTConfig:
         layer_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_weights=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
+        qk_norm=qwen3,
     )
     default = cfg.replace(n_inner=None)
     return default if default.mlp_dim == cfg.n_inner else cfg  # the default width stays implicit, so configs round-trip
@@ -115,7 +139,7 @@ def _layer_names(i: int) -> tuple[str, str]:
 
 
 def llama_state_dict_to_hf(sd: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
-    """LlamaForCausalLM state dict from a gptlab one: q, k, v and gate, up split into their own matrices."""
+    """LlamaForCausalLM (or Qwen3ForCausalLM) state dict from a gptlab one: q, k, v and gate, up split into their own matrices."""
     check_llama_shaped(cfg)
     source = dict(sd)
     out: dict[str, Tensor] = {"model.embed_tokens.weight": source.pop("transformer.wte.weight"), "model.norm.weight": source.pop("transformer.ln_f.weight")}
@@ -124,6 +148,9 @@ def llama_state_dict_to_hf(sd: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str
         hf, ours = _layer_names(i)
         out[hf + "input_layernorm.weight"] = source.pop(ours + "ln_1.weight")
         out[hf + "post_attention_layernorm.weight"] = source.pop(ours + "ln_2.weight")
+        if cfg.qk_norm:
+            out[hf + "self_attn.q_norm.weight"] = source.pop(ours + "attn.q_norm.weight")
+            out[hf + "self_attn.k_norm.weight"] = source.pop(ours + "attn.k_norm.weight")
         for suffix in ("weight", "bias") if cfg.bias else ("weight",):
             q, k, v = source.pop(ours + f"attn.c_attn.{suffix}").split([q_rows, kv_rows, kv_rows])
             out[hf + f"self_attn.q_proj.{suffix}"], out[hf + f"self_attn.k_proj.{suffix}"], out[hf + f"self_attn.v_proj.{suffix}"] = q, k, v
@@ -138,7 +165,7 @@ def llama_state_dict_to_hf(sd: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str
 
 
 def llama_state_dict_from_hf(hf_sd: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
-    """gptlab state dict from a LlamaForCausalLM one (`cfg` from llama_config_from_hf), shapes checked."""
+    """gptlab state dict from a LlamaForCausalLM or Qwen3ForCausalLM one (`cfg` from llama_config_from_hf), shapes checked."""
     source = {k: v for k, v in hf_sd.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer some versions saved
 
     def take(name: str, shape: tuple[int, ...]) -> Tensor:
@@ -156,6 +183,9 @@ def llama_state_dict_from_hf(hf_sd: Mapping[str, Tensor], cfg: GPTConfig) -> dic
         hf, ours = _layer_names(i)
         out[ours + "ln_1.weight"] = take(hf + "input_layernorm.weight", (C,))
         out[ours + "ln_2.weight"] = take(hf + "post_attention_layernorm.weight", (C,))
+        if cfg.qk_norm:
+            out[ours + "attn.q_norm.weight"] = take(hf + "self_attn.q_norm.weight", (cfg.head_dim,))
+            out[ours + "attn.k_norm.weight"] = take(hf + "self_attn.k_norm.weight", (cfg.head_dim,))
         for suffix, cols in (("weight", (C,)), ("bias", ())) if cfg.bias else (("weight", (C,)),):
             q = take(hf + f"self_attn.q_proj.{suffix}", (q_rows, *cols))
             k = take(hf + f"self_attn.k_proj.{suffix}", (kv_rows, *cols))
