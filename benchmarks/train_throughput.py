@@ -22,7 +22,11 @@ autocast, eager and (unless --no-compile) torch.compile'd, at GPT-2 124M's shape
 step time, MFU against the GPU's bf16 matmul peak measured in the same process, and
 peak memory per run.
 
-    python benchmarks/train_throughput.py [--device auto|cpu|cuda] [--steps N] [--warmup 3] [--repeats 1] [--out results.md]
+On CPU every run's big blocks are reused by malloc as in `gptlab train` (--malloc reuse,
+gptlab.hostmem); --malloc default measures glibc as it comes, where each step faults in its
+large tensors afresh.
+
+    python benchmarks/train_throughput.py [--device auto|cpu|cuda] [--steps N] [--warmup 3] [--repeats 1] [--malloc reuse|default] [--out results.md]
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from torch import nn
 
 from gptlab.config import GPTConfig, TrainConfig
 from gptlab.hf import config_to_hf, state_dict_to_hf
+from gptlab.hostmem import reusing_freed_memory
 from gptlab.model import GPT
 from gptlab.train import build_optimizer
 
@@ -122,6 +127,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="CUDA only: also time torch.compile'd models (default: on)")
     p.add_argument("--matmul-size", type=int, default=8192, help="CUDA only: M = N = K of the bf16 matmul that measures the peak")
     p.add_argument("--cpu-matmul-size", type=int, default=2048, help="CPU only: M = N = K of the matmuls that measure the CPU's peaks")
+    p.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
+                   help="CPU only: reuse (as gptlab's training loop runs: glibc keeps freed blocks mapped, gptlab.hostmem) or "
+                        "default (glibc as it comes: every big block a fresh mmap); it applies to every run in the process")  # fmt: skip
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out", type=Path, help="append the markdown report to this file")
     args = p.parse_args()
@@ -305,7 +313,8 @@ def report(cfg: GPTConfig, args: argparse.Namespace, rounds: list[dict[Run, floa
         "",
         f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, {platform.processor() or platform.machine()}, "
         f"{args.threads} thread(s); {args.warmup} warm-up + {args.steps} timed steps per run, steps interleaved; "
-        f"median of {len(rounds)} round(s)",
+        f"median of {len(rounds)} round(s); malloc {args.malloc} for every run"
+        + (" (glibc keeps freed blocks mapped for reuse, as `gptlab train` sets it: gptlab.hostmem)" if args.malloc == "reuse" else " (glibc's defaults)"),
         "",
         f"Matmul peaks measured in the same process (best of {MATMUL_REPEATS} x {MATMUL_ITERS} torch.mm of {args.cpu_matmul_size}^3): "
         f"float32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s. Model FLOPs per token: {flops_per_token:,} "
@@ -376,6 +385,11 @@ def cuda_report(
 
 def main() -> None:
     args = parse_args()
+    with reusing_freed_memory(args.device.type == "cpu" and args.malloc == "reuse"):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     device = args.device
     torch.set_num_threads(args.threads)
     if device.type == "cuda":

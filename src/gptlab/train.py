@@ -41,6 +41,7 @@ from gptlab.distributed import (
 )  # fmt: skip
 from gptlab.errors import CheckpointError, ConfigError, GptlabError
 from gptlab.fileio import check_writable
+from gptlab.hostmem import reusing_freed_memory
 from gptlab.model import GPT, MLP, CausalSelfAttention
 from gptlab.optim import MuonAdamW
 from gptlab.tokenizer import AnyTokenizer
@@ -732,6 +733,8 @@ def _train(
     if not info.is_main:
         report = lambda line: None  # noqa: E731  (one summary per run, from the main process)
     torch.manual_seed(cfg.seed)  # parameter init and dropout draw from the global generator, alike in every process
+    if device.type == "cpu":  # big per-step tensors land in memory already mapped, not in fresh pages (gptlab.hostmem)
+        cleanup.enter_context(reusing_freed_memory())
     raw = ckpt.model if ckpt is not None else init_model if init_model is not None else GPT(model_config)
     raw.to(device)
     raw.train()

@@ -115,6 +115,7 @@ def grpo(
     DEFAULTS. With `resume` and a checkpoint in run_dir, the run continues with the settings
     saved in it (policy and cfg may be None).
     """
+    from gptlab.hostmem import reusing_freed_memory
     from gptlab.train import clip_gradients, lr_at, progress_bar, stop_on_signals
 
     t_start = time.perf_counter()
@@ -133,7 +134,7 @@ def grpo(
     signals: list[str] = []
     step = run.start
 
-    with stop_on_signals(signals):
+    with stop_on_signals(signals), reusing_freed_memory(device.type == "cpu"):  # gptlab.hostmem: no page faults per step
         for step in range(run.start, train_cfg.max_steps):
             batch = [run.rows[i] for i in run.cursor.take(P)]
             model.eval()  # sampling and the old policy's log-probs: no dropout

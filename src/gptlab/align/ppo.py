@@ -184,6 +184,7 @@ def ppo(
     progress: bool = True, report: Any = print,
 ) -> RLResult:
     """Train the chat model `policy` with PPO against the reward of `cfg`; see the module docstring."""
+    from gptlab.hostmem import reusing_freed_memory
     from gptlab.train import clip_gradients, lr_at, progress_bar, stop_on_signals
 
     t_start = time.perf_counter()
@@ -212,7 +213,7 @@ def ppo(
     last: Path | None = None
     signals: list[str] = []
     step = run.start
-    with stop_on_signals(signals):
+    with stop_on_signals(signals), reusing_freed_memory(device.type == "cpu"):  # gptlab.hostmem: no page faults per step
         for step in range(run.start, train_cfg.max_steps):
             batch = [run.rows[i] for i in run.cursor.take(P)]
             actor_critic.eval()  # rollouts and the old policy's numbers: no dropout

@@ -1,0 +1,74 @@
+"""gptlab.hostmem: inside `reusing_freed_memory`, glibc serves large blocks from its heap (kept for reuse), not fresh mmaps."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+import pytest
+import torch
+
+from gptlab.hostmem import reusing_freed_memory
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+BIG = 64 << 20  # above glibc's largest mmap threshold (32 MB): a fresh mmap by default
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def mmapped_blocks() -> int:
+    """glibc's count of blocks it serves with their own mmap (mallinfo2().hblks)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2().hblks
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_big_blocks_come_from_the_heap_inside_and_from_mmap_outside():
+    before = mmapped_blocks()
+    t = torch.empty(BIG, dtype=torch.uint8)
+    assert mmapped_blocks() == before + 1  # glibc's default: a block this big is its own mmap
+    del t
+    with reusing_freed_memory() as active:
+        assert active
+        for _ in range(3):  # a step's allocations, freed and made again
+            t = torch.empty(BIG, dtype=torch.uint8).fill_(1)
+            assert mmapped_blocks() == before
+            del t
+    t = torch.empty(BIG, dtype=torch.uint8)  # the defaults are back after the block
+    assert mmapped_blocks() == before + 1
+    del t
+
+
+def test_disabled_or_another_libc_leaves_malloc_alone():
+    with reusing_freed_memory(enabled=False) as active:
+        assert not active
+    if GLIBC:
+        before = mmapped_blocks()
+        with reusing_freed_memory(enabled=False):
+            t = torch.empty(BIG, dtype=torch.uint8)
+            assert mmapped_blocks() == before + 1
+            del t
+
+
+def test_a_cpu_training_run_keeps_freed_memory_for_its_length(data_dir, tmp_path, monkeypatch):
+    import contextlib
+
+    import gptlab.train
+    from gptlab.config import GPTConfig, TrainConfig
+
+    seen = []
+
+    @contextlib.contextmanager
+    def recording(enabled: bool = True):
+        seen.append("enter")
+        with reusing_freed_memory(enabled) as active:
+            yield active
+        seen.append("exit")
+
+    monkeypatch.setattr(gptlab.train, "reusing_freed_memory", recording)
+    model = GPTConfig(vocab_size=512, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    gptlab.train.train(model, TrainConfig(batch_size=2, max_steps=2, eval_every=2, eval_batches=1, device="cpu"), data_dir, tmp_path / "run", progress=False)
+    assert seen == ["enter", "exit"]
