@@ -37,9 +37,36 @@ def test_big_blocks_come_from_the_heap_inside_and_from_mmap_outside():
             t = torch.empty(BIG, dtype=torch.uint8).fill_(1)
             assert mmapped_blocks() == before
             del t
-    t = torch.empty(BIG, dtype=torch.uint8)  # the defaults are back after the block
+    t = torch.empty(BIG, dtype=torch.uint8)  # the biggest blocks are mmapped again after the block
     assert mmapped_blocks() == before + 1
     del t
+
+
+AFTER_A_RUN = """
+import ctypes
+from gptlab.hostmem import reusing_freed_memory
+from test_hostmem import mmapped_blocks
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+with reusing_freed_memory():
+    pass
+before = mmapped_blocks()
+block = libc.malloc(ctypes.c_size_t(8 << 20))
+print(mmapped_blocks() - before)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_mid_sized_blocks_come_from_the_heap_after_the_block():
+    """Any mallopt freezes glibc's own mmap threshold; in a fresh process it would stay at 128 KB and send every
+    later block above that to a fresh mmap, slower than never having called mallopt. Leaving sets it to 32 MB."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", AFTER_A_RUN], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
 
 
 def test_disabled_or_another_libc_leaves_malloc_alone():

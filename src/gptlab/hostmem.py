@@ -6,12 +6,14 @@ large tensors every time (bf16 copies of the weights, logits, activations, gradi
 on CPU each step pays again for faulting in and zeroing every page of them. Measured on the
 2-core EPYC: the bf16 cast of a 50304 x 384 token table took 15 ms into fresh pages and 3 ms
 into reused ones, and a whole bf16 training step of a 6 x 384 model ran 19-27% faster with
-its big blocks reused (benchmarks/RESULTS.md, 2026-12-02). `reusing_freed_memory` turns off malloc's mmap path and its trimming of the
-heap's top for the length of a run (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = INT_MAX),
-so freed blocks stay mapped and the next step's allocations land in them, and puts back
-glibc's defaults after it, returning the freed memory (malloc_trim). The process's peak
-memory is what the run needed; the memory it holds between steps is the same peak rather
-than what is live at the moment.
+its big blocks reused (benchmarks/RESULTS.md, 2026-12-02).
+
+`reusing_freed_memory` turns off malloc's mmap path and its trimming of the heap's top for
+the length of a run (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = INT_MAX), so freed blocks
+stay mapped and the next step's allocations land in them. After the run it returns the
+freed memory (malloc_trim) and leaves malloc as glibc's own tuning would have left it (big
+blocks mmapped again; see SETTLED_MMAP_THRESHOLD). The process's peak memory is what the
+run needed; between steps it keeps that peak mapped rather than only what is live.
 
 Other C libraries (musl, macOS, Windows) are left alone: the context manager does nothing there.
 """
@@ -24,10 +26,14 @@ import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-# mallopt parameter numbers and glibc's defaults for them (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+# mallopt parameter numbers (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 INT_MAX = 2**31 - 1
+# What glibc's own tuning settles at in a process that frees big blocks: its mmap threshold rises to each freed
+# mmapped block's size, at most 32 MB on 64-bit, and the trim threshold follows at twice that. Any mallopt call
+# stops that tuning for good, so leaving the block sets these values, not the start-up ones (128 KB for both),
+# which would send every later block over 128 KB to a fresh mmap.
+SETTLED_MMAP_THRESHOLD, SETTLED_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 32 << 20, 64 << 20, 65536
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -55,5 +61,6 @@ def reusing_freed_memory(enabled: bool = True) -> Iterator[bool]:
         yield True
     finally:
         _mallopt(libc, M_MMAP_MAX, DEFAULT_MMAP_MAX)
-        _mallopt(libc, M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        _mallopt(libc, M_MMAP_THRESHOLD, SETTLED_MMAP_THRESHOLD)
+        _mallopt(libc, M_TRIM_THRESHOLD, SETTLED_TRIM_THRESHOLD)
         libc.malloc_trim(ctypes.c_size_t(0))
