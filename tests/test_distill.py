@@ -116,7 +116,8 @@ def test_the_distill_command_trains_resumes_and_at_alpha_zero_is_plain_training(
     assert main([*base, "--out", str(tmp_path / "a0"), "--n-layer", "1", "--max-steps", "4", "--alpha", "0"]) == 0
     assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "plain"), *TINY, *TRAIN, "--n-layer", "1", "--max-steps", "4"]) == 0
     a, b = load_checkpoint(tmp_path / "a0").model.state_dict(), load_checkpoint(tmp_path / "plain").model.state_dict()
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b)
+    # to float32 rounding: distillation's chunks and plain training's native loss kernel sum in different orders
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
     capsys.readouterr()
 
     other = GPT(GPTConfig(vocab_size=50304, block_size=32, n_layer=1, n_head=2, n_embd=32))

@@ -299,7 +299,7 @@ def _plan_key(model: GPT, sizes: Sequence[int], kernels: Sequence[str], tuned: S
     what = {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(p.device), "dtype": str(p.dtype),
             "model": model.config.to_dict(), "linears": [list(t.weight.shape) + [str(t.weight.dtype)] for t in tuned],
             "sizes": sorted(set(sizes)), "kernels": list(kernels),
-            "native": hashlib.sha256(native.SOURCE.read_bytes()).hexdigest()[:16] if "native" in kernels else None}  # fmt: skip
+            "native": native.source_digest() if "native" in kernels else None}  # fmt: skip
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 

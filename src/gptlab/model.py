@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from gptlab import kernels as native
 from gptlab.config import GPTConfig
 from gptlab.errors import InputError
 
@@ -89,30 +90,61 @@ class _TargetLogProbs(torch.autograd.Function):
         return grad, None, None
 
 
-def target_logprobs(logits: Tensor, targets: Tensor, chunk_elems: int = 1 << 20) -> Tensor:
+class _NativeTargetLogProbs(torch.autograd.Function):
+    """target_logprobs by the native kernels (kernels/loss.cpp): the forward reads each row of logits twice while it is
+    in cache and keeps its log-sum-exp; the backward writes -grad * (softmax - onehot) into the gradient in one pass."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor) -> Tensor:
+        picked, lse = native.target_logprobs(logits, targets)  # (N,), (N,) float32
+        ctx.save_for_backward(logits, targets, lse)
+        return picked
+
+    @staticmethod
+    def backward(ctx: Any, grad_picked: Tensor) -> tuple[Tensor, None]:
+        logits, targets, lse = ctx.saved_tensors
+        scale = -(grad_picked.float() * (targets != IGNORE_INDEX)).contiguous()  # (N,); 0 on ignored rows
+        return native.target_logprobs_grad(logits, targets, lse, scale), None
+
+
+LOSS_KERNELS = ("auto", "native", "chunked")
+
+
+def target_logprobs(logits: Tensor, targets: Tensor, chunk_elems: int = 1 << 20, kernel: str = "auto") -> Tensor:
     """log p(target) under each row of logits (N, V), (N,) in float32; 0 where the target is -100.
 
-    Same value and gradient as log_softmax(logits).gather(targets), with far less memory
-    traffic on CPU (see _TargetLogProbs); chunk_elems bounds each chunk's size. On CUDA it
-    is log_softmax + gather: the extra buffers cost no page faults there.
+    Same value and gradient as log_softmax(logits).gather(targets), with far less memory traffic
+    on CPU. `kernel`: "native" (kernels/loss.cpp, float32 or bfloat16 logits: ~2-3x the chunked
+    path's speed at GPT-2's vocabulary), "chunked" (_TargetLogProbs, chunk_elems a chunk), or "auto":
+    native where it is built and applies (not inside torch.compile, which cannot trace it), else
+    chunked. On CUDA it is log_softmax + gather: the extra buffers cost no page faults there.
     """
+    if kernel not in LOSS_KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(LOSS_KERNELS)}, got {kernel!r}")
     valid = targets != IGNORE_INDEX
     if logits.device.type == "cuda":
         picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
         return picked * valid
+    if kernel == "native" or (
+        kernel == "auto" and logits.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling() and native.load()
+    ):
+        if kernel == "native" and not native.load():
+            raise RuntimeError("the native loss kernel is not available here (no C++ compiler, a failed build, or GPTLAB_NATIVE=0)")
+        return _NativeTargetLogProbs.apply(logits.contiguous(), targets.long().contiguous())
     return _TargetLogProbs.apply(logits, targets, chunk_elems)
 
 
-def cross_entropy(logits: Tensor, targets: Tensor, chunk_elems: int = 1 << 20) -> Tensor:
+def cross_entropy(logits: Tensor, targets: Tensor, chunk_elems: int = 1 << 20, kernel: str = "auto") -> Tensor:
     """Mean cross-entropy of logits (N, V) against targets (N,), skipping targets equal to -100.
 
     Same value and gradient as F.cross_entropy(logits, targets, ignore_index=-100): minus the
-    mean of target_logprobs over the counted rows. On CUDA it is F.cross_entropy itself: one
-    fused kernel (which torch.compile fuses further) beats hundreds of chunk launches.
+    mean of target_logprobs (chunk_elems and kernel as there) over the counted rows. On CUDA it
+    is F.cross_entropy itself: one fused kernel (which torch.compile fuses further) beats
+    hundreds of chunk launches.
     """
     if logits.device.type == "cuda":
         return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
-    return -target_logprobs(logits, targets, chunk_elems).sum() / (targets != IGNORE_INDEX).sum()
+    return -target_logprobs(logits, targets, chunk_elems, kernel).sum() / (targets != IGNORE_INDEX).sum()
 
 
 def label_logprobs(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:

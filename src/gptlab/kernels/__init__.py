@@ -1,12 +1,13 @@
 """Native CPU kernels, compiled on first use for the CPU at hand and cached.
 
 decode.cpp holds a matrix-vector product for batch-1 decoding (see its header for why), a decode
-step's attention with its KV-cache writes, and a whole decode step's layers in one call. `load()`
-compiles it with the system's C++ compiler against the installed PyTorch (~10 s, once per CPU model,
-PyTorch version and source), keeps the library under cache_dir()/native, and registers
-torch.ops.gptlab.gemv, .cached_attention and .decode_layers (called through the functions below).
-Without a compiler, or when the build fails, `load()` returns False, warns once with the reason, and
-the Engine measures only PyTorch's own kernels. GPTLAB_NATIVE=0 turns them off.
+step's attention with its KV-cache writes, and a whole decode step's layers in one call; loss.cpp
+the cross-entropy of training (log p(target) per row and its gradient); simd.h their vector helpers.
+`load()` compiles them into one library with the system's C++ compiler against the installed PyTorch
+(~15 s, once per CPU model, PyTorch version and source), keeps it under cache_dir()/native, and
+registers torch.ops.gptlab.* (called through the functions below). Without a compiler, or when the
+build fails, `load()` returns False and warns once with the reason: the Engine then measures only
+PyTorch's own kernels and the loss takes its PyTorch path. GPTLAB_NATIVE=0 turns them off.
 """
 
 from __future__ import annotations
@@ -24,10 +25,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("decode.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode.cpp", "loss.cpp"))
+HEADERS = (Path(__file__).with_name("simd.h"),)
 # the matrix-vector kernels do all rows with each weight row, at the multiply-add rate of one row: past a few rows the
 # GEMMs win, and measuring them at 32 rows would cost a second of start-up for nothing
 MAX_ROWS = 8
+
+
+def source_digest() -> str:
+    """A hash of the kernels' source files: a change to any of them means another build (and other measurements)."""
+    return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:16]
 
 
 def cache_dir() -> Path:
@@ -46,34 +53,55 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _command(compiler: str, out: Path, native: bool) -> list[str]:
+def _flags(native: bool) -> list[str]:
     from torch.utils import cpp_extension
 
     abi = int(torch.compiled_with_cxx11_abi())
+    return ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"] + (["-march=native"] if native else []) \
+        + [f"-I{p}" for p in cpp_extension.include_paths()]  # fmt: skip
+
+
+def _link_flags() -> list[str]:
+    from torch.utils import cpp_extension
+
     libs = cpp_extension.library_paths()
-    return [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]  \
-        + (["-march=native"] if native else []) + [f"-I{p}" for p in cpp_extension.include_paths()] + [str(SOURCE), "-o", str(out)] \
-        + [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs] + ["-lc10", "-ltorch_cpu", "-ltorch"]  # fmt: skip
+    return ["-shared", "-fopenmp"] + [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs] + ["-lc10", "-ltorch_cpu", "-ltorch"]
+
+
+def _run_all(commands: list[list[str]]) -> str | None:
+    """Run the commands side by side (one compiler per source file); None when all succeed, else the first complaint."""
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in commands]
+    error = None
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            err = "timed out after 600 s"
+        if proc.returncode != 0 and error is None:
+            error = (err.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+    return error
 
 
 def _build(compiler: str, path: Path) -> str | None:
-    """Compile decode.cpp to `path` (atomically: a temporary file renamed). None when built, else the compiler's complaint."""
+    """Compile the sources (in parallel) and link them to `path` (atomically: a temporary file renamed). None when built,
+    else the compiler's complaint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     error = ""
     for native in (True, False):  # -march=native first; a compiler without it still builds a portable copy
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
-        os.close(fd)
-        try:
-            done = subprocess.run(_command(compiler, Path(tmp), native), capture_output=True, text=True, timeout=600)
-            if done.returncode == 0:
-                os.replace(tmp, path)
-                return None
-            error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-        except (OSError, subprocess.TimeoutExpired) as e:
-            error = str(e)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            objects = [Path(tmp) / f"{src.stem}.o" for src in SOURCES]
+            library = Path(tmp) / "lib.so"
+            try:
+                error = _run_all([[compiler, *_flags(native), "-c", str(src), "-o", str(obj)] for src, obj in zip(SOURCES, objects)])
+                if error is None:
+                    error = _run_all([[compiler, *map(str, objects), "-o", str(library), *_link_flags()]])
+                if error is None:
+                    os.replace(library, path)
+                    return None
+            except OSError as e:
+                error = str(e)
     return error
 
 
@@ -84,10 +112,10 @@ def load() -> bool:
         return False
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
-        warnings.warn("gptlab: no C++ compiler (c++, g++, clang++ or $CXX) found: batch-1 decoding uses PyTorch's kernels only", stacklevel=2)
+        warnings.warn("gptlab: no C++ compiler (c++, g++, clang++ or $CXX) found: decoding and the training loss use PyTorch's kernels only", stacklevel=2)
         return False
-    what = "\n".join([SOURCE.read_text(encoding="utf-8"), torch.__version__, compiler, _cpu_flags(), " ".join(_command("", Path(), True))])
-    path = cache_dir() / "native" / f"decode-{hashlib.sha256(what.encode()).hexdigest()[:24]}.so"
+    what = "\n".join([source_digest(), torch.__version__, compiler, _cpu_flags(), " ".join(_flags(True) + _link_flags())])
+    path = cache_dir() / "native" / f"gptlab-{hashlib.sha256(what.encode()).hexdigest()[:24]}.so"
     failed = path.with_suffix(".failed")
     if failed.is_file():  # a build that failed once for this source, compiler and CPU fails again: do not pay for it per process
         return False
@@ -95,7 +123,7 @@ def load() -> bool:
         error = _build(compiler, path)
         if error is not None:
             warnings.warn(
-                f"gptlab: building the native decode kernel failed ({error}); PyTorch's kernels are used instead (delete {failed} to try again)",
+                f"gptlab: building the native kernels failed ({error}); PyTorch's kernels are used instead (delete {failed} to try again)",
                 stacklevel=2,
             )
             try:
@@ -106,7 +134,7 @@ def load() -> bool:
     try:
         torch.ops.load_library(str(path))
     except OSError as e:  # a library the loader refuses (another PyTorch in the same place?): build it again next time
-        warnings.warn(f"gptlab: loading the native decode kernel {path} failed ({e}); PyTorch's kernels are used instead", stacklevel=2)
+        warnings.warn(f"gptlab: loading the native kernels {path} failed ({e}); PyTorch's kernels are used instead", stacklevel=2)
         path.unlink(missing_ok=True)
         return False
     return True
@@ -144,3 +172,15 @@ def decode_layers(
     after load()."""
     cos, sin = rope if rope is not None else (None, None)
     return torch.ops.gptlab.decode_layers(x, params, cache_k, cache_v, slots, mask, cos, sin, scales, n_head, norm, activation, gated, pre_ln, eps)
+
+
+def target_logprobs(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(log softmax(logits)[target] per row, 0 where the target is -100; log-sum-exp per row), float32 (N,) each, for
+    contiguous float32 or bfloat16 logits (N, V) and int64 targets (N,); after load()."""
+    return torch.ops.gptlab.target_logprobs(logits, targets)
+
+
+def target_logprobs_grad(logits: Tensor, targets: Tensor, lse: Tensor, scale: Tensor) -> Tensor:
+    """scale[:, None] * (softmax(logits) - onehot(targets)) in the logits' dtype (no one-hot where the target is -100):
+    the gradient of -sum(scale * log p(target)); lse from target_logprobs, scale float32 (N,); after load()."""
+    return torch.ops.gptlab.target_logprobs_grad(logits, targets, lse, scale)
