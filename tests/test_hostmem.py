@@ -25,21 +25,38 @@ def mmapped_blocks() -> int:
     return libc.mallinfo2().hblks
 
 
+def run_fresh(code: str) -> str:
+    """stdout of `code` run in a fresh interpreter: a heap that earlier tests' runs have not shaped."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+A_RUN = """
+import torch
+from gptlab.hostmem import reusing_freed_memory
+from test_hostmem import BIG, mmapped_blocks
+before = mmapped_blocks()
+t = torch.empty(BIG, dtype=torch.uint8)
+counts = [mmapped_blocks() - before]  # glibc's default: a block this big is its own mmap
+del t
+with reusing_freed_memory() as active:
+    assert active
+    for _ in range(3):  # a step's allocations, freed and made again
+        t = torch.empty(BIG, dtype=torch.uint8).fill_(1)
+        counts.append(mmapped_blocks() - before)
+        del t
+print(*counts)
+"""
+
+
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
 def test_big_blocks_come_from_the_heap_inside_and_from_mmap_outside():
-    before = mmapped_blocks()
-    t = torch.empty(BIG, dtype=torch.uint8)
-    assert mmapped_blocks() == before + 1  # glibc's default: a block this big is its own mmap
-    del t
-    with reusing_freed_memory() as active:
-        assert active
-        for _ in range(3):  # a step's allocations, freed and made again
-            t = torch.empty(BIG, dtype=torch.uint8).fill_(1)
-            assert mmapped_blocks() == before
-            del t
-    t = torch.empty(BIG, dtype=torch.uint8)  # the biggest blocks are mmapped again after the block
-    assert mmapped_blocks() == before + 1
-    del t
+    assert run_fresh(A_RUN) == "1 0 0 0"
 
 
 AFTER_A_RUN = """
@@ -60,13 +77,7 @@ print(mmapped_blocks() - before)
 def test_mid_sized_blocks_come_from_the_heap_after_the_block():
     """Any mallopt freezes glibc's own mmap threshold; in a fresh process it would stay at 128 KB and send every
     later block above that to a fresh mmap, slower than never having called mallopt. Leaving sets it to 32 MB."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    out = subprocess.run([sys.executable, "-c", AFTER_A_RUN], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "0"
+    assert run_fresh(AFTER_A_RUN) == "0"
 
 
 def test_disabled_or_another_libc_leaves_malloc_alone():

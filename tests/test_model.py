@@ -312,3 +312,55 @@ def test_upcast_attention_is_exact_in_float32_and_runs_in_bf16() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = upcast(idx)[0]
     assert torch.isfinite(logits).all() and (logits.float() - base(idx)[0]).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("nkv", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("T", [1, 7, 64])
+def test_explicit_attention_is_as_close_to_exact_as_pytorchs_bf16_kernel(nkv: int, T: int) -> None:
+    """Output and all three input gradients, against SDPA in float64 on the same bf16 inputs: no worse than 1.5x the
+    error of PyTorch's own bf16 SDPA (its CPU flash kernel) plus a bf16 ulp at the values' scale."""
+    from gptlab.model import explicit_attention
+
+    g = torch.Generator().manual_seed(T * 10 + nkv)
+    q = (torch.randn(2, 4, T, 16, generator=g) * 2).bfloat16()  # scores spread over ~+-16: softmax far from uniform
+    k, v = ((torch.randn(2, nkv, T, 16, generator=g) * 2).bfloat16() for _ in range(2))
+    grad_out = torch.randn(2, 4, T, 16, generator=g).bfloat16()
+
+    def run(fn, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        y = fn(*inputs)
+        y.backward(grad_out.to(dtype))
+        return [y.detach()] + [t.grad for t in inputs]
+
+    sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, scale=0.25, enable_gqa=nkv != 4)  # noqa: E731
+    exact = run(sdpa, torch.float64)
+    ours = run(lambda a, b, c: explicit_attention(a, b, c, 0.25), torch.bfloat16)
+    theirs = run(sdpa, torch.bfloat16)
+    for name, e, o, t in zip(("out", "dq", "dk", "dv"), exact, ours, theirs, strict=True):
+        assert o.dtype == torch.bfloat16 and o.shape == e.shape
+        err, ref_err = (o.double() - e).abs().max().item(), (t.double() - e).abs().max().item()
+        assert err <= 1.5 * ref_err + e.abs().max().item() * 2**-8, f"{name}: {err:.4f} vs PyTorch's {ref_err:.4f}"
+
+
+def test_a_cpu_bf16_training_forward_takes_explicit_attention_and_matches_sdpa(monkeypatch) -> None:
+    import gptlab.model as model_module
+
+    cfg = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32, n_kv_head=2)
+    model = GPT(cfg)
+    x = tokens((2, 32), 97, seed=3)
+    calls = []
+    real = model_module.explicit_attention
+    monkeypatch.setattr(model_module, "explicit_attention", lambda *a: calls.append(1) or real(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, loss = model(x, x)
+        loss.backward()
+        assert len(calls) == cfg.n_layer
+        with torch.no_grad():  # evaluation keeps PyTorch's kernel
+            model(x)
+        assert len(calls) == cfg.n_layer
+        monkeypatch.setattr(model_module, "EXPLICIT_ATTENTION_MAX_T", 16)  # past the bound: PyTorch's kernel
+        theirs, _ = model(x, x)
+    assert len(calls) == cfg.n_layer
+    assert (ours.float() - theirs.float()).abs().max() < 0.05
+    with torch.enable_grad():
+        assert not model_module.explicit_attention_applies(torch.zeros(1, 1, 8, 4))  # float32: PyTorch's kernel

@@ -353,6 +353,32 @@ def branched_positions_and_mask(segments: Tensor, branches: Tensor) -> tuple[Ten
 # ----------------------------------------------------------------------------- layers
 
 
+# Up to this many positions a CPU training step's bfloat16 causal attention runs as explicit products (explicit_attention):
+# there they took 0.5-0.8x the time of PyTorch's CPU flash-attention kernel, forward and backward, and past ~640 they
+# took longer (2-core EPYC, heap reuse on as in gptlab train; benchmarks/RESULTS.md, 2026-12-02)
+EXPLICIT_ATTENTION_MAX_T = 512
+
+
+def explicit_attention_applies(q: Tensor) -> bool:
+    """Whether a causal attention over q (B, nh, T, hs) takes explicit_attention: CPU, bfloat16, gradients on, T small."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and q.size(2) <= EXPLICIT_ATTENTION_MAX_T
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(scale q k^T + causal mask) v for q (B, nh, T, hs) and k, v (B, nkv, T, hs), as SDPA with is_causal=True
+    and enable_gqa=True: the scores and their softmax in float32, the probabilities rounded to v's dtype for the product
+    with v (as PyTorch's flash kernel has them), batched matmuls over B * nh."""
+    B, nh, T, hs = q.shape
+    if k.size(1) != nh:  # each key/value head serves nh / nkv query heads, in order
+        k, v = k.repeat_interleave(nh // k.size(1), dim=1), v.repeat_interleave(nh // v.size(1), dim=1)  # (B, nh, T, hs)
+    future = torch.full((T, T), float("-inf"), device=q.device).triu_(1)  # (T, T): -inf where a key comes after the query
+    with torch.autocast(q.device.type, enabled=False):  # autocast would round the float32 scores' inputs back to bf16
+        scores = torch.baddbmm(future.expand(B * nh, T, T), q.reshape(B * nh, T, hs).float(), k.reshape(B * nh, T, hs).float().mT, alpha=scale)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)  # (B * nh, T, T)
+        y = torch.bmm(probs, v.reshape(B * nh, T, hs))  # (B * nh, T, hs)
+    return y.view(B, nh, T, hs)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where position t attends to positions <= t."""
 
@@ -403,7 +429,9 @@ class CausalSelfAttention(nn.Module):
                 mask = step.mask
             causal = mask is None
             gqa = self.n_kv_head != self.n_head  # each key/value head serves n_head / n_kv_head query heads
-            if self.upcast and q.dtype != torch.float32:
+            if causal and step is None and dropout_p == 0.0 and not self.upcast and explicit_attention_applies(q):
+                y = explicit_attention(q, k, v, self.scale)  # (B, nh, T, hs)
+            elif self.upcast and q.dtype != torch.float32:
                 with torch.autocast(q.device.type, enabled=False):
                     y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask, dropout_p, is_causal=causal, scale=self.scale, enable_gqa=gqa)
                 y = y.to(v.dtype)  # (B, nh, T, hs)
