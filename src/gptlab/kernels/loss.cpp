@@ -28,13 +28,19 @@ constexpr int64_t kIgnore = -100;  // PyTorch's ignore_index: no target in this 
 
 template <typename T>
 float row_max(const T* x, int64_t V) {
-  f32x16 m = f32x16{} - std::numeric_limits<float>::infinity();
+  const f32x16 lowest = f32x16{} - std::numeric_limits<float>::infinity();
+  f32x16 m0 = lowest, m1 = lowest, m2 = lowest, m3 = lowest;  // four maxima, so the compares do not wait on each other
   int64_t j = 0;
+  for (; j + 64 <= V; j += 64) {
+    const f32x16 a = load16(x + j), b = load16(x + j + 16), c = load16(x + j + 32), d = load16(x + j + 48);
+    m0 = a > m0 ? a : m0, m1 = b > m1 ? b : m1, m2 = c > m2 ? c : m2, m3 = d > m3 ? d : m3;
+  }
   for (; j + 16 <= V; j += 16) {
     const f32x16 v = load16(x + j);
-    m = v > m ? v : m;
+    m0 = v > m0 ? v : m0;
   }
-  float top = hmax(m);
+  m0 = m1 > m0 ? m1 : m0, m2 = m3 > m2 ? m3 : m2;
+  float top = hmax(m2 > m0 ? m2 : m0);
   for (; j < V; ++j) top = std::max(top, to_float(x[j]));
   return top;
 }
