@@ -80,7 +80,7 @@ def test_loss_matches_torch_cross_entropy_with_ignored_targets() -> None:
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
 
 
-# the native kernel (kernels/loss.cpp) and the chunked PyTorch path; vocabularies that leave 16- and 32-lane tails, and
+# the native kernel (kernels/train.cpp) and the chunked PyTorch path; vocabularies that leave 16- and 32-lane tails, and
 # logits spread wide enough that an unshifted e^x would overflow float32
 LOSS_CASES = [("chunked", 53, 3.0), ("native", 53, 3.0), ("native", 1000, 3.0), ("native", 1000, 40.0)]
 
@@ -364,3 +364,30 @@ def test_a_cpu_bf16_training_forward_takes_explicit_attention_and_matches_sdpa(m
     assert (ours.float() - theirs.float()).abs().max() < 0.05
     with torch.enable_grad():
         assert not model_module.explicit_attention_applies(torch.zeros(1, 1, 8, 4))  # float32: PyTorch's kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_gelu_tanh_and_its_gradient_match_pytorchs(dtype: torch.dtype) -> None:
+    """Against F.gelu(approximate="tanh") in float64: within PyTorch's own error in the same dtype, plus an ulp."""
+    from gptlab import kernels
+    from gptlab.model import GELUTanh
+
+    if not kernels.load():
+        pytest.skip("no native kernels here (no C++ compiler)")
+    g = torch.Generator().manual_seed(11)
+    x = torch.cat([torch.randn(3, 1001, generator=g) * 3, torch.linspace(-12, 12, 3003).view(3, 1001)]).to(dtype)  # 1001: a 9-element tail
+    grad = torch.randn(x.shape, generator=g).to(dtype)
+
+    def run(fn, t):
+        t = t.clone().requires_grad_()
+        y = fn(t)
+        y.backward(grad.to(t.dtype))
+        return y.detach().double(), t.grad.double()
+
+    exact = run(lambda t: F.gelu(t, approximate="tanh"), x.double())
+    ours = run(GELUTanh(), x)
+    theirs = run(lambda t: F.gelu(t, approximate="tanh"), x)
+    ulp = 1e-7 if dtype == torch.float32 else 2**-8
+    for o, t, e in zip(ours, theirs, exact, strict=True):
+        assert ((o - e).abs() <= 1.5 * (t - e).abs().max() + ulp * e.abs().clamp(min=1)).all()
+    assert GELUTanh()(x[:, :5].clone().requires_grad_()).grad_fn.name() == "_NativeGeluTanhBackward"

@@ -1,8 +1,9 @@
 """Native CPU kernels, compiled on first use for the CPU at hand and cached.
 
 decode.cpp holds a matrix-vector product for batch-1 decoding (see its header for why), a decode
-step's attention with its KV-cache writes, and a whole decode step's layers in one call; loss.cpp
-the cross-entropy of training (log p(target) per row and its gradient); simd.h their vector helpers.
+step's attention with its KV-cache writes, and a whole decode step's layers in one call; train.cpp
+the cross-entropy of training (log p(target) per row and its gradient) and GPT-2's GELU with its
+derivative; simd.h their vector helpers.
 `load()` compiles them into one library with the system's C++ compiler against the installed PyTorch
 (~15 s, once per CPU model, PyTorch version and source), keeps it under cache_dir()/native, and
 registers torch.ops.gptlab.* (called through the functions below). Without a compiler, or when the
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode.cpp", "loss.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode.cpp", "train.cpp"))
 HEADERS = (Path(__file__).with_name("simd.h"),)
 # the matrix-vector kernels do all rows with each weight row, at the multiply-add rate of one row: past a few rows the
 # GEMMs win, and measuring them at 32 rows would cost a second of start-up for nothing
@@ -184,3 +185,13 @@ def target_logprobs_grad(logits: Tensor, targets: Tensor, lse: Tensor, scale: Te
     """scale[:, None] * (softmax(logits) - onehot(targets)) in the logits' dtype (no one-hot where the target is -100):
     the gradient of -sum(scale * log p(target)); lse from target_logprobs, scale float32 (N,); after load()."""
     return torch.ops.gptlab.target_logprobs_grad(logits, targets, lse, scale)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """F.gelu(x, approximate="tanh") for contiguous float32 or bfloat16 x, computed in float32; after load()."""
+    return torch.ops.gptlab.gelu_tanh(x)
+
+
+def gelu_tanh_backward(grad: Tensor, x: Tensor) -> Tensor:
+    """grad * d gelu_tanh(x) / dx, both contiguous and of x's dtype; after load()."""
+    return torch.ops.gptlab.gelu_tanh_backward(grad, x)

@@ -642,8 +642,6 @@ inline void map16(float* x, int64_t n, F f) {
   }
 }
 
-inline f32x16 abs16(f32x16 x) { return x < 0.f ? -x : x; }
-
 enum class Act { gelu_tanh, gelu, silu, relu, relu2 };
 
 Act parse_activation(std::string_view name) {

@@ -1,5 +1,5 @@
-// Vector helpers shared by gptlab's native kernels (decode.cpp, loss.cpp): 16 float32 lanes, loads that widen
-// bfloat16 and int8 to them, a horizontal sum, e^x for x <= 0, and rounding stores back to bfloat16.
+// Vector helpers shared by gptlab's native kernels (decode.cpp, train.cpp): 16 float32 lanes, loads that widen
+// bfloat16 and int8 to them, a horizontal sum and maximum, |x|, e^x for x <= 0, and rounding stores back to bfloat16.
 #pragma once
 
 #include <cstdint>
@@ -112,6 +112,8 @@ inline void store(uint16_t* p, float v) {
   std::memcpy(&u, &v, sizeof u);
   *p = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40) : uint16_t((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
+
+inline f32x16 abs16(f32x16 x) { return x < 0.f ? -x : x; }
 
 // 16 lanes stored as float32, or as bfloat16 rounded to nearest even (finite values: this is for probabilities)
 inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }

@@ -1,12 +1,17 @@
-// Cross-entropy over a vocabulary for training on CPU: log p(target) of each row of logits (N, V), and the
-// gradient of those log-probabilities with respect to the logits.
+// Kernels for CPU training steps, where PyTorch's own make several passes over large tensors:
 //
-// PyTorch's log_softmax + gather materialises a float32 (N, V) copy of bfloat16 logits and the log-softmax,
-// and its backward a softmax, a one-hot and a product, each a full pass over N x V elements (103M for
-// 2048 tokens of GPT-2's vocabulary). Here the forward reads each row twice (its maximum, then the sum of
-// e^(x - max)) while it sits in cache and keeps only log-sum-exp and the target's log-probability; the
-// backward reads each row once more and writes scale * (softmax - onehot) straight into the gradient, in
-// the logits' dtype. Sums in float32, e^x by exp16 (simd.h).
+// Cross-entropy over a vocabulary: log p(target) of each row of logits (N, V), and the gradient of those
+// log-probabilities with respect to the logits. PyTorch's log_softmax + gather materialises a float32 (N, V)
+// copy of bfloat16 logits and the log-softmax, and its backward a softmax, a one-hot and a product, each a
+// full pass over N x V elements (103M for 2048 tokens of GPT-2's vocabulary). Here the forward reads each
+// row twice (its maximum, then the sum of e^(x - max)) while it sits in cache and keeps only log-sum-exp and
+// the target's log-probability; the backward reads each row once more and writes scale * (softmax - onehot)
+// straight into the gradient, in the logits' dtype.
+//
+// GPT-2's GELU (the tanh approximation) and its derivative, one pass each: PyTorch's CPU kernel for it took
+// 6x as long as for the exact GELU (2.3 against 0.4 ms for 8 x 256 x 1536 bfloat16 elements, forward).
+//
+// Sums in float32, e^x by exp16 (simd.h).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -14,6 +19,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -130,14 +136,106 @@ at::Tensor target_logprobs_grad(const at::Tensor& logits, const at::Tensor& targ
   return grad;
 }
 
+// GELU, tanh form (Hendrycks & Gimpel 2016, eq. 2): g(x) = x / 2 (1 + tanh u), u = c (x + a x^3), c = sqrt(2 / pi),
+// a = 0.044715; g'(x) = (1 + tanh u) / 2 + x / 2 (1 - tanh^2 u) c (1 + 3 a x^2). tanh |u| = (1 - e^-2|u|) / (1 + e^-2|u|)
+// with e^x by exp16, so nothing overflows.
+constexpr float kGeluC = 0.7978845608028654f, kGeluA = 0.044715f;
+
+inline f32x16 tanh16(f32x16 u) {
+  const f32x16 e = exp16(-2.f * abs16(u));
+  const f32x16 t = (1.f - e) / (1.f + e);
+  return u < 0.f ? -t : t;
+}
+
+inline float tanh1(float u) { return std::tanh(u); }
+
+template <typename T>
+void gelu_tanh_span(const T* x, T* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const f32x16 v = load16(x + i);
+    store16(y + i, 0.5f * v * (1.f + tanh16(kGeluC * (v + kGeluA * v * v * v))));
+  }
+  for (; i < n; ++i) {
+    const float v = to_float(x[i]);
+    store(y + i, 0.5f * v * (1.f + tanh1(kGeluC * (v + kGeluA * v * v * v))));
+  }
+}
+
+template <typename T>
+void gelu_tanh_grad_span(const T* g, const T* x, T* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const f32x16 v = load16(x + i);
+    const f32x16 t = tanh16(kGeluC * (v + kGeluA * v * v * v));
+    store16(out + i, load16(g + i) * (0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * kGeluC * (1.f + 3.f * kGeluA * v * v)));
+  }
+  for (; i < n; ++i) {
+    const float v = to_float(x[i]);
+    const float t = tanh1(kGeluC * (v + kGeluA * v * v * v));
+    store(out + i, to_float(g[i]) * (0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * kGeluC * (1.f + 3.f * kGeluA * v * v)));
+  }
+}
+
+void check_elementwise(const char* name, const at::Tensor& x) {
+  TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              name, ": input must be contiguous float32 or bfloat16, got ", x.scalar_type(), x.is_contiguous() ? "" : " (not contiguous)");
+}
+
+// elementwise over n elements in blocks of 16K, on PyTorch's threads
+template <typename F>
+void blocks(int64_t n, F f) {
+  at::parallel_for(0, (n + 16383) / 16384, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) f(b * 16384, std::min<int64_t>(16384, n - b * 16384));
+  });
+}
+
+at::Tensor gelu_tanh(const at::Tensor& x) {
+  check_elementwise("gelu_tanh", x);
+  at::Tensor y = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat) {
+    const float* xp = x.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    blocks(x.numel(), [&](int64_t s, int64_t n) { gelu_tanh_span(xp + s, yp + s, n); });
+  } else {
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+    blocks(x.numel(), [&](int64_t s, int64_t n) { gelu_tanh_span(xp + s, yp + s, n); });
+  }
+  return y;
+}
+
+// grad * g'(x), in x's dtype
+at::Tensor gelu_tanh_backward(const at::Tensor& grad, const at::Tensor& x) {
+  check_elementwise("gelu_tanh_backward", x);
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && grad.sizes() == x.sizes() && grad.is_contiguous(),
+              "gelu_tanh_backward: grad must be contiguous ", x.scalar_type(), " ", x.sizes(), ", got ", grad.scalar_type(), " ", grad.sizes());
+  at::Tensor out = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat) {
+    const float *gp = grad.data_ptr<float>(), *xp = x.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    blocks(x.numel(), [&](int64_t s, int64_t n) { gelu_tanh_grad_span(gp + s, xp + s, op + s, n); });
+  } else {
+    const uint16_t* gp = reinterpret_cast<const uint16_t*>(grad.data_ptr<at::BFloat16>());
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+    blocks(x.numel(), [&](int64_t s, int64_t n) { gelu_tanh_grad_span(gp + s, xp + s, op + s, n); });
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gptlab, m) {
   m.def("target_logprobs(Tensor logits, Tensor targets) -> (Tensor, Tensor)");
   m.def("target_logprobs_grad(Tensor logits, Tensor targets, Tensor lse, Tensor scale) -> Tensor");
+  m.def("gelu_tanh(Tensor x) -> Tensor");
+  m.def("gelu_tanh_backward(Tensor grad, Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptlab, CPU, m) {
   m.impl("target_logprobs", target_logprobs);
   m.impl("target_logprobs_grad", target_logprobs_grad);
+  m.impl("gelu_tanh", gelu_tanh);
+  m.impl("gelu_tanh_backward", gelu_tanh_backward);
 }
