@@ -377,8 +377,8 @@ def branched_positions_and_mask(segments: Tensor, branches: Tensor) -> tuple[Ten
 
 
 # Up to this many positions a CPU training step's bfloat16 causal attention runs as explicit products (explicit_attention):
-# there they took 0.5-0.8x the time of PyTorch's CPU flash-attention kernel, forward and backward, and past ~640 they
-# took longer (2-core EPYC, heap reuse on as in gptlab train; benchmarks/RESULTS.md, 2026-12-02)
+# forward and backward they took 0.56x the time of PyTorch's CPU flash-attention kernel at 256 positions and 0.73-0.78x
+# at 512, but 1.11x at 768 and 1.13x at 1024 (2-core EPYC, heap reuse on as in gptlab train; benchmarks/RESULTS.md)
 EXPLICIT_ATTENTION_MAX_T = 512
 
 
