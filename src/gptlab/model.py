@@ -172,6 +172,8 @@ class ReLUSquared(nn.Module):
 
 
 class _NativeGeluTanh(torch.autograd.Function):
+    """GELUTanh through kernels/train.cpp: forward and derivative in one pass each, computed in float32."""
+
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
         ctx.save_for_backward(x)
@@ -380,11 +382,16 @@ def branched_positions_and_mask(segments: Tensor, branches: Tensor) -> tuple[Ten
 # forward and backward they took 0.56x the time of PyTorch's CPU flash-attention kernel at 256 positions and 0.73-0.78x
 # at 512, but 1.11x at 768 and 1.13x at 1024 (2-core EPYC, heap reuse on as in gptlab train; benchmarks/RESULTS.md)
 EXPLICIT_ATTENTION_MAX_T = 512
+# ... and while a layer's B * nh * T * T probabilities stay within this many: the backward keeps them (float32, and
+# rounded to bfloat16: 96 MB a layer at the bound) where the flash kernel keeps one log-sum-exp a row
+EXPLICIT_ATTENTION_MAX_SCORES = 1 << 24
 
 
 def explicit_attention_applies(q: Tensor) -> bool:
     """Whether a causal attention over q (B, nh, T, hs) takes explicit_attention: CPU, bfloat16, gradients on, T small."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and q.size(2) <= EXPLICIT_ATTENTION_MAX_T
+    B, nh, T, _ = q.shape
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and T <= EXPLICIT_ATTENTION_MAX_T
+            and B * nh * T * T <= EXPLICIT_ATTENTION_MAX_SCORES)  # fmt: skip
 
 
 class _ExplicitAttention(torch.autograd.Function):

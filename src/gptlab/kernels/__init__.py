@@ -5,7 +5,7 @@ step's attention with its KV-cache writes, and a whole decode step's layers in o
 the cross-entropy of training (log p(target) per row and its gradient) and GPT-2's GELU with its
 derivative; simd.h their vector helpers.
 `load()` compiles them into one library with the system's C++ compiler against the installed PyTorch
-(~15 s, once per CPU model, PyTorch version and source), keeps it under cache_dir()/native, and
+(~18 s, the sources side by side; once per CPU model, PyTorch version and source), keeps it under cache_dir()/native, and
 registers torch.ops.gptlab.* (called through the functions below). Without a compiler, or when the
 build fails, `load()` returns False and warns once with the reason: the Engine then measures only
 PyTorch's own kernels and the loss takes its PyTorch path. GPTLAB_NATIVE=0 turns them off.
