@@ -15,7 +15,10 @@ freed memory (malloc_trim) and leaves malloc as glibc's own tuning would have le
 blocks mmapped again; see SETTLED_MMAP_THRESHOLD). The process's peak memory is what the
 run needed; between steps it keeps that peak mapped rather than only what is live.
 
-Other C libraries (musl, macOS, Windows) are left alone: the context manager does nothing there.
+The settings are the process's, not the block's: blocks are not meant to nest (an inner one's exit
+would end the outer one's reuse early, costing speed, not correctness), and gptlab runs its training
+loops one after another. Other C libraries (musl, macOS, Windows) are left alone: the context
+manager does nothing there.
 """
 
 from __future__ import annotations
