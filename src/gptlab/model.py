@@ -90,6 +90,12 @@ class _TargetLogProbs(torch.autograd.Function):
         return grad, None, None
 
 
+def _native_cpu(t: Tensor) -> bool:
+    """Whether the native training kernels (kernels/train.cpp) take `t`: a float32 or bfloat16 CPU tensor, outside
+    torch.compile (which cannot trace them), with the kernels built."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling() and native.load()
+
+
 class _NativeTargetLogProbs(torch.autograd.Function):
     """target_logprobs by the native kernels (kernels/train.cpp): the forward reads each row of logits twice while it is
     in cache and keeps its log-sum-exp; the backward writes -grad * (softmax - onehot) into the gradient in one pass."""
@@ -125,11 +131,9 @@ def target_logprobs(logits: Tensor, targets: Tensor, chunk_elems: int = 1 << 20,
     if logits.device.type == "cuda":
         picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
         return picked * valid
-    if kernel == "native" or (
-        kernel == "auto" and logits.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling() and native.load()
-    ):
-        if kernel == "native" and not native.load():
-            raise RuntimeError("the native loss kernel is not available here (no C++ compiler, a failed build, or GPTLAB_NATIVE=0)")
+    if kernel == "native" and not native.load():
+        raise RuntimeError("the native loss kernel is not available here (no C++ compiler, a failed build, or GPTLAB_NATIVE=0)")
+    if kernel == "native" or (kernel == "auto" and _native_cpu(logits)):
         return _NativeTargetLogProbs.apply(logits.contiguous(), targets.long().contiguous())
     return _TargetLogProbs.apply(logits, targets, chunk_elems)
 
@@ -192,7 +196,7 @@ class GELUTanh(nn.Module):
     takes ~6x as long as for the exact GELU, and its derivative likewise."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling() and native.load():
+        if _native_cpu(x):
             return _NativeGeluTanh.apply(x.contiguous())
         return F.gelu(x, approximate="tanh")
 

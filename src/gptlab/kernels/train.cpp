@@ -147,8 +147,6 @@ inline f32x16 tanh16(f32x16 u) {
   return u < 0.f ? -t : t;
 }
 
-inline float tanh1(float u) { return std::tanh(u); }
-
 template <typename T>
 void gelu_tanh_span(const T* x, T* y, int64_t n) {
   int64_t i = 0;
@@ -158,7 +156,7 @@ void gelu_tanh_span(const T* x, T* y, int64_t n) {
   }
   for (; i < n; ++i) {
     const float v = to_float(x[i]);
-    store(y + i, 0.5f * v * (1.f + tanh1(kGeluC * (v + kGeluA * v * v * v))));
+    store(y + i, 0.5f * v * (1.f + std::tanh(kGeluC * (v + kGeluA * v * v * v))));
   }
 }
 
@@ -172,7 +170,7 @@ void gelu_tanh_grad_span(const T* g, const T* x, T* out, int64_t n) {
   }
   for (; i < n; ++i) {
     const float v = to_float(x[i]);
-    const float t = tanh1(kGeluC * (v + kGeluA * v * v * v));
+    const float t = std::tanh(kGeluC * (v + kGeluA * v * v * v));
     store(out + i, to_float(g[i]) * (0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * kGeluC * (1.f + 3.f * kGeluA * v * v)));
   }
 }
