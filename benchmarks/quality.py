@@ -33,12 +33,15 @@ from gptlab.evaluate import evaluate_split
 from gptlab.generate import cpu_name
 from gptlab.train import fast_bf16, resolve_device, train
 
-ARMS = {  # name: (architecture preset, optimizer)
-    "gpt2 + adamw": ("gpt2", "adamw"),
-    "gpt2 + muon": ("gpt2", "muon"),
-    "llama + adamw": ("llama", "adamw"),
-    "llama + muon": ("llama", "muon"),
+ARMS = {  # name: (architecture preset, optimizer, Muon's Newton-Schulz dtype)
+    "gpt2 + adamw": ("gpt2", "adamw", "auto"),
+    "gpt2 + muon": ("gpt2", "muon", "auto"),
+    "llama + adamw": ("llama", "adamw", "auto"),
+    "llama + muon": ("llama", "muon", "auto"),
+    "gpt2 + muon (ns float32)": ("gpt2", "muon", "float32"),  # not run unless asked for: --arms
+    "llama + muon (ns float32)": ("llama", "muon", "float32"),
 }
+DEFAULT_ARMS = ["gpt2 + adamw", "gpt2 + muon", "llama + adamw", "llama + muon"]
 
 
 def stdlib_code(dest: Path, megabytes: float) -> list[Path]:
@@ -67,7 +70,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=60.0, help="seconds of training per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--corpora", nargs="+", choices=["pydoc", "stdlib-code"], default=["pydoc", "stdlib-code"])
-    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS)
     p.add_argument("--code-mb", type=float, default=4.0)
     p.add_argument("--eval-tokens", type=int, default=200_000)
     p.add_argument("--out", type=Path, help="append the markdown report to this file")
@@ -89,13 +92,14 @@ def main() -> None:
             print(f"{corpus}: train {meta['splits']['train']['tokens']:,} tokens, val {meta['splits']['val']['tokens']:,}", flush=True)
             for seed in args.seeds:
                 for arm in args.arms:
-                    arch, optimizer = ARMS[arm]
+                    arch, optimizer, ns_dtype = ARMS[arm]
                     model_cfg = GPTConfig(vocab_size=meta["vocab_size"], block_size=256, n_layer=4, n_head=4, n_embd=256, **ARCHITECTURES[arch])
                     train_cfg = TrainConfig(
                         batch_size=8, lr=2e-3, min_lr=2e-4, weight_decay=0.1, eval_every=10_000, eval_batches=10, save_every=10_000,
                         log_every=50, seed=seed, device=str(device), dtype=dtype, time_budget=args.budget, optimizer=optimizer, muon_lr=0.02,
+                        muon_ns_dtype=ns_dtype,
                     )  # fmt: skip
-                    run = work / corpus / f"{arch}-{optimizer}-{seed}"
+                    run = work / corpus / f"{arch}-{optimizer}-{ns_dtype}-{seed}"
                     t0 = time.perf_counter()
                     result = train(model_cfg, train_cfg, data_dir, run, progress=False)
                     seconds = time.perf_counter() - t0

@@ -221,6 +221,9 @@ class TrainConfig(_Serializable):
     optimizer: str = "adamw"
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
+    # the dtype of Muon's Newton-Schulz iteration: auto is bfloat16 where bf16 matmuls are native (train.fast_bf16),
+    # else float32
+    muon_ns_dtype: str = "auto"
     time_budget: float | None = None  # seconds of wall clock for the run, from the start of its setup
 
     def __post_init__(self) -> None:
@@ -248,6 +251,7 @@ class TrainConfig(_Serializable):
         if self.muon_lr <= 0:
             raise ConfigError(f"muon_lr must be positive, got {self.muon_lr!r}")
         _in_range(self, "muon_momentum", 0.0, 1.0, hi_open=True)
+        _choice(self, "muon_ns_dtype", ("auto", "float32", "bfloat16"))
         for name in ("compile", "activation_checkpointing", "tf32"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -118,7 +118,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str, fused:
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     if muon:
-        return MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, momentum=cfg.muon_momentum)
+        ns_dtype = cfg.muon_ns_dtype
+        if ns_dtype == "auto":
+            ns_dtype = "bfloat16" if fast_bf16(torch.device(device_type)) else "float32"
+        return MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, momentum=cfg.muon_momentum, ns_dtype=getattr(torch, ns_dtype))
     fused = fused and "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu", "mps")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
 

@@ -39,6 +39,7 @@ TRAIN_FIELDS = (
     "batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
     "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "seed", "device", "dtype", "strategy",
     "compile", "activation_checkpointing", "tf32", "max_bad_steps", "time_budget", "optimizer", "muon_lr", "muon_momentum",
+    "muon_ns_dtype",
 )  # fmt: skip
 
 
@@ -96,6 +97,8 @@ def add_train_flags(t: argparse.ArgumentParser, defaults: dict[str, str] | None 
     o.add_argument("--optimizer", choices=["adamw", "muon"], help="adamw (default), or muon: Muon for the blocks' matrices, AdamW for the rest")
     o.add_argument("--muon-lr", type=float, help="Muon's peak learning rate (default 0.02); --lr stays AdamW's")
     o.add_argument("--muon-momentum", type=float, help="Muon's momentum (default 0.95)")
+    o.add_argument("--muon-ns-dtype", choices=["auto", "float32", "bfloat16"],
+                   help="dtype of Muon's Newton-Schulz iteration (default auto: bfloat16 where bf16 matmuls are native)")  # fmt: skip
     o.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
     o.add_argument("--dtype", choices=["float32", "bfloat16"], help="autocast dtype (default float32)")
     o.add_argument("--strategy", choices=["ddp", "fsdp"], help="under torchrun: replicate (ddp, default) or shard (fsdp) the model")
