@@ -13,7 +13,7 @@ from conftest import randomize_, tokens
 from gptlab.config import ARCHITECTURES, GPTConfig, SampleConfig
 from gptlab.errors import ConfigError
 from gptlab.generate import Engine, generate_uncached
-from gptlab.model import GPT, MLP, KVCache, apply_rope, rope_angles, rope_frequencies
+from gptlab.model import GPT, MLP, KVCache, apply_rope, rope_angles, rope_frequencies, scale_rope_frequencies
 
 TINY = dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32)
 
@@ -29,6 +29,7 @@ OPTIONS = {
     "llama": dict(ARCHITECTURES["llama"]),
     "llama+gqa+qk_norm": dict(ARCHITECTURES["llama"], n_kv_head=2, qk_norm=True),
     "post-ln+rmsnorm+rope": dict(norm_placement="post", norm="rmsnorm", pos_encoding="rope"),
+    "llama+llama3-rope-scaling": dict(ARCHITECTURES["llama"], n_kv_head=2, rope_scaling="llama3", rope_factor=8.0, rope_original_context=64),
 }
 
 
@@ -73,6 +74,43 @@ def test_rope_keeps_norms_and_scores_depend_only_on_the_offset():
         scores = [float(at(q, n + offset) @ at(k, n)) for n in (0, 4, 19, 250)]
         assert max(scores) - min(scores) < 1e-9, (offset, scores)
     assert abs(float(at(q, 5) @ at(k, 0)) - float(at(q, 6) @ at(k, 0))) > 1e-3  # and it does depend on the offset
+
+
+def test_rope_scaling_is_its_formula():
+    hs, theta, L, factor = 16, 10000.0, 64, 8.0
+    inv = rope_frequencies(hs, theta)  # wavelengths 2 pi / f from 6.3 to ~1.9e4 positions
+    assert torch.equal(scale_rope_frequencies(inv, GPTConfig(**TINY, pos_encoding="rope")), inv)
+    linear = scale_rope_frequencies(inv, GPTConfig(**TINY, pos_encoding="rope", rope_scaling="linear", rope_factor=factor))
+    assert torch.allclose(linear.double(), inv.double() / factor, rtol=1e-7)
+    cfg = GPTConfig(**TINY, pos_encoding="rope", rope_scaling="llama3", rope_factor=factor, rope_original_context=L,
+                    rope_low_freq_factor=1.0, rope_high_freq_factor=4.0)  # fmt: skip
+    got = scale_rope_frequencies(inv, cfg).double()
+    kinds = set()
+    for f, g in zip(inv.double().tolist(), got.tolist(), strict=True):  # Llama 3.1's rule, case by case
+        wavelength = 2 * math.pi / f
+        if wavelength < L / 4.0:  # fast waves (local order) are kept
+            want, kind = f, "kept"
+        elif wavelength > L / 1.0:  # waves that never completed a turn in training slow down by the factor
+            want, kind = f / factor, "slowed"
+        else:
+            smooth = (L / wavelength - 1.0) / (4.0 - 1.0)
+            want, kind = (1 - smooth) * f / factor + smooth * f, "blended"
+        kinds.add(kind)
+        assert math.isclose(g, want, rel_tol=1e-6), (wavelength, g, want)
+    assert kinds == {"kept", "slowed", "blended"}
+    model = GPT(cfg)  # the model turns its heads (8 wide) by them
+    assert torch.equal(model.rope_inv_freq, scale_rope_frequencies(rope_frequencies(cfg.head_dim, theta), cfg))
+
+
+def test_rope_scaling_settings_are_checked():
+    with pytest.raises(ConfigError, match="rope_scaling='llama3' needs pos_encoding='rope', got 'learned'"):
+        GPTConfig(**TINY, rope_scaling="llama3")
+    with pytest.raises(ConfigError, match="rope_scaling must be one of none, linear, llama3"):
+        GPTConfig(**TINY, pos_encoding="rope", rope_scaling="yarn")
+    with pytest.raises(ConfigError, match="rope_factor must be in"):
+        GPTConfig(**TINY, pos_encoding="rope", rope_scaling="linear", rope_factor=0.5)
+    with pytest.raises(ConfigError, match="0 < rope_low_freq_factor < rope_high_freq_factor, got 4.0 and 1.0"):
+        GPTConfig(**TINY, pos_encoding="rope", rope_scaling="llama3", rope_low_freq_factor=4.0, rope_high_freq_factor=1.0)
 
 
 def test_rope_model_has_no_position_table_and_odd_head_widths_are_refused():

@@ -30,6 +30,12 @@ CASES = {
     "relu2": dict(LLAMA, activation="relu2", layer_norm_eps=1e-6),
     "qwen3-gqa-qk-norm": dict(LLAMA, n_kv_head=2, qk_norm=True, layer_norm_eps=1e-6),
     "qwen3-tied-head-width": dict(LLAMA, qk_norm=True, tie_weights=True, head_size=12),
+    # head width 8: wavelengths 6.3, 63, 628 and 6283 positions, so with 64 original positions one frequency is kept,
+    # one blended and two slowed by Llama 3.1's rule
+    "llama3-rope-scaling": dict(LLAMA, n_kv_head=2, rope_scaling="llama3", rope_factor=8.0, rope_original_context=64),
+    "linear-rope-scaling": dict(LLAMA, rope_scaling="linear", rope_factor=4.0),
+    "qwen3-llama3-rope-scaling": dict(LLAMA, qk_norm=True, rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=2.0,
+                                      rope_high_freq_factor=8.0, rope_original_context=128),  # fmt: skip
 }
 
 
@@ -108,6 +114,50 @@ def test_a_llama_made_by_transformers_imports_with_logits_parity(tmp_path: Path)
         assert (hf(idx).logits - loaded.model(idx)[0]).abs().max() <= 1e-4
 
 
+def test_a_llama_3_scaled_checkpoint_from_transformers_imports_with_logits_parity(tmp_path: Path):
+    """Llama 3.2's config as its hub copies write it (transformers 4's rope_scaling, rope_theta at the top level),
+    at a small size."""
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    hf_config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, max_position_embeddings=256, rope_theta=500000.0, rope_scaling=scaling,
+                                         tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(10)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    randomize_(hf, 11)
+    hf.save_pretrained(tmp_path / "hf")
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    loaded = load_hf(tmp_path / "hf")
+    assert (loaded.config.rope_scaling, loaded.config.rope_factor, loaded.config.rope_original_context) == ("llama3", 32.0, 64)
+    idx = tokens((1, 200), VOCAB, 12)  # past the 64 "original" positions, where the scaling matters
+    with torch.no_grad():
+        want = hf(idx).logits
+        assert (want - loaded.model(idx)[0]).abs().max() <= 1e-4
+        unscaled = GPT(loaded.config.replace(rope_scaling="none"))
+        unscaled.load_state_dict(loaded.model.state_dict())
+        assert (want - unscaled.eval()(idx)[0]).abs().max() > 1e-2  # the scaling is not a no-op at these positions
+    assert (saved.get("rope_parameters") or saved.get("rope_scaling"))["rope_type"] == "llama3"  # what was read is what transformers wrote
+
+
+def test_a_mistral_made_by_transformers_imports_with_logits_parity_and_exports_as_llama(tmp_path: Path):
+    hf_config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                                           num_key_value_heads=2, max_position_embeddings=64, rope_theta=1e6, sliding_window=None,
+                                           tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(13)
+    hf = transformers.MistralForCausalLM(hf_config).eval()
+    randomize_(hf, 14)
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = load_hf(tmp_path / "hf")
+    assert loaded.model_type == "mistral" and loaded.config.n_kv_head == 2 and not loaded.config.bias
+    idx = tokens((2, 40), VOCAB, 15)
+    with torch.no_grad():
+        assert (hf(idx).logits - loaded.model(idx)[0]).abs().max() <= 1e-4
+    assert config_to_hf(loaded.config)["architectures"] == ["LlamaForCausalLM"]  # the same computation in Llama's class
+    base = hf_config.to_dict()
+    assert config_from_hf({**base, "sliding_window": 64}) == loaded.config  # a window covering the whole context is no window
+    with pytest.raises(ConfigError, match="sliding_window=32 is shorter than the context \\(64\\)"):
+        config_from_hf({**base, "sliding_window": 32})
+
+
 def test_a_qwen3_made_by_transformers_exports_back_and_imports_with_logits_parity(tmp_path: Path):
     hf_config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=3000.0, tie_word_embeddings=False)  # fmt: skip
@@ -134,8 +184,14 @@ def test_what_llamas_class_cannot_hold_is_refused_in_one_line(tmp_path: Path):
     with pytest.raises(ConfigError, match="pos_encoding='learned': HF's Llama class needs pos_encoding='rope'"):
         config_to_hf(GPTConfig(vocab_size=VOCAB, block_size=CTX, n_layer=1, n_head=4, n_embd=32, norm="rmsnorm"))
     base = config_to_hf(_model(CASES["gqa-untied"]).config)
-    with pytest.raises(ConfigError, match="rope type 'llama3' is not supported"):
-        config_from_hf({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}})
+    with pytest.raises(ConfigError, match="rope type 'yarn' is not supported; gptlab has 'default', 'linear' and 'llama3'"):
+        config_from_hf({**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}})
+    with pytest.raises(ConfigError, match="rope type 'llama3' lacks high_freq_factor, original_max_position_embeddings"):
+        config_from_hf({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0}})
+    with pytest.raises(ConfigError, match="rope type 'dynamic' is not supported"):  # transformers 4's spelling
+        config_from_hf({**{k: v for k, v in base.items() if k != "rope_parameters"}, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    with pytest.raises(ConfigError, match="partial_rotary_factor below 1"):
+        config_from_hf({**base, "partial_rotary_factor": 0.5})
     with pytest.raises(ConfigError, match="attention_bias=True and mlp_bias=False differ"):
         config_from_hf({**base, "attention_bias": True, "mlp_bias": False})
     qwen3 = config_to_hf(_model(CASES["qwen3-gqa-qk-norm"]).config)

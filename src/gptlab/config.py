@@ -17,6 +17,7 @@ from gptlab.errors import ConfigError
 C = TypeVar("C")
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 NORM_PLACEMENTS = ("pre", "post")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu", "relu2")
@@ -88,6 +89,15 @@ class GPTConfig(_Serializable):
     # applied to each head's queries and keys (RoPE, Su et al. 2021) with base rope_theta
     pos_encoding: str = "learned"
     rope_theta: float = 10000.0
+    # RoPE's frequencies stretched for contexts past the one pretrained (rope_original_context positions):
+    # "linear" divides every frequency by rope_factor (position interpolation, Chen et al. 2023); "llama3" (Llama
+    # 3.1, Meta 2024) divides those with wavelengths over rope_original_context / rope_low_freq_factor by rope_factor,
+    # keeps those under rope_original_context / rope_high_freq_factor, and blends linearly in between
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
     norm_placement: str = "pre"  # pre-LN (GPT-2) or post-LN (GPT-1)
     norm: str = "layernorm"  # LayerNorm (GPT-2) or RMSNorm (Zhang & Sennrich 2019: no centring, no bias)
     # the MLP's nonlinearity: GPT-2's GELU uses the tanh approximation; relu2 is ReLU squared (So et al. 2021)
@@ -136,6 +146,17 @@ class GPTConfig(_Serializable):
         _in_range(self, "init_std", 0.0, 1.0)
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
             raise ConfigError(f"n_embd ({self.n_embd}) must be even for sinusoidal positions")
+        _choice(self, "rope_scaling", ROPE_SCALINGS)
+        if self.rope_scaling != "none" and self.pos_encoding != "rope":
+            raise ConfigError(f"rope_scaling={self.rope_scaling!r} needs pos_encoding='rope', got {self.pos_encoding!r}")
+        _in_range(self, "rope_factor", 1.0, math.inf, hi_open=True)
+        _in_range(self, "rope_low_freq_factor", 0.0, math.inf, hi_open=True)
+        _in_range(self, "rope_high_freq_factor", 0.0, math.inf, hi_open=True)
+        _positive_int(self, "rope_original_context")
+        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ConfigError(
+                f"llama3 rope scaling needs 0 < rope_low_freq_factor < rope_high_freq_factor, got {self.rope_low_freq_factor!r} and {self.rope_high_freq_factor!r}"
+            )
         if self.pos_encoding == "rope" and self.head_dim % 2:
             raise ConfigError(f"the head width ({self.head_dim}) must be even for rotary positions")
 

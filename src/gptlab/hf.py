@@ -36,6 +36,7 @@ from gptlab.fileio import staged_dir, unwritable_reason
 from gptlab.hf_llama import (
     FAMILY,
     LLAMA,
+    MISTRAL,
     QWEN3,
     check_llama_shaped,
     llama_config_from_hf,
@@ -117,11 +118,11 @@ def _one_dropout(hf_config: Mapping[str, Any], model_type: str) -> float:
 
 
 def model_type_of(hf_config: Mapping[str, Any]) -> str:
-    """"gpt2", "openai-gpt", "llama" or "qwen3"; ConfigError for any other architecture."""
+    """"gpt2", "openai-gpt", "llama", "qwen3" or "mistral"; ConfigError for any other architecture."""
     model_type = hf_config.get("model_type", GPT2)
     if model_type not in _DEFAULTS and model_type not in FAMILY:
         raise ConfigError(
-            f"HF config model_type={model_type!r} is not supported; gptlab imports {GPT2!r} (GPT-2), {GPT1!r} (GPT-1), {LLAMA!r} (Llama) and {QWEN3!r} (Qwen3)"
+            f"HF config model_type={model_type!r} is not supported; gptlab imports {GPT2!r} (GPT-2), {GPT1!r} (GPT-1), {LLAMA!r} (Llama), {QWEN3!r} (Qwen3) and {MISTRAL!r} (Mistral)"
         )
     if hf_config.get("add_cross_attention"):
         raise ConfigError("HF config field add_cross_attention=True is not supported (gptlab models are decoder-only)")
@@ -477,7 +478,7 @@ class HFModel:
     model: GPT
     config: GPTConfig
     tokenizer: AnyTokenizer | None  # None when the directory has no tokenizer files
-    model_type: str  # "gpt2", "openai-gpt", "llama" or "qwen3"
+    model_type: str  # "gpt2", "openai-gpt", "llama", "qwen3" or "mistral"
     directory: Path
 
 

@@ -5,6 +5,12 @@ each sublayer and at the end, a gated MLP, grouped-query attention, optional bia
 (attention_bias) and all MLP (mlp_bias) projections, tied or untied embeddings. gptlab keeps q, k, v in
 one matrix (c_attn) and gate and up in another (c_fc); Llama stores them apart, so conversion splits
 and concatenates rows; nothing is transposed (both store Linear weights as (out, in)).
+RoPE's "linear" and "llama3" frequency scalings (Llama 3.1 and 3.2 checkpoints use the latter) map to
+GPTConfig.rope_scaling; the kinds that change with the sequence length or scale the attention (dynamic,
+yarn, longrope) are refused.
+
+Mistral's checkpoints are Llama's layer without biases; those whose sliding window covers the whole context
+(or that have none, as Mistral 7B v0.3) import, and export as Llama.
 
 A model with QK-norm goes to Qwen3ForCausalLM instead: Llama's layout plus an RMSNorm over each head's
 queries and keys before RoPE (q_norm, k_norm: one (head_dim,) gain per layer, shared by the heads, as
@@ -22,8 +28,8 @@ from torch import Tensor
 from gptlab.config import GPTConfig
 from gptlab.errors import CheckpointError, ConfigError
 
-LLAMA, QWEN3 = "llama", "qwen3"
-FAMILY = (LLAMA, QWEN3)  # the HF model types this module converts
+LLAMA, QWEN3, MISTRAL = "llama", "qwen3", "mistral"
+FAMILY = (LLAMA, QWEN3, MISTRAL)  # the HF model types this module converts (Mistral's is imported only: it is Llama's)
 _CLASSES = {LLAMA: "LlamaForCausalLM", QWEN3: "Qwen3ForCausalLM"}
 
 # gptlab activation -> HF's ACT2FN name, and back (gelu_pytorch_tanh and gelu_new are the same function)
@@ -72,7 +78,8 @@ def llama_config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict[
         "max_position_embeddings": cfg.block_size,
         "rms_norm_eps": cfg.layer_norm_eps,
         # transformers 5 reads rope_parameters; 4.x and other readers (vLLM, llama.cpp's converter) read rope_theta
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        # and rope_scaling
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta), **_rope_scaling_to_hf(cfg)},
         "rope_theta": float(cfg.rope_theta),
         "attention_bias": cfg.bias,
         "mlp_bias": cfg.bias,
@@ -82,6 +89,8 @@ def llama_config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict[
         "bos_token_id": eos_token_id,
         "eos_token_id": eos_token_id,
     }
+    if cfg.rope_scaling != "none":
+        config["rope_scaling"] = _rope_scaling_to_hf(cfg)
     if model_type == QWEN3:  # full attention in every layer; the MLP has no bias setting of its own
         del config["mlp_bias"]
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer, layer_types=["full_attention"] * cfg.n_layer)
@@ -95,11 +104,14 @@ def llama_config_from_hf(hf: Mapping[str, Any]) -> GPTConfig:
         if hf.get("use_sliding_window", False) or any(t != "full_attention" for t in hf.get("layer_types") or ()):
             raise ConfigError("HF config uses sliding-window attention (use_sliding_window / layer_types); gptlab attends to the whole context")
         hf = {**hf, "mlp_bias": False}  # Qwen3's MLP never has biases
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if rope_type != "default":
-        raise ConfigError(f"HF config rope type {rope_type!r} is not supported; gptlab has plain RoPE (rope_type 'default')")
+    if hf.get("model_type") == MISTRAL:  # Llama's layer, no biases, and attention to a window of the last positions
+        window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
+        if window is not None and window < context:
+            raise ConfigError(f"HF config sliding_window={window} is shorter than the context ({context}); gptlab attends to the whole context")
+        hf = {**hf, "attention_bias": False, "mlp_bias": False}
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5's field, else 4.x's
+    if float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise ConfigError("HF config rotates part of each head (partial_rotary_factor below 1); gptlab's RoPE turns the whole head")
     if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
         raise ConfigError(f"HF config attention_bias={hf.get('attention_bias')!r} and mlp_bias={hf.get('mlp_bias')!r} differ; gptlab has one bias setting")
     act = hf.get("hidden_act", "silu")
@@ -122,6 +134,7 @@ def llama_config_from_hf(hf: Mapping[str, Any]) -> GPTConfig:
         bias=bool(hf.get("attention_bias", False)),
         pos_encoding="rope",
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        **_rope_scaling_from_hf(rope),
         norm="rmsnorm",
         mlp="gated",
         activation=_ACTIVATIONS_IN[act],
@@ -132,6 +145,36 @@ def llama_config_from_hf(hf: Mapping[str, Any]) -> GPTConfig:
     )
     default = cfg.replace(n_inner=None)
     return default if default.mlp_dim == cfg.n_inner else cfg  # the default width stays implicit, so configs round-trip
+
+
+def _rope_scaling_to_hf(cfg: GPTConfig) -> dict[str, Any]:
+    """HF's rope_type and its parameters for cfg.rope_scaling ({} when there is none)."""
+    if cfg.rope_scaling == "none":
+        return {}
+    out: dict[str, Any] = {"rope_type": cfg.rope_scaling, "factor": float(cfg.rope_factor)}
+    if cfg.rope_scaling == "llama3":
+        out.update(low_freq_factor=float(cfg.rope_low_freq_factor), high_freq_factor=float(cfg.rope_high_freq_factor),
+                   original_max_position_embeddings=cfg.rope_original_context)  # fmt: skip
+    return out
+
+
+def _rope_scaling_from_hf(rope: Mapping[str, Any]) -> dict[str, Any]:
+    """GPTConfig's rope_scaling fields for an HF rope_parameters / rope_scaling dict; ConfigError for other kinds."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type": the name before transformers 4.45
+    if rope_type == "default":
+        return {}
+    if rope_type not in ("linear", "llama3"):
+        raise ConfigError(f"HF config rope type {rope_type!r} is not supported; gptlab has 'default', 'linear' and 'llama3'")
+    if "factor" not in rope:
+        raise ConfigError(f"HF config rope type {rope_type!r} has no 'factor'")
+    fields = {"rope_scaling": rope_type, "rope_factor": float(rope["factor"])}
+    if rope_type == "llama3":
+        missing = [k for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if k not in rope]
+        if missing:
+            raise ConfigError(f"HF config rope type 'llama3' lacks {', '.join(missing)}")
+        fields.update(rope_low_freq_factor=float(rope["low_freq_factor"]), rope_high_freq_factor=float(rope["high_freq_factor"]),
+                      rope_original_context=int(rope["original_max_position_embeddings"]))  # fmt: skip
+    return fields
 
 
 def _layer_names(i: int) -> tuple[str, str]:

@@ -46,7 +46,7 @@ def fixed_buffers(config: GPTConfig) -> dict[str, Tensor]:
     if config.pos_encoding == "sinusoidal":
         return {"pos_table": sinusoidal_positions(config.block_size, config.n_embd)}
     if config.pos_encoding == "rope":
-        return {"rope_inv_freq": rope_frequencies(config.head_dim, config.rope_theta)}
+        return {"rope_inv_freq": scale_rope_frequencies(rope_frequencies(config.head_dim, config.rope_theta), config)}
     return {}
 
 
@@ -226,6 +226,26 @@ def _norm(config: GPTConfig, dim: int) -> nn.Module:
 def rope_frequencies(head_dim: int, theta: float) -> Tensor:
     """RoPE's rotation speeds theta^(-2i/d) for i < d/2 (Su et al. 2021, eq. 15), (head_dim/2,) float32."""
     return torch.pow(theta, -torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim).float()
+
+
+def scale_rope_frequencies(inv_freq: Tensor, config: GPTConfig) -> Tensor:
+    """inv_freq stretched by config.rope_scaling, for contexts past the rope_original_context positions trained on.
+
+    linear: every frequency / rope_factor, so position p turns as p / rope_factor did (Chen et al. 2023).
+    llama3 (Llama 3.1): with wavelength w = 2 pi / f and L = rope_original_context, r = (L / w - low) / (high - low)
+    clamped to [0, 1] (low, high: rope_low_/high_freq_factor), f' = f ((1 - r) / rope_factor + r): waves longer than
+    L / low, which never completed a turn in training, slow down by the factor; those shorter than L / high,
+    which carry local order, stay; the band between blends linearly in L / w (continuous at both ends)."""
+    if config.rope_scaling == "none":
+        return inv_freq
+    f = inv_freq.double()
+    if config.rope_scaling == "linear":
+        return (f / config.rope_factor).float()
+    assert config.rope_scaling == "llama3", config.rope_scaling
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    wavelength = 2 * math.pi / f
+    r = ((config.rope_original_context / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    return (f * ((1 - r) / config.rope_factor + r)).float()
 
 
 def rope_angles(inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:

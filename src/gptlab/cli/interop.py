@@ -56,7 +56,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction, command: Register) -> None:
     # Hugging Face interop
-    t = command("import-hf", cmd_import_hf, "convert a Hugging Face GPT-2, GPT-1, Llama or Qwen3 model (local directory or hub name), or a PEFT LoRA adapter for one, into a gptlab checkpoint")
+    t = command("import-hf", cmd_import_hf, "convert a Hugging Face GPT-2, GPT-1, Llama, Qwen3 or Mistral model (local directory or hub name), or a PEFT LoRA adapter for one, into a gptlab checkpoint")
     t.add_argument("src", help="directory with config.json + model.safetensors/pytorch_model.bin, or a hub name such as gpt2 (needs network)")
     t.add_argument("--out", required=True, help="checkpoint directory to write")
     t.add_argument("--revision", help="hub branch, tag or commit (hub names only)")
