@@ -190,8 +190,11 @@ def test_what_llamas_class_cannot_hold_is_refused_in_one_line(tmp_path: Path):
         config_from_hf({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0}})
     with pytest.raises(ConfigError, match="rope type 'dynamic' is not supported"):  # transformers 4's spelling
         config_from_hf({**{k: v for k, v in base.items() if k != "rope_parameters"}, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
-    with pytest.raises(ConfigError, match="partial_rotary_factor below 1"):
+    with pytest.raises(ConfigError, match="partial_rotary_factor=0.5\\); gptlab's RoPE turns the whole head"):
         config_from_hf({**base, "partial_rotary_factor": 0.5})
+    assert config_from_hf({**base, "partial_rotary_factor": None}) == config_from_hf(base)
+    with pytest.raises(ConfigError, match="sliding-window layers \\(layer_types\\)"):
+        config_from_hf({**base, "model_type": "mistral", "sliding_window": None, "layer_types": ["sliding_attention", "full_attention"]})
     with pytest.raises(ConfigError, match="attention_bias=True and mlp_bias=False differ"):
         config_from_hf({**base, "attention_bias": True, "mlp_bias": False})
     qwen3 = config_to_hf(_model(CASES["qwen3-gqa-qk-norm"]).config)

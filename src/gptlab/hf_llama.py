@@ -100,9 +100,11 @@ def llama_config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict[
 def llama_config_from_hf(hf: Mapping[str, Any]) -> GPTConfig:
     """GPTConfig computing what a Llama or Qwen3 config.json computes; ConfigError names any field gptlab cannot honour."""
     qwen3 = hf.get("model_type") == QWEN3
+    if any(t != "full_attention" for t in hf.get("layer_types") or ()):
+        raise ConfigError("HF config has sliding-window layers (layer_types); gptlab attends to the whole context")
     if qwen3:
-        if hf.get("use_sliding_window", False) or any(t != "full_attention" for t in hf.get("layer_types") or ()):
-            raise ConfigError("HF config uses sliding-window attention (use_sliding_window / layer_types); gptlab attends to the whole context")
+        if hf.get("use_sliding_window", False):
+            raise ConfigError("HF config uses sliding-window attention (use_sliding_window); gptlab attends to the whole context")
         hf = {**hf, "mlp_bias": False}  # Qwen3's MLP never has biases
     if hf.get("model_type") == MISTRAL:  # Llama's layer, no biases, and attention to a window of the last positions
         window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
@@ -110,8 +112,9 @@ def llama_config_from_hf(hf: Mapping[str, Any]) -> GPTConfig:
             raise ConfigError(f"HF config sliding_window={window} is shorter than the context ({context}); gptlab attends to the whole context")
         hf = {**hf, "attention_bias": False, "mlp_bias": False}
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5's field, else 4.x's
-    if float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
-        raise ConfigError("HF config rotates part of each head (partial_rotary_factor below 1); gptlab's RoPE turns the whole head")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise ConfigError(f"HF config rotates part of each head (partial_rotary_factor={partial}); gptlab's RoPE turns the whole head")
     if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
         raise ConfigError(f"HF config attention_bias={hf.get('attention_bias')!r} and mlp_bias={hf.get('mlp_bias')!r} differ; gptlab has one bias setting")
     act = hf.get("hidden_act", "silu")
