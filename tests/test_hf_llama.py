@@ -115,8 +115,8 @@ def test_a_llama_made_by_transformers_imports_with_logits_parity(tmp_path: Path)
 
 
 def test_a_llama_3_scaled_checkpoint_from_transformers_imports_with_logits_parity(tmp_path: Path):
-    """Llama 3.2's config as its hub copies write it (transformers 4's rope_scaling, rope_theta at the top level),
-    at a small size."""
+    """Llama 3.2's rope scaling at a small size, read as transformers 5 writes it and as the hub copies (written by
+    transformers 4) have it: rope_scaling, with rope_theta at the top level."""
     scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
     hf_config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=2, max_position_embeddings=256, rope_theta=500000.0, rope_scaling=scaling,
@@ -136,6 +136,8 @@ def test_a_llama_3_scaled_checkpoint_from_transformers_imports_with_logits_parit
         unscaled.load_state_dict(loaded.model.state_dict())
         assert (want - unscaled.eval()(idx)[0]).abs().max() > 1e-2  # the scaling is not a no-op at these positions
     assert (saved.get("rope_parameters") or saved.get("rope_scaling"))["rope_type"] == "llama3"  # what was read is what transformers wrote
+    hub = {k: v for k, v in saved.items() if k != "rope_parameters"} | {"rope_scaling": scaling, "rope_theta": 500000.0}
+    assert config_from_hf(hub) == loaded.config
 
 
 def test_a_mistral_made_by_transformers_imports_with_logits_parity_and_exports_as_llama(tmp_path: Path):
