@@ -64,6 +64,15 @@ def _hf(model: GPT) -> transformers.PreTrainedModel:
     return hf
 
 
+def _saved_by_transformers(cls: type, hf_config: transformers.PretrainedConfig, seed: int, directory: Path) -> transformers.PreTrainedModel:
+    """A random `cls` model, its norms' gains away from 1 (so a missed one shows), saved by transformers to `directory`."""
+    torch.manual_seed(seed)
+    hf = cls(hf_config).eval()
+    randomize_(hf, seed + 1)
+    hf.save_pretrained(directory)
+    return hf
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_logits_and_greedy_generation_equal_transformers_llama_and_qwen3(name):
     model = _model(CASES[name])
@@ -103,10 +112,7 @@ def test_export_loads_in_automodel_and_imports_back_bit_identical(tmp_path: Path
 def test_a_llama_made_by_transformers_imports_with_logits_parity(tmp_path: Path):
     hf_config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
                                          num_key_value_heads=2, max_position_embeddings=64, rope_theta=2000.0, tie_word_embeddings=False)  # fmt: skip
-    torch.manual_seed(4)
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    randomize_(hf, 5)  # norms away from 1
-    hf.save_pretrained(tmp_path / "hf")
+    hf = _saved_by_transformers(transformers.LlamaForCausalLM, hf_config, 4, tmp_path / "hf")
     loaded = load_hf(tmp_path / "hf")
     assert loaded.model_type == "llama" and loaded.config.n_kv_head == 2 and loaded.config.rope_theta == 2000.0
     idx = tokens((2, 40), VOCAB, 6)
@@ -121,10 +127,7 @@ def test_a_llama_3_scaled_checkpoint_from_transformers_imports_with_logits_parit
     hf_config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=2, max_position_embeddings=256, rope_theta=500000.0, rope_scaling=scaling,
                                          tie_word_embeddings=True)  # fmt: skip
-    torch.manual_seed(10)
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    randomize_(hf, 11)
-    hf.save_pretrained(tmp_path / "hf")
+    hf = _saved_by_transformers(transformers.LlamaForCausalLM, hf_config, 10, tmp_path / "hf")
     saved = json.loads((tmp_path / "hf" / "config.json").read_text())
     loaded = load_hf(tmp_path / "hf")
     assert (loaded.config.rope_scaling, loaded.config.rope_factor, loaded.config.rope_original_context) == ("llama3", 32.0, 64)
@@ -144,10 +147,7 @@ def test_a_mistral_made_by_transformers_imports_with_logits_parity_and_exports_a
     hf_config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
                                            num_key_value_heads=2, max_position_embeddings=64, rope_theta=1e6, sliding_window=None,
                                            tie_word_embeddings=False)  # fmt: skip
-    torch.manual_seed(13)
-    hf = transformers.MistralForCausalLM(hf_config).eval()
-    randomize_(hf, 14)
-    hf.save_pretrained(tmp_path / "hf")
+    hf = _saved_by_transformers(transformers.MistralForCausalLM, hf_config, 13, tmp_path / "hf")
     loaded = load_hf(tmp_path / "hf")
     assert loaded.model_type == "mistral" and loaded.config.n_kv_head == 2 and not loaded.config.bias
     idx = tokens((2, 40), VOCAB, 15)
@@ -163,10 +163,7 @@ def test_a_mistral_made_by_transformers_imports_with_logits_parity_and_exports_a
 def test_a_qwen3_made_by_transformers_exports_back_and_imports_with_logits_parity(tmp_path: Path):
     hf_config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=3000.0, tie_word_embeddings=False)  # fmt: skip
-    torch.manual_seed(7)
-    hf = transformers.Qwen3ForCausalLM(hf_config).eval()
-    randomize_(hf, 8)  # q_norm / k_norm gains away from 1
-    hf.save_pretrained(tmp_path / "hf")
+    hf = _saved_by_transformers(transformers.Qwen3ForCausalLM, hf_config, 7, tmp_path / "hf")
     loaded = load_hf(tmp_path / "hf")
     assert loaded.model_type == "qwen3" and loaded.config.qk_norm and loaded.config.head_dim == 16 and not loaded.config.bias
     idx = tokens((2, 40), VOCAB, 9)

@@ -64,6 +64,7 @@ def llama_config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict[
     """config.json for transformers' LlamaForCausalLM (Qwen3ForCausalLM with QK-norm) computing what `cfg` computes."""
     check_llama_shaped(cfg)
     model_type = modern_model_type(cfg)
+    scaling = _rope_scaling_to_hf(cfg)
     config = {
         "model_type": model_type,
         "architectures": [_CLASSES[model_type]],
@@ -79,7 +80,7 @@ def llama_config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict[
         "rms_norm_eps": cfg.layer_norm_eps,
         # transformers 5 reads rope_parameters; 4.x and other readers (vLLM, llama.cpp's converter) read rope_theta
         # and rope_scaling
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta), **_rope_scaling_to_hf(cfg)},
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta), **scaling},
         "rope_theta": float(cfg.rope_theta),
         "attention_bias": cfg.bias,
         "mlp_bias": cfg.bias,
@@ -89,8 +90,8 @@ def llama_config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict[
         "bos_token_id": eos_token_id,
         "eos_token_id": eos_token_id,
     }
-    if cfg.rope_scaling != "none":
-        config["rope_scaling"] = _rope_scaling_to_hf(cfg)
+    if scaling:
+        config["rope_scaling"] = scaling
     if model_type == QWEN3:  # full attention in every layer; the MLP has no bias setting of its own
         del config["mlp_bias"]
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer, layer_types=["full_attention"] * cfg.n_layer)
