@@ -30,6 +30,7 @@ OPTIONS = {
     "llama+gqa+qk_norm": dict(ARCHITECTURES["llama"], n_kv_head=2, qk_norm=True),
     "post-ln+rmsnorm+rope": dict(norm_placement="post", norm="rmsnorm", pos_encoding="rope"),
     "llama+llama3-rope-scaling": dict(ARCHITECTURES["llama"], n_kv_head=2, rope_scaling="llama3", rope_factor=8.0, rope_original_context=64),
+    "llama+yarn-rope-scaling": dict(ARCHITECTURES["llama"], qk_norm=True, rope_scaling="yarn", rope_factor=4.0, rope_original_context=16),
 }
 
 
@@ -102,11 +103,44 @@ def test_rope_scaling_is_its_formula():
     assert torch.equal(model.rope_inv_freq, scale_rope_frequencies(rope_frequencies(cfg.head_dim, theta), cfg))
 
 
+def test_yarn_rope_scaling_is_its_formula():
+    """YaRN by hand for a 16-wide head, theta 100, 32 original positions, betas 4 and 0.5: pair i turns
+    32 * 100^(-i/8) / 2 pi times, which crosses 4 turns at i = 0.42 and 0.5 turns at i = 4.03, so with the bounds
+    rounded outwards pair 0 keeps its speed, pairs 5-7 slow down by the factor and pairs 1-4 blend at i / 5."""
+    hs, theta, L, factor = 16, 100.0, 32, 4.0
+    inv = rope_frequencies(hs, theta)
+    fields = dict(TINY, pos_encoding="rope", rope_theta=theta, head_size=hs, rope_scaling="yarn", rope_factor=factor,
+                  rope_original_context=L, rope_beta_fast=4.0, rope_beta_slow=0.5)  # fmt: skip
+    got = scale_rope_frequencies(inv, GPTConfig(**fields)).double()
+    for i, (f, g) in enumerate(zip(inv.double().tolist(), got.tolist(), strict=True)):
+        r = min(i / 5, 1.0)  # 0: kept, 1: slowed by the factor
+        assert math.isclose(g, (1 - r) * f + r * f / factor, rel_tol=1e-6), (i, g)
+    # without rounding the blend runs from 0.4203 to 4.0326 (clamped at pair 0 below)
+    low = hs * math.log(L / (2 * math.pi * 4.0)) / (2 * math.log(theta))
+    high = hs * math.log(L / (2 * math.pi * 0.5)) / (2 * math.log(theta))
+    exact = scale_rope_frequencies(inv, GPTConfig(**fields, rope_truncate=False)).double()
+    for i, (f, g) in enumerate(zip(inv.double().tolist(), exact.tolist(), strict=True)):
+        r = min(max((i - low) / (high - low), 0.0), 1.0)
+        assert math.isclose(g, (1 - r) * f + r * f / factor, rel_tol=1e-6), (i, g)
+    # the attention temperature: q.k times (0.1 ln 4 + 1)^2 by default, or the given factor squared
+    model = GPT(GPTConfig(**fields))
+    assert math.isclose(model.transformer.h[0].attn.scale, hs**-0.5 * (0.1 * math.log(factor) + 1) ** 2, rel_tol=1e-12)
+    model = GPT(GPTConfig(**fields, rope_attention_factor=1.5))
+    assert math.isclose(model.transformer.h[1].attn.scale, hs**-0.5 * 2.25, rel_tol=1e-12)
+    assert GPTConfig(**dict(fields, rope_scaling="linear"), rope_attention_factor=1.5).rope_attention_scale == 1.0  # yarn's alone
+
+
 def test_rope_scaling_settings_are_checked():
     with pytest.raises(ConfigError, match="rope_scaling='llama3' needs pos_encoding='rope', got 'learned'"):
         GPTConfig(**TINY, rope_scaling="llama3")
-    with pytest.raises(ConfigError, match="rope_scaling must be one of none, linear, llama3"):
-        GPTConfig(**TINY, pos_encoding="rope", rope_scaling="yarn")
+    with pytest.raises(ConfigError, match="rope_scaling must be one of none, linear, llama3, yarn"):
+        GPTConfig(**TINY, pos_encoding="rope", rope_scaling="dynamic")
+    with pytest.raises(ConfigError, match="0 < rope_beta_slow <= rope_beta_fast, got 32.0 and 1.0"):
+        GPTConfig(**TINY, pos_encoding="rope", rope_scaling="yarn", rope_beta_fast=1.0, rope_beta_slow=32.0)
+    with pytest.raises(ConfigError, match="rope_attention_factor must be a positive number or None, got 0"):
+        GPTConfig(**TINY, pos_encoding="rope", rope_scaling="yarn", rope_attention_factor=0)
+    with pytest.raises(ConfigError, match="rope_truncate must be true or false, got 'no'"):
+        GPTConfig(**TINY, pos_encoding="rope", rope_scaling="yarn", rope_truncate="no")
     with pytest.raises(ConfigError, match="rope_factor must be in"):
         GPTConfig(**TINY, pos_encoding="rope", rope_scaling="linear", rope_factor=0.5)
     with pytest.raises(ConfigError, match="0 < rope_low_freq_factor < rope_high_freq_factor, got 4.0 and 1.0"):

@@ -4,6 +4,7 @@ QK-norm against Qwen3ForCausalLM."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,11 @@ CASES = {
     "linear-rope-scaling": dict(LLAMA, rope_scaling="linear", rope_factor=4.0),
     "qwen3-llama3-rope-scaling": dict(LLAMA, qk_norm=True, rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=2.0,
                                       rope_high_freq_factor=8.0, rope_original_context=128),  # fmt: skip
+    # head width 16 at theta 100 over 16 original positions: YaRN keeps pair 0, blends 1-3 and slows 4-7 (CTX 48 > 16)
+    "yarn-rope-scaling": dict(LLAMA, n_kv_head=2, head_size=16, rope_theta=100.0, rope_scaling="yarn", rope_factor=4.0, rope_original_context=16),
+    "qwen3-yarn-exact-bounds": dict(LLAMA, qk_norm=True, head_size=16, rope_theta=100.0, rope_scaling="yarn", rope_factor=8.0,
+                                    rope_original_context=24, rope_beta_fast=8.0, rope_beta_slow=0.5, rope_truncate=False,
+                                    rope_attention_factor=1.3),  # fmt: skip
 }
 
 
@@ -143,6 +149,58 @@ def test_a_llama_3_scaled_checkpoint_from_transformers_imports_with_logits_parit
     assert config_from_hf(hub) == loaded.config
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"factor": 4.0, "original_max_position_embeddings": 32},  # Qwen3's documented long-context setting, scaled down
+        {"factor": 16.0, "original_max_position_embeddings": 64, "beta_fast": 8, "beta_slow": 2, "truncate": False},
+        {"factor": 2.0, "original_max_position_embeddings": 4},  # both bounds clamped to pair 0: the 0.001 step
+        {"factor": 8.0, "original_max_position_embeddings": 32, "attention_factor": 0.9},
+        {"factor": None, "original_max_position_embeddings": 32, "mscale": 0.707, "mscale_all_dim": 1.0},  # DeepSeek's form
+        {"factor": 40.0, "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 1.0, "beta_slow": 0},
+    ],
+    ids=["qwen3", "betas-untruncated", "clamped", "attention-factor", "deepseek-mscale", "equal-mscales"],
+)
+def test_yarn_frequencies_and_attention_factor_equal_transformers(params):
+    """transformers' own yarn initialiser is the reference for every parameter form a config can carry."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=1,
+                                         max_position_embeddings=256, rope_parameters={"rope_type": "yarn", "rope_theta": 5000.0, **params})  # fmt: skip
+    want_freq, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
+    cfg = config_from_hf(hf_config.to_dict())
+    assert cfg.rope_scaling == "yarn" and cfg.head_dim == 32
+    got = GPT(cfg).rope_inv_freq
+    assert torch.allclose(got, want_freq, rtol=2e-6, atol=0), (got / want_freq - 1).abs().max()
+    assert math.isclose(cfg.rope_attention_scale, want_factor, rel_tol=1e-12)
+
+
+def test_a_qwen3_with_yarn_from_transformers_imports_with_logits_parity_past_its_original_context(tmp_path: Path):
+    """Qwen3's long-context recipe (rope_scaling yarn, factor 4 over the original context) at a small size, in
+    transformers 4's layout as the Qwen model cards give it, and as transformers 5 saves it."""
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    hf_config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rope_theta=10000.0,
+                                         rope_scaling=scaling, tie_word_embeddings=True)  # fmt: skip
+    hf = _saved_by_transformers(transformers.Qwen3ForCausalLM, hf_config, 16, tmp_path / "hf")
+    loaded = load_hf(tmp_path / "hf")
+    assert (loaded.config.rope_scaling, loaded.config.rope_factor, loaded.config.rope_original_context) == ("yarn", 4.0, 32)
+    idx = tokens((1, 120), VOCAB, 17)  # past the 32 original positions
+    with torch.no_grad():
+        want = hf(idx).logits
+        assert (want - loaded.model(idx)[0]).abs().max() <= 1e-4
+        unscaled = GPT(loaded.config.replace(rope_scaling="none"))
+        unscaled.load_state_dict(loaded.model.state_dict())
+        assert (want - unscaled.eval()(idx)[0]).abs().max() > 1e-2  # frequencies and temperature both matter here
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    hub = {k: v for k, v in saved.items() if k != "rope_parameters"} | {"rope_scaling": scaling, "rope_theta": 10000.0}
+    assert config_from_hf(hub) == loaded.config
+    # Phi-3's habit: original_max_position_embeddings at the top level wins over the one in the rope dict (as transformers)
+    top = config_from_hf({**hub, "original_max_position_embeddings": 64})
+    assert top.rope_original_context == 64
+    assert config_from_hf({**hub, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}).rope_original_context == 128  # else the context
+
+
 def test_a_mistral_made_by_transformers_imports_with_logits_parity_and_exports_as_llama(tmp_path: Path):
     hf_config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
                                            num_key_value_heads=2, max_position_embeddings=64, rope_theta=1e6, sliding_window=None,
@@ -183,8 +241,9 @@ def test_what_llamas_class_cannot_hold_is_refused_in_one_line(tmp_path: Path):
     with pytest.raises(ConfigError, match="pos_encoding='learned': HF's Llama class needs pos_encoding='rope'"):
         config_to_hf(GPTConfig(vocab_size=VOCAB, block_size=CTX, n_layer=1, n_head=4, n_embd=32, norm="rmsnorm"))
     base = config_to_hf(_model(CASES["gqa-untied"]).config)
-    with pytest.raises(ConfigError, match="rope type 'yarn' is not supported; gptlab has 'default', 'linear' and 'llama3'"):
-        config_from_hf({**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}})
+    with pytest.raises(ConfigError, match="rope type 'longrope' is not supported; gptlab has 'default', 'linear', 'llama3' and 'yarn' "
+                       "\\(dynamic and longrope change the frequencies with the sequence length"):  # fmt: skip
+        config_from_hf({**base, "rope_parameters": {"rope_type": "longrope", "rope_theta": 5e5, "short_factor": [1.0], "long_factor": [2.0]}})
     with pytest.raises(ConfigError, match="rope type 'llama3' lacks high_freq_factor, original_max_position_embeddings"):
         config_from_hf({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0}})
     with pytest.raises(ConfigError, match="rope type 'dynamic' is not supported"):  # transformers 4's spelling

@@ -167,7 +167,7 @@ def test_gemv_quant_refuses_codes_that_do_not_fit():
 
 # option sets for decode_layers: GPT-2; GPT-1's post-LN with ReLU; the llama stack; grouped and multi-query heads with
 # QK-norm; exact GELU with sinusoidal positions; relu^2; head widths without a register version (20) and heads pruned
-# narrower than the model (head_size); per-layer attention scales; Llama 3.1's RoPE scaling
+# narrower than the model (head_size); per-layer attention scales; Llama 3.1's and YaRN's RoPE scalings
 DECODE_OPTIONS = [
     {},
     {"norm_placement": "post", "activation": "relu"},
@@ -178,6 +178,7 @@ DECODE_OPTIONS = [
     {"activation": "relu2", "n_embd": 60, "n_head": 3},
     {"head_size": 16, "n_head": 3, "scale_attn_by_inverse_layer_idx": True},
     {"pos_encoding": "rope", "rope_scaling": "llama3", "rope_factor": 8.0, "rope_original_context": 16, "n_kv_head": 2, "norm": "rmsnorm"},
+    {"pos_encoding": "rope", "rope_scaling": "yarn", "rope_factor": 4.0, "rope_original_context": 16, "qk_norm": True, "norm": "rmsnorm"},
 ]
 
 

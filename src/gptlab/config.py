@@ -17,7 +17,7 @@ from gptlab.errors import ConfigError
 C = TypeVar("C")
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope")
-ROPE_SCALINGS = ("none", "linear", "llama3")
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 NORM_PLACEMENTS = ("pre", "post")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu", "relu2")
@@ -92,12 +92,19 @@ class GPTConfig(_Serializable):
     # RoPE's frequencies stretched for contexts past the one pretrained (rope_original_context positions):
     # "linear" divides every frequency by rope_factor (position interpolation, Chen et al. 2023); "llama3" (Llama
     # 3.1, Meta 2024) divides those with wavelengths over rope_original_context / rope_low_freq_factor by rope_factor,
-    # keeps those under rope_original_context / rope_high_freq_factor, and blends linearly in between
+    # keeps those under rope_original_context / rope_high_freq_factor, and blends linearly in between; "yarn" (Peng
+    # et al. 2023) keeps the head pairs that turn over rope_beta_fast times in rope_original_context positions,
+    # divides those turning under rope_beta_slow times by rope_factor, blends linearly in the pair index between
+    # (bounds rounded outwards when rope_truncate), and multiplies q.k by rope_attention_factor^2 (None: 0.1 ln(factor) + 1)
     rope_scaling: str = "none"
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_attention_factor: float | None = None
+    rope_truncate: bool = True
     norm_placement: str = "pre"  # pre-LN (GPT-2) or post-LN (GPT-1)
     norm: str = "layernorm"  # LayerNorm (GPT-2) or RMSNorm (Zhang & Sennrich 2019: no centring, no bias)
     # the MLP's nonlinearity: GPT-2's GELU uses the tanh approximation; relu2 is ReLU squared (So et al. 2021)
@@ -140,7 +147,7 @@ class GPTConfig(_Serializable):
         if not isinstance(self.rope_theta, (int, float)) or isinstance(self.rope_theta, bool) or not 1.0 < self.rope_theta < math.inf:
             raise ConfigError(f"rope_theta must be a number above 1, got {self.rope_theta!r}")
         _in_range(self, "layer_norm_eps", 0.0, 1.0)
-        for name in ("bias", "tie_weights", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "upcast_attn", "qk_norm"):
+        for name in ("bias", "tie_weights", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "upcast_attn", "qk_norm", "rope_truncate"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _in_range(self, "init_std", 0.0, 1.0)
@@ -157,12 +164,29 @@ class GPTConfig(_Serializable):
             raise ConfigError(
                 f"llama3 rope scaling needs 0 < rope_low_freq_factor < rope_high_freq_factor, got {self.rope_low_freq_factor!r} and {self.rope_high_freq_factor!r}"
             )
+        _in_range(self, "rope_beta_slow", 0.0, math.inf, hi_open=True)
+        _in_range(self, "rope_beta_fast", 0.0, math.inf, hi_open=True)
+        if self.rope_scaling == "yarn" and not 0 < self.rope_beta_slow <= self.rope_beta_fast:
+            raise ConfigError(f"yarn rope scaling needs 0 < rope_beta_slow <= rope_beta_fast, got {self.rope_beta_slow!r} and {self.rope_beta_fast!r}")
+        factor = self.rope_attention_factor
+        if factor is not None and not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 < factor < math.inf):
+            raise ConfigError(f"rope_attention_factor must be a positive number or None, got {factor!r}")
         if self.pos_encoding == "rope" and self.head_dim % 2:
             raise ConfigError(f"the head width ({self.head_dim}) must be even for rotary positions")
 
     @property
     def head_dim(self) -> int:
         return self.head_size if self.head_size is not None else self.n_embd // self.n_head
+
+    @property
+    def rope_attention_scale(self) -> float:
+        """What yarn's RoPE multiplies queries and keys by (so q.k by its square; 1.0 for the other scalings): the
+        given rope_attention_factor, else YaRN's sqrt(1/t) = 0.1 ln(rope_factor) + 1 (Peng et al. 2023)."""
+        if self.rope_scaling != "yarn":
+            return 1.0
+        if self.rope_attention_factor is not None:
+            return float(self.rope_attention_factor)
+        return 0.1 * math.log(self.rope_factor) + 1.0
 
     @property
     def kv_heads(self) -> int:

@@ -5,9 +5,9 @@ each sublayer and at the end, a gated MLP, grouped-query attention, optional bia
 (attention_bias) and all MLP (mlp_bias) projections, tied or untied embeddings. gptlab keeps q, k, v in
 one matrix (c_attn) and gate and up in another (c_fc); Llama stores them apart, so conversion splits
 and concatenates rows; nothing is transposed (both store Linear weights as (out, in)).
-RoPE's "linear" and "llama3" frequency scalings (Llama 3.1 and 3.2 checkpoints use the latter) map to
-GPTConfig.rope_scaling; the kinds that change with the sequence length or scale the attention (dynamic,
-yarn, longrope) are refused.
+RoPE's "linear", "llama3" (Llama 3.1 and 3.2 checkpoints) and "yarn" (Qwen3's long-context setting) frequency
+scalings map to GPTConfig.rope_scaling. "dynamic" and "longrope" are refused: their frequencies change with the
+sequence length, so keys already in a KV cache would have been rotated at other speeds than new ones.
 
 Mistral's checkpoints are Llama's layer without biases; those whose sliding window covers the whole context
 (or that have none, as Mistral 7B v0.3) import, and export as Llama.
@@ -19,6 +19,7 @@ gptlab's), with biases on the attention projections only and none in the MLP.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -112,7 +113,9 @@ def llama_config_from_hf(hf: Mapping[str, Any]) -> GPTConfig:
         if window is not None and window < context:
             raise ConfigError(f"HF config sliding_window={window} is shorter than the context ({context}); gptlab attends to the whole context")
         hf = {**hf, "attention_bias": False, "mlp_bias": False}
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5's field, else 4.x's
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})  # transformers 5's field, else 4.x's
+    if rope.get("rope_type", rope.get("type")) == "yarn":  # as transformers: a top-level field wins, then the context
+        rope["original_max_position_embeddings"] = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048)
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
     if partial is not None and float(partial) != 1.0:
         raise ConfigError(f"HF config rotates part of each head (partial_rotary_factor={partial}); gptlab's RoPE turns the whole head")
@@ -138,7 +141,7 @@ def llama_config_from_hf(hf: Mapping[str, Any]) -> GPTConfig:
         bias=bool(hf.get("attention_bias", False)),
         pos_encoding="rope",
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        **_rope_scaling_from_hf(rope),
+        **_rope_scaling_from_hf(rope, hf.get("max_position_embeddings", 2048)),
         norm="rmsnorm",
         mlp="gated",
         activation=_ACTIVATIONS_IN[act],
@@ -159,16 +162,33 @@ def _rope_scaling_to_hf(cfg: GPTConfig) -> dict[str, Any]:
     if cfg.rope_scaling == "llama3":
         out.update(low_freq_factor=float(cfg.rope_low_freq_factor), high_freq_factor=float(cfg.rope_high_freq_factor),
                    original_max_position_embeddings=cfg.rope_original_context)  # fmt: skip
+    if cfg.rope_scaling == "yarn":
+        out.update(original_max_position_embeddings=cfg.rope_original_context, beta_fast=float(cfg.rope_beta_fast), beta_slow=float(cfg.rope_beta_slow))
+        if cfg.rope_attention_factor is not None:
+            out["attention_factor"] = float(cfg.rope_attention_factor)
+        if not cfg.rope_truncate:  # written only when off: readers older than the key take the rounded bounds
+            out["truncate"] = False
     return out
 
 
-def _rope_scaling_from_hf(rope: Mapping[str, Any]) -> dict[str, Any]:
-    """GPTConfig's rope_scaling fields for an HF rope_parameters / rope_scaling dict; ConfigError for other kinds."""
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    """DeepSeek's attention-factor term for yarn: 0.1 mscale ln(factor) + 1, or 1 when the factor does not stretch."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _rope_scaling_from_hf(rope: Mapping[str, Any], context: int) -> dict[str, Any]:
+    """GPTConfig's rope_scaling fields for an HF rope_parameters / rope_scaling dict (`context`: the config's
+    max_position_embeddings); ConfigError for other kinds."""
     rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type": the name before transformers 4.45
     if rope_type == "default":
         return {}
-    if rope_type not in ("linear", "llama3"):
-        raise ConfigError(f"HF config rope type {rope_type!r} is not supported; gptlab has 'default', 'linear' and 'llama3'")
+    if rope_type not in ("linear", "llama3", "yarn"):
+        raise ConfigError(
+            f"HF config rope type {rope_type!r} is not supported; gptlab has 'default', 'linear', 'llama3' and 'yarn' "
+            "(dynamic and longrope change the frequencies with the sequence length, which cached keys cannot follow)"
+        )
+    if rope_type == "yarn":
+        return _yarn_from_hf(rope, context)
     if "factor" not in rope:
         raise ConfigError(f"HF config rope type {rope_type!r} has no 'factor'")
     fields = {"rope_scaling": rope_type, "rope_factor": float(rope["factor"])}
@@ -179,6 +199,22 @@ def _rope_scaling_from_hf(rope: Mapping[str, Any]) -> dict[str, Any]:
         fields.update(rope_low_freq_factor=float(rope["low_freq_factor"]), rope_high_freq_factor=float(rope["high_freq_factor"]),
                       rope_original_context=int(rope["original_max_position_embeddings"]))  # fmt: skip
     return fields
+
+
+def _yarn_from_hf(rope: Mapping[str, Any], context: int) -> dict[str, Any]:
+    """GPTConfig's fields for HF's yarn parameters, read as transformers reads them: a missing factor is the context
+    over the original one (DeepSeek's configs), missing or zero betas are 32 and 1, and without an attention_factor
+    one comes from mscale / mscale_all_dim when both are set (else GPTConfig's default, 0.1 ln(factor) + 1)."""
+    original = int(rope["original_max_position_embeddings"])
+    factor = float(rope["factor"]) if rope.get("factor") is not None else context / original
+    attention = rope.get("attention_factor")
+    if attention is None and rope.get("mscale") and rope.get("mscale_all_dim"):
+        attention = _yarn_mscale(factor, float(rope["mscale"])) / _yarn_mscale(factor, float(rope["mscale_all_dim"]))
+    return {
+        "rope_scaling": "yarn", "rope_factor": factor, "rope_original_context": original,
+        "rope_beta_fast": float(rope.get("beta_fast") or 32.0), "rope_beta_slow": float(rope.get("beta_slow") or 1.0),
+        "rope_attention_factor": None if attention is None else float(attention), "rope_truncate": bool(rope.get("truncate", True)),
+    }  # fmt: skip
 
 
 def _layer_names(i: int) -> tuple[str, str]:

@@ -235,12 +235,30 @@ def scale_rope_frequencies(inv_freq: Tensor, config: GPTConfig) -> Tensor:
     llama3 (Llama 3.1): with wavelength w = 2 pi / f and L = rope_original_context, r = (L / w - low) / (high - low)
     clamped to [0, 1] (low, high: rope_low_/high_freq_factor), f' = f ((1 - r) / rope_factor + r): waves longer than
     L / low, which never completed a turn in training, slow down by the factor; those shorter than L / high,
-    which carry local order, stay; the band between blends linearly in L / w (continuous at both ends)."""
+    which carry local order, stay; the band between blends linearly in L / w (continuous at both ends).
+    yarn (Peng et al. 2023, "NTK-by-parts", as transformers computes it): pair i of a head of width d turns
+    L f_i / 2 pi times over the L trained positions, and the pair turning n times is i(n) = d ln(L / 2 pi n) / (2 ln
+    theta); pairs below i(beta_fast) keep their speed, those above i(beta_slow) slow down by the factor, and the
+    blend is linear in i between (bounds floored / ceiled when rope_truncate, clamped to [0, d - 1])."""
     if config.rope_scaling == "none":
         return inv_freq
     f = inv_freq.double()
     if config.rope_scaling == "linear":
         return (f / config.rope_factor).float()
+    if config.rope_scaling == "yarn":
+        dim, L = 2 * f.numel(), config.rope_original_context
+
+        def pair_turning(n: float) -> float:
+            return dim * math.log(L / (2 * math.pi * n)) / (2 * math.log(config.rope_theta))
+
+        low, high = pair_turning(config.rope_beta_fast), pair_turning(config.rope_beta_slow)
+        if config.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if high == low:  # both bounds on one pair: a step there instead of 0 / 0 (transformers' choice)
+            high += 0.001
+        r = ((torch.arange(f.numel(), dtype=torch.float64) - low) / (high - low)).clamp(0.0, 1.0)  # 1: slowed
+        return (f * ((1 - r) + r / config.rope_factor)).float()
     assert config.rope_scaling == "llama3", config.rope_scaling
     low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
     wavelength = 2 * math.pi / f
@@ -466,6 +484,8 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx  # its slot in a KVCache
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        # yarn's RoPE multiplies cos and sin (so q and k) by an attention factor: here q.k by its square, once
+        self.scale *= config.rope_attention_scale**2
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= layer_idx + 1
         self.upcast = config.upcast_attn
