@@ -3,13 +3,19 @@ against torch.optim.AdamW, and a Muon training run resumed bit-identically."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from conftest import tokens
+from safetensors.torch import load_file, save_file
 
 from gptlab.checkpoint import load_checkpoint
 from gptlab.config import GPTConfig, TrainConfig
 from gptlab.errors import ConfigError
+from gptlab import optim
 from gptlab.model import GPT
 from gptlab.optim import MuonAdamW, newton_schulz
 from gptlab.train import build_optimizer, train
@@ -138,6 +144,61 @@ def test_a_muon_step_in_bfloat16_moves_the_weights_as_in_float32():
         moved[dtype] = p.detach() - w0
     rel = ((moved[torch.bfloat16] - moved[torch.float32]).norm() / moved[torch.float32].norm()).item()
     assert 1e-4 < rel < 0.04, rel
+
+
+def _muon_problem(ns_dtype: torch.dtype, process_group) -> tuple[dict[str, torch.nn.Parameter], MuonAdamW, list[tuple[int, int]]]:
+    """Five Muon matrices (two fused q/k/v-like ones split in three, three plain) and an AdamW vector, with a list
+    that records the shape of every Newton-Schulz call the optimizer makes."""
+    g = torch.Generator().manual_seed(11)
+    shapes = {"a": (48, 16), "b": (48, 16), "c": (16, 16), "d": (16, 32), "e": (32, 16), "gain": (16,)}
+    params = {k: torch.nn.Parameter(torch.randn(*shape, generator=g)) for k, shape in shapes.items()}
+    groups = [{"params": [params["a"], params["b"]], "muon": True, "split": [16, 16, 16], "weight_decay": 0.1},
+              {"params": [params["c"], params["d"], params["e"]], "muon": True}, {"params": [params["gain"]]}]  # fmt: skip
+    return params, MuonAdamW(groups, lr=0.02, ns_dtype=ns_dtype, process_group=process_group), []
+
+
+def _muon_steps(params, opt, calls) -> None:
+    g = torch.Generator().manual_seed(12)
+    real = optim.newton_schulz
+    optim.newton_schulz = lambda G, *a, **k: (calls.append(tuple(G.shape)), real(G, *a, **k))[1]
+    try:
+        for _ in range(3):
+            for p in params.values():
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+    finally:
+        optim.newton_schulz = real
+
+
+def _split_muon_worker(rank: int, store: str, ns_dtype: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        params, opt, calls = _muon_problem(getattr(torch, ns_dtype), dist.group.WORLD)
+        _muon_steps(params, opt, calls)
+        save_file({**{k: p.detach() for k, p in params.items()}, "calls": torch.tensor(len(calls))}, f"{out}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("ns_dtype", ["float32", "bfloat16"])
+def test_muon_splits_newton_schulz_among_replicas_and_moves_the_weights_as_one_process(ns_dtype, tmp_path: Path):
+    """Under DDP (equal gradients on every process, process_group given) each process orthogonalises its share of the
+    matrices and receives the rest: 5 matrices in rounds of 2 give process 0 matrices a, c, e (3 + 1 + 1 calls) and
+    process 1 b, d (3 + 1), and both end bitwise where one process doing all 9 calls ends."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker: the same kernels, so bitwise equality is the bar
+    try:
+        params, opt, calls = _muon_problem(getattr(torch, ns_dtype), None)
+        _muon_steps(params, opt, calls)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 3 * 9
+    mp.spawn(_split_muon_worker, args=(str(tmp_path / "store"), ns_dtype, str(tmp_path)), nprocs=2)
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    assert [int(r.pop("calls")) for r in ranks] == [3 * 5, 3 * 4]
+    for got in ranks:
+        assert all(torch.equal(got[k], p.detach()) for k, p in params.items())
 
 
 def test_a_muon_run_learns_and_resumes_bit_identically(tmp_path, data_dir):

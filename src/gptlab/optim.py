@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 # the quintic's coefficients: chosen to push every singular value of the normalised matrix towards 1 as fast as
@@ -38,7 +39,7 @@ def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dty
 
 def _sharded(t: Tensor) -> bool:
     """Whether `t` is a DTensor, as FSDP2 (`fully_shard`) makes parameters, their gradients and their state."""
-    if not torch.distributed.is_available():
+    if not dist.is_available():
         return False
     from torch.distributed.tensor import DTensor
 
@@ -58,14 +59,21 @@ class MuonAdamW(torch.optim.Optimizer):
     CPU with AVX512-BF16 (EPYC, 256- and 384-wide layers), where float32 made Muon's step cost about as much as the
     rest of a small model's training step. Momentum and weights stay in their own dtypes.
 
-    Under FSDP a matrix's momentum stays sharded, and each step gathers the whole update, orthogonalises it on
-    every process (the same work repeated: simple, and exact to one process's result), and keeps the local rows."""
+    Under torch.distributed the Newton-Schulz work is split, as modded-nanogpt splits it: every process holds the same
+    update for a matrix (DDP's averaged gradients with `process_group` given; FSDP's gathered rows, among the processes
+    of its 1-D mesh), so the matrices go in rounds of one per process, each orthogonalises its own and broadcasts the
+    result. Each process does 1/world of the iterations, and the weights are bitwise those of one process doing all.
+    Under FSDP a matrix's momentum stays sharded; the whole update is gathered for the iteration and each process
+    keeps its own rows of the result."""
 
     def __init__(self, groups: Iterable[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5, ns_dtype: torch.dtype | None = None) -> None:  # fmt: skip
+                 momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5, ns_dtype: torch.dtype | None = None,
+                 process_group: Any = None) -> None:  # fmt: skip
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, muon=False, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, split=None)
         super().__init__(list(groups), defaults)
-        self.ns_dtype = ns_dtype  # not a group entry, so checkpoints from before it load unchanged
+        # neither is a group entry, so checkpoints from before them load unchanged
+        self.ns_dtype = ns_dtype
+        self.process_group = process_group  # replicas with equal gradients (DDP's) that share the iterations; None: alone
         for group in self.param_groups:
             if group["muon"] and any(p.dim() != 2 for p in group["params"]):
                 raise ValueError("Muon updates 2-D weight matrices only")
@@ -76,36 +84,68 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        muon: list[tuple[Tensor, dict[str, Any]]] = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if group["muon"]:
-                    self._muon(p, p.grad, group, self.state[p], self.ns_dtype)
+                    muon.append((p, group))
                 else:
                     self._adamw(p, p.grad, group, self.state[p])
+        self._muon(muon)
         return loss
 
+    def _sharing(self, p: Tensor) -> Any:
+        """The process group whose members split p's Newton-Schulz work, or None when this process does it all."""
+        if _sharded(p):
+            return p.device_mesh.get_group() if p.device_mesh.ndim == 1 else None  # FSDP's shards; HSDP: repeated
+        return self.process_group
+
+    def _muon(self, muon: list[tuple[Tensor, dict[str, Any]]]) -> None:
+        """Muon's step for each (matrix, group): momentum here, Newton-Schulz on the matrix's process, the update here."""
+        if not muon:
+            return
+        sharing = self._sharing(muon[0][0])
+        world = dist.get_world_size(sharing) if sharing is not None else 1
+        mine = dist.get_rank(sharing) if sharing is not None else 0
+        for start in range(0, len(muon), world):  # a round: matrix start + i is orthogonalised by process i
+            chunk = muon[start : start + world]
+            updates = [self._momentum(p, group, self.state[p]) for p, group in chunk]
+            orthos = []
+            for i, ((_, group), update) in enumerate(zip(chunk, updates, strict=True)):
+                whole = update.full_tensor() if _sharded(update) else update  # FSDP holds rows; the iteration needs all
+                wide = torch.promote_types(whole.dtype, torch.float32)  # normalised in at least float32
+                if world == 1 or i == mine:
+                    orthos.append(self._orthogonalise(whole.to(wide), group))
+                else:
+                    orthos.append(torch.empty(whole.shape, dtype=self.ns_dtype or wide, device=whole.device))
+            if world > 1:
+                for work in [dist.broadcast(o, group=sharing, group_src=i, async_op=True) for i, o in enumerate(orthos)]:
+                    work.wait()
+            for (p, group), update, ortho in zip(chunk, updates, orthos, strict=True):
+                if _sharded(update):  # each process keeps its own rows of the whole result (a local slice)
+                    from torch.distributed.tensor import DTensor, Replicate
+
+                    mesh = update.device_mesh
+                    ortho = DTensor.from_local(ortho, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, update.placements)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(ortho.to(p.dtype), alpha=-group["lr"])
+
     @staticmethod
-    def _muon(p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any], ns_dtype: torch.dtype | None) -> None:
+    def _momentum(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> Tensor:
+        """The momentum buffer after p's gradient, and the update it gives (Nesterov's look-ahead, or the buffer)."""
         beta = group["momentum"]
         if not state:
             state["momentum_buffer"] = torch.zeros_like(p)
         buf = state["momentum_buffer"]
-        buf.lerp_(grad, 1 - beta)
-        update = grad.lerp(buf, beta) if group["nesterov"] else buf.clone()
-        sharded = _sharded(update)
-        whole = update.full_tensor() if sharded else update  # FSDP holds rows of the matrix; Newton-Schulz needs all of them
-        parts = whole.split(group["split"]) if group["split"] else (whole,)  # (rows_i, cols) each
-        wide = torch.promote_types(whole.dtype, torch.float32)  # normalised in at least float32
-        ortho = torch.cat([newton_schulz(u.to(wide), group["ns_steps"], dtype=ns_dtype) * max(1.0, u.size(0) / u.size(1)) ** 0.5 for u in parts])
-        if sharded:  # every process computed the whole update; each keeps its own rows (a local slice, no communication)
-            from torch.distributed.tensor import DTensor, Replicate
+        buf.lerp_(p.grad, 1 - beta)
+        return p.grad.lerp(buf, beta) if group["nesterov"] else buf.clone()
 
-            mesh = update.device_mesh
-            ortho = DTensor.from_local(ortho, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, update.placements)
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(ortho.to(p.dtype), alpha=-group["lr"])
+    def _orthogonalise(self, whole: Tensor, group: dict[str, Any]) -> Tensor:
+        """NS of each `split` part of the update (rows_i, cols), scaled by sqrt(max(1, rows_i / cols)), in ns_dtype."""
+        parts = whole.split(group["split"]) if group["split"] else (whole,)  # (rows_i, cols) each
+        return torch.cat([newton_schulz(u, group["ns_steps"], dtype=self.ns_dtype) * max(1.0, u.size(0) / u.size(1)) ** 0.5 for u in parts])
 
     @staticmethod
     def _adamw(p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:

@@ -100,13 +100,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str, fused: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str, fused: bool = True, replicated: bool = False) -> torch.optim.Optimizer:
     """AdamW (Loshchilov & Hutter 2019) with weight decay on matrices and embeddings only, or with
     cfg.optimizer == "muon", Muon on the blocks' weight matrices and AdamW on the rest (optim.MuonAdamW).
 
     Biases and LayerNorm gains (the 1-D parameters) are not decayed, as in GPT-2/3.
     The fused implementation is used where this PyTorch offers it (CUDA, CPU, MPS) and `fused`
-    allows (FSDP's sharded parameters take the default one).
+    allows (FSDP's sharded parameters take the default one). `replicated`: the processes of torch.distributed's
+    default group hold equal gradients (DDP), so Muon splits its Newton-Schulz work among them.
     """
     if any(getattr(m, "inference_only", False) for m in model.modules()):
         raise ConfigError("the model is quantized (gptlab quantize), which is for inference only; train or fine-tune the checkpoint it was made from")
@@ -121,7 +122,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str, fused:
         ns_dtype = cfg.muon_ns_dtype
         if ns_dtype == "auto":
             ns_dtype = "bfloat16" if fast_bf16(torch.device(device_type)) else "float32"
-        return MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, momentum=cfg.muon_momentum, ns_dtype=getattr(torch, ns_dtype))
+        return MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, momentum=cfg.muon_momentum, ns_dtype=getattr(torch, ns_dtype),
+                         process_group=torch.distributed.group.WORLD if replicated else None)  # fmt: skip
     fused = fused and "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu", "mps")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
 
@@ -593,7 +595,7 @@ def calibrate(
     rng = torch.get_rng_state()
     rng_cuda = torch.cuda.get_rng_state() if device.type == "cuda" else None
     position = loader.state()
-    optimizer = build_optimizer(model, cfg, device.type, fused=cfg.strategy != "fsdp" or not info.enabled)
+    optimizer = build_optimizer(model, cfg, device.type, fused=cfg.strategy != "fsdp" or not info.enabled, replicated=info.enabled and cfg.strategy == "ddp")
     for group in optimizer.param_groups:
         group["lr"] = 0.0
     t_start, times = clock(), []
@@ -760,7 +762,7 @@ def _train(
         return objective.batches("val", block, cfg.batch_size, cfg.seed + EVAL_SEED_OFFSET, info.rank, info.world_size)
 
     # before any forward pass: FSDP swaps in gathered parameters for a forward without backward
-    optimizer = build_optimizer(model, cfg, device.type, fused=cfg.strategy != "fsdp" or not info.enabled)
+    optimizer = build_optimizer(model, cfg, device.type, fused=cfg.strategy != "fsdp" or not info.enabled, replicated=info.enabled and cfg.strategy == "ddp")
     plan = None
     save_s = 0.05 + checkpoint_bytes(model_config) / SAVE_BYTES_PER_S  # until the first checkpoint is timed
     if cfg.time_budget is not None and ckpt is None:
