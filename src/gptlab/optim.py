@@ -120,8 +120,8 @@ class MuonAdamW(torch.optim.Optimizer):
                     orthos.append(self._orthogonalise(whole.to(wide), group))
                 else:
                     orthos.append(torch.empty(whole.shape, dtype=self.ns_dtype or wide, device=whole.device))
-            if world > 1:
-                for work in [dist.broadcast(o, group=sharing, group_src=i, async_op=True) for i, o in enumerate(orthos)]:
+            if world > 1:  # src is a global rank (group_src= arrived after torch 2.3)
+                for work in [dist.broadcast(o, dist.get_global_rank(sharing, i), group=sharing, async_op=True) for i, o in enumerate(orthos)]:
                     work.wait()
             for (p, group), update, ortho in zip(chunk, updates, orthos, strict=True):
                 if _sharded(update):  # each process keeps its own rows of the whole result (a local slice)
