@@ -12,10 +12,10 @@ import torch.multiprocessing as mp
 from conftest import tokens
 from safetensors.torch import load_file, save_file
 
+from gptlab import optim
 from gptlab.checkpoint import load_checkpoint
 from gptlab.config import GPTConfig, TrainConfig
 from gptlab.errors import ConfigError
-from gptlab import optim
 from gptlab.model import GPT
 from gptlab.optim import MuonAdamW, newton_schulz
 from gptlab.train import build_optimizer, train
@@ -184,8 +184,8 @@ def _split_muon_worker(rank: int, store: str, ns_dtype: str, out: str) -> None:
 @pytest.mark.parametrize("ns_dtype", ["float32", "bfloat16"])
 def test_muon_splits_newton_schulz_among_replicas_and_moves_the_weights_as_one_process(ns_dtype, tmp_path: Path):
     """Under DDP (equal gradients on every process, process_group given) each process orthogonalises its share of the
-    matrices and receives the rest: 5 matrices in rounds of 2 give process 0 matrices a, c, e (3 + 1 + 1 calls) and
-    process 1 b, d (3 + 1), and both end bitwise where one process doing all 9 calls ends."""
+    matrices and receives the rest: 5 matrices in rounds of 2 give process 0 matrices a, c, e (3 + 1 + 1 calls a step)
+    and process 1 b, d (3 + 1), and both end bitwise where one process making all 9 calls a step ends."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each worker: the same kernels, so bitwise equality is the bar
     try:
