@@ -6,8 +6,8 @@ matrices and broadcasts them) against every process orthogonalising every matrix
 The model is the llama preset at the given shape (vocabulary 50304); gradients are random and equal on every
 process, as DDP's averaged ones are. Each row times MuonAdamW.step (the blocks' matrices under Muon, the rest under
 AdamW) with a barrier before it, the slowest process's time, median of --repeats interleaved rounds, for the
-Newton-Schulz dtypes float32 and bfloat16. gloo on the CPU, --threads per process (2 processes x 1 thread fill
-the 2-core machine); run it alone.
+Newton-Schulz dtypes float32 and bfloat16. gloo on the CPU, --threads per process (by default the cores divided
+among the processes: 2 x 1 on the 2-core machine); run it alone.
 """
 
 from __future__ import annotations
@@ -71,11 +71,12 @@ def worker(rank: int, args: argparse.Namespace, store: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--processes", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    ap.add_argument("--threads", type=int, help="torch threads per process (default: the cores shared among the processes)")
     ap.add_argument("--n-layer", type=int, default=6)
     ap.add_argument("--n-embd", type=int, default=384)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
+    args.threads = args.threads or max(1, (os.cpu_count() or 2) // args.processes)
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker, args=(args, os.path.join(tmp, "store")), nprocs=args.processes)
 

@@ -37,7 +37,8 @@ CASES = {
     "linear-rope-scaling": dict(LLAMA, rope_scaling="linear", rope_factor=4.0),
     "qwen3-llama3-rope-scaling": dict(LLAMA, qk_norm=True, rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=2.0,
                                       rope_high_freq_factor=8.0, rope_original_context=128),  # fmt: skip
-    # head width 16 at theta 100 over 16 original positions: YaRN keeps pair 0, blends 1-3 and slows 4-7 (CTX 48 > 16)
+    # head width 16 at theta 100 over 16 original positions: YaRN keeps pair 0, blends pair 1 and slows 2-7 (CTX 48 > 16);
+    # with exact bounds over 24 positions and betas 8 / 0.5 it keeps pair 0, blends 1-3 and slows 4-7
     "yarn-rope-scaling": dict(LLAMA, n_kv_head=2, head_size=16, rope_theta=100.0, rope_scaling="yarn", rope_factor=4.0, rope_original_context=16),
     "qwen3-yarn-exact-bounds": dict(LLAMA, qk_norm=True, head_size=16, rope_theta=100.0, rope_scaling="yarn", rope_factor=8.0,
                                     rope_original_context=24, rope_beta_fast=8.0, rope_beta_slow=0.5, rope_truncate=False,
